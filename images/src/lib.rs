@@ -7,5 +7,6 @@
 pub mod manifest;
 pub mod model;
 pub mod split;
+pub mod wire;
 
 pub use manifest::{BLOCK_SIZE, BlockId, Manifest, ManifestError, SEGMENT_BLOCKS, SEGMENT_SIZE};

@@ -93,7 +93,8 @@ impl FromStr for BlockId {
     type Err = ManifestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut id = [0u8; 32];
-        hex::decode_to_slice(s, &mut id).map_err(|_| ManifestError::BadId(s.chars().take(80).collect()))?;
+        hex::decode_to_slice(s, &mut id)
+            .map_err(|_| ManifestError::BadId(s.chars().take(80).collect()))?;
         Ok(BlockId(id))
     }
 }
@@ -127,8 +128,13 @@ pub enum ManifestError {
     BadMagic,
     #[error("manifest version {0} is not supported (this build reads version {VERSION})")]
     Version(u16),
-    #[error("manifest uses {block_size}-byte blocks and {segment_blocks}-block segments; only 65536 and 64 are supported")]
-    Geometry { block_size: u32, segment_blocks: u32 },
+    #[error(
+        "manifest uses {block_size}-byte blocks and {segment_blocks}-block segments; only 65536 and 64 are supported"
+    )]
+    Geometry {
+        block_size: u32,
+        segment_blocks: u32,
+    },
     #[error("virtual size {size} exceeds the limit of {limit} bytes")]
     TooLarge { size: u64, limit: u64 },
     #[error("segment {index} does not match its id {id}")]
@@ -136,7 +142,11 @@ pub enum ManifestError {
     #[error("manifest has {0} trailing bytes after its last segment")]
     Trailing(usize),
     #[error("segment {index} has {got} blocks where its position needs {expected}")]
-    SegmentLength { index: usize, expected: usize, got: usize },
+    SegmentLength {
+        index: usize,
+        expected: usize,
+        got: usize,
+    },
     #[error("'{0}' is not a 64-digit hex sha256 id")]
     BadId(String),
 }
@@ -217,15 +227,26 @@ impl Manifest {
     pub fn new(virtual_size: u64, segments: Vec<Segment>) -> Result<Self, ManifestError> {
         let expected = Self::segment_count(virtual_size);
         if segments.len() != expected {
-            return Err(ManifestError::SegmentLength { index: segments.len(), expected, got: segments.len() });
+            return Err(ManifestError::SegmentLength {
+                index: segments.len(),
+                expected,
+                got: segments.len(),
+            });
         }
         for (index, segment) in segments.iter().enumerate() {
             let want = blocks_in_segment(virtual_size, index);
             if segment.blocks.len() != want {
-                return Err(ManifestError::SegmentLength { index, expected: want, got: segment.blocks.len() });
+                return Err(ManifestError::SegmentLength {
+                    index,
+                    expected: want,
+                    got: segment.blocks.len(),
+                });
             }
         }
-        Ok(Manifest { virtual_size, segments })
+        Ok(Manifest {
+            virtual_size,
+            segments,
+        })
     }
 
     /// How many segments a disk of `virtual_size` bytes has.
@@ -244,21 +265,35 @@ impl Manifest {
     /// Every block in disk order, holes included.
     pub fn blocks(&self) -> impl Iterator<Item = BlockRef> + '_ {
         let size = self.virtual_size;
-        self.segments.iter().flat_map(|s| s.blocks.iter()).enumerate().map(move |(i, id)| {
-            let offset = i as u64 * BLOCK_SIZE as u64;
-            BlockRef { index: i as u64, offset, len: (size - offset).min(BLOCK_SIZE as u64) as usize, id: *id }
-        })
+        self.segments
+            .iter()
+            .flat_map(|s| s.blocks.iter())
+            .enumerate()
+            .map(move |(i, id)| {
+                let offset = i as u64 * BLOCK_SIZE as u64;
+                BlockRef {
+                    index: i as u64,
+                    offset,
+                    len: (size - offset).min(BLOCK_SIZE as u64) as usize,
+                    id: *id,
+                }
+            })
     }
 
     /// Blocks that hold data (not holes), and the bytes they cover.
     pub fn data_stats(&self) -> (u64, u64) {
-        self.blocks().filter(|b| !b.id.is_hole()).fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.len as u64))
+        self.blocks()
+            .filter(|b| !b.id.is_hole())
+            .fold((0, 0), |(n, bytes), b| (n + 1, bytes + b.len as u64))
     }
 
     /// Distinct non-hole segments, in order of first appearance.
     pub fn distinct_segments(&self) -> Vec<&Segment> {
         let mut seen = HashSet::new();
-        self.segments.iter().filter(|s| !s.is_hole() && seen.insert(s.id)).collect()
+        self.segments
+            .iter()
+            .filter(|s| !s.is_hole() && seen.insert(s.id))
+            .collect()
     }
 
     /// The index encoding: header + one id per segment. Its sha256 is the image digest.
@@ -293,9 +328,15 @@ impl Manifest {
 
     /// Decodes an index and returns the virtual size and segment ids; bodies come from elsewhere
     /// (the catalog's segment table, or the rest of a bundle).
-    pub fn decode_index(bytes: &[u8], max_virtual_size: u64) -> Result<(u64, Vec<SegmentId>), ManifestError> {
+    pub fn decode_index(
+        bytes: &[u8],
+        max_virtual_size: u64,
+    ) -> Result<(u64, Vec<SegmentId>), ManifestError> {
         if bytes.len() < HEADER_LEN {
-            return Err(ManifestError::Truncated { expected: HEADER_LEN, got: bytes.len() });
+            return Err(ManifestError::Truncated {
+                expected: HEADER_LEN,
+                got: bytes.len(),
+            });
         }
         if &bytes[..8] != MAGIC {
             return Err(ManifestError::BadMagic);
@@ -307,21 +348,33 @@ impl Manifest {
         let block_size = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         let segment_blocks = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
         if block_size as usize != BLOCK_SIZE || segment_blocks as usize != SEGMENT_BLOCKS {
-            return Err(ManifestError::Geometry { block_size, segment_blocks });
+            return Err(ManifestError::Geometry {
+                block_size,
+                segment_blocks,
+            });
         }
         let mut size = [0u8; 8];
         size.copy_from_slice(&bytes[24..32]);
         let virtual_size = u64::from_le_bytes(size);
         // Checked before anything is allocated from the header's word.
         if virtual_size > max_virtual_size {
-            return Err(ManifestError::TooLarge { size: virtual_size, limit: max_virtual_size });
+            return Err(ManifestError::TooLarge {
+                size: virtual_size,
+                limit: max_virtual_size,
+            });
         }
         let count = Self::segment_count(virtual_size);
         let expected = HEADER_LEN + count * ID_LEN;
         if bytes.len() < expected {
-            return Err(ManifestError::Truncated { expected, got: bytes.len() });
+            return Err(ManifestError::Truncated {
+                expected,
+                got: bytes.len(),
+            });
         }
-        let ids = bytes[HEADER_LEN..expected].chunks_exact(ID_LEN).map(BlockId::from_slice).collect();
+        let ids = bytes[HEADER_LEN..expected]
+            .chunks_exact(ID_LEN)
+            .map(BlockId::from_slice)
+            .collect();
         Ok((virtual_size, ids))
     }
 
@@ -334,28 +387,42 @@ impl Manifest {
         for (index, id) in ids.into_iter().enumerate() {
             let want = blocks_in_segment(virtual_size, index);
             let segment = if id.is_hole() {
-                Segment { id, blocks: vec![BlockId::HOLE; want] }
+                Segment {
+                    id,
+                    blocks: vec![BlockId::HOLE; want],
+                }
             } else if let Some(known) = bodies.get(&id) {
                 known.clone()
             } else {
                 let end = pos + want * ID_LEN;
                 if bytes.len() < end {
-                    return Err(ManifestError::Truncated { expected: end, got: bytes.len() });
+                    return Err(ManifestError::Truncated {
+                        expected: end,
+                        got: bytes.len(),
+                    });
                 }
-                let segment = Segment::decode(id, &bytes[pos..end]).map_err(|_| ManifestError::SegmentMismatch { index, id })?;
+                let segment = Segment::decode(id, &bytes[pos..end])
+                    .map_err(|_| ManifestError::SegmentMismatch { index, id })?;
                 pos = end;
                 bodies.insert(id, segment.clone());
                 segment
             };
             if segment.blocks.len() != want {
-                return Err(ManifestError::SegmentLength { index, expected: want, got: segment.blocks.len() });
+                return Err(ManifestError::SegmentLength {
+                    index,
+                    expected: want,
+                    got: segment.blocks.len(),
+                });
             }
             segments.push(segment);
         }
         if pos != bytes.len() {
             return Err(ManifestError::Trailing(bytes.len() - pos));
         }
-        Ok(Manifest { virtual_size, segments })
+        Ok(Manifest {
+            virtual_size,
+            segments,
+        })
     }
 }
 
@@ -411,7 +478,10 @@ mod tests {
         let data = vec![7u8; SEGMENT_SIZE * 4];
         let m = split_bytes(&data);
         assert_eq!(m.distinct_segments().len(), 1);
-        assert_eq!(m.encode_bundle().len(), HEADER_LEN + 4 * ID_LEN + SEGMENT_BLOCKS * ID_LEN);
+        assert_eq!(
+            m.encode_bundle().len(),
+            HEADER_LEN + 4 * ID_LEN + SEGMENT_BLOCKS * ID_LEN
+        );
     }
 
     #[test]
@@ -429,25 +499,40 @@ mod tests {
         let mut bad = bundle.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(matches!(Manifest::decode_bundle(&bad, u64::MAX), Err(ManifestError::SegmentMismatch { .. })));
+        assert!(matches!(
+            Manifest::decode_bundle(&bad, u64::MAX),
+            Err(ManifestError::SegmentMismatch { .. })
+        ));
         assert!(matches!(
             Manifest::decode_bundle(&bundle[..bundle.len() - 1], u64::MAX),
             Err(ManifestError::Truncated { .. })
         ));
         let mut trailing = bundle.clone();
         trailing.push(0);
-        assert_eq!(Manifest::decode_bundle(&trailing, u64::MAX), Err(ManifestError::Trailing(1)));
-        assert!(matches!(Manifest::decode_bundle(&bundle, 10), Err(ManifestError::TooLarge { .. })));
+        assert_eq!(
+            Manifest::decode_bundle(&trailing, u64::MAX),
+            Err(ManifestError::Trailing(1))
+        );
+        assert!(matches!(
+            Manifest::decode_bundle(&bundle, 10),
+            Err(ManifestError::TooLarge { .. })
+        ));
         let mut magic = bundle;
         magic[0] = b'X';
-        assert_eq!(Manifest::decode_bundle(&magic, u64::MAX), Err(ManifestError::BadMagic));
+        assert_eq!(
+            Manifest::decode_bundle(&magic, u64::MAX),
+            Err(ManifestError::BadMagic)
+        );
     }
 
     #[test]
     fn every_prefix_of_a_bundle_fails_cleanly() {
         let bundle = split_bytes(&sample(SEGMENT_SIZE + 3 * BLOCK_SIZE)).encode_bundle();
         for len in 0..bundle.len() {
-            assert!(Manifest::decode_bundle(&bundle[..len], u64::MAX).is_err(), "prefix {len} accepted");
+            assert!(
+                Manifest::decode_bundle(&bundle[..len], u64::MAX).is_err(),
+                "prefix {len} accepted"
+            );
         }
     }
 

@@ -41,7 +41,7 @@ macro_rules! wire_enum {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                f.pad(self.as_str())
             }
         }
     };
@@ -158,9 +158,15 @@ mod tests {
     fn enums_round_trip_through_text_and_json() {
         for kind in ImageKind::ALL {
             assert_eq!(kind.as_str().parse::<ImageKind>(), Ok(*kind));
-            assert_eq!(serde_json::to_string(kind).expect("json"), format!("\"{kind}\""));
+            assert_eq!(
+                serde_json::to_string(kind).expect("json"),
+                format!("\"{kind}\"")
+            );
         }
         let err = "floppy".parse::<ImageKind>().expect_err("unknown");
-        assert!(err.to_string().contains("system, data, whole, iso"), "{err}");
+        assert!(
+            err.to_string().contains("system, data, whole, iso"),
+            "{err}"
+        );
     }
 }

@@ -52,7 +52,8 @@ impl ManifestBuilder {
     }
 
     pub fn finish(self) -> Manifest {
-        Manifest::new(self.size, self.segments).expect("the builder only accepts well-formed segments")
+        Manifest::new(self.size, self.segments)
+            .expect("the builder only accepts well-formed segments")
     }
 }
 
@@ -114,7 +115,9 @@ mod tests {
                 Ok(n)
             }
         }
-        let data: Vec<u8> = (0..SEGMENT_SIZE * 2 + 777).map(|i| (i / 1000) as u8).collect();
+        let data: Vec<u8> = (0..SEGMENT_SIZE * 2 + 777)
+            .map(|i| (i / 1000) as u8)
+            .collect();
         let mut offsets = Vec::new();
         let a = split_reader(Dribble(&data), |off, bytes, _| {
             offsets.push((off, bytes.len()));
@@ -122,7 +125,14 @@ mod tests {
         })
         .expect("splits");
         assert_eq!(a, split_bytes(&data));
-        assert_eq!(offsets, vec![(0, SEGMENT_SIZE), (SEGMENT_SIZE as u64, SEGMENT_SIZE), (2 * SEGMENT_SIZE as u64, 777)]);
+        assert_eq!(
+            offsets,
+            vec![
+                (0, SEGMENT_SIZE),
+                (SEGMENT_SIZE as u64, SEGMENT_SIZE),
+                (2 * SEGMENT_SIZE as u64, 777)
+            ]
+        );
     }
 
     #[test]

@@ -1,1 +1,159 @@
-fn main() {}
+//! `kagami`: the Kagami daemon (`kagami serve`) and its command-line client.
+
+mod api;
+mod catalog;
+mod cli;
+mod config;
+mod error;
+mod ingest;
+mod jobs;
+mod serve;
+mod store;
+mod stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::cli::admin::{ProjectCommand, StoreCommand, TokenCommand};
+use crate::cli::client::Client;
+use crate::cli::images::ImageCommand;
+use crate::config::{Config, Overrides};
+
+/// Kagami: bare-metal provisioning with a real image service.
+#[derive(Debug, Parser)]
+#[command(name = "kagami", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: image catalog, block store and HTTP API.
+    Serve {
+        /// Catalog, block packs and the first admin token live here [default: ./kagami-data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address of the HTTP API [default: 0.0.0.0:8470].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// A TOML file (see systemd/kagami.toml); KAGAMI__SECTION__KEY variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage images.
+    Image {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Manage projects (admin).
+    Project {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Manage bearer tokens (admin).
+    Token {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Inspect the block store and collect garbage (admin).
+    Store {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+/// Which server to talk to, and as whom.
+#[derive(Debug, clap::Args)]
+struct Remote {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "KAGAMI_URL",
+        default_value = "http://127.0.0.1:8470",
+        global = true
+    )]
+    url: String,
+    /// A bearer token [default: ./kagami-data/admin.token when readable].
+    #[arg(long, env = "KAGAMI_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+impl Remote {
+    fn client(self) -> anyhow::Result<Client> {
+        Client::new(&self.url, self.token)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KAGAMI_LOG").unwrap_or_else(|_| {
+                let level = if matches!(cli.command, Command::Serve { .. }) {
+                    "info"
+                } else {
+                    "warn"
+                };
+                tracing_subscriber::EnvFilter::new(level)
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kagami: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kagami: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            data_dir,
+            listen,
+            config,
+        } => {
+            let config = Config::load(config.as_deref(), Overrides { listen, data_dir })?;
+            serve::serve(config).await
+        }
+        Command::Image { remote, command } => cli::images::run(&remote.client()?, command).await,
+        Command::Project { remote, command } => {
+            cli::admin::project(&remote.client()?, command).await
+        }
+        Command::Token { remote, command } => cli::admin::token(&remote.client()?, command).await,
+        Command::Store { remote, command } => cli::admin::store(&remote.client()?, command).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

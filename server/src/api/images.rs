@@ -1,0 +1,390 @@
+//! `/v1/images`: create, list, show, update, delete, upload and download content, manifests.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use kagami_images::manifest::Segment;
+use kagami_images::model::{Image, ImagePage};
+use kagami_images::{BlockId, Manifest};
+use uuid::Uuid;
+
+use super::{ApiJson, ApiQuery, AppState};
+use crate::catalog::blocks;
+use crate::catalog::images::{self as catalog_images, ImagePatch, ListQuery, NewImage, parse_id};
+use crate::catalog::tenancy::Caller;
+use crate::error::ApiError;
+use crate::ingest;
+
+/// Media type of a manifest bundle (see `kagami_images::manifest`).
+pub const MANIFEST_TYPE: &str = "application/vnd.kagami.manifest.v1";
+/// Media type of a body of block frames (see `kagami_images::wire`).
+pub const FRAMES_TYPE: &str = "application/vnd.kagami.blocks.v1";
+/// The header that carries an image's digest on downloads.
+pub const DIGEST_HEADER: &str = "x-kagami-digest";
+
+pub fn routes(json_limit: usize) -> Router<AppState> {
+    Router::new()
+        .route("/images", get(list).post(create))
+        .route("/images/{id}", get(show).patch(update).delete(delete))
+        .layer(DefaultBodyLimit::max(json_limit))
+        .route(
+            "/images/{id}/file",
+            get(download).put(upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/images/{id}/manifest", get(manifest).put(commit_manifest))
+        .route("/images/{id}/segments/{index}", get(segment))
+}
+
+async fn create(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(new): ApiJson<NewImage>,
+) -> Result<(StatusCode, Json<Image>), ApiError> {
+    let region = app.config.server.region.clone();
+    let image = app
+        .catalog
+        .run(move |c| catalog_images::create(c, &caller, &region, new))
+        .await?;
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
+async fn list(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<ImagePage>, ApiError> {
+    Ok(Json(
+        app.catalog
+            .run(move |c| catalog_images::list(c, &caller, &q))
+            .await?,
+    ))
+}
+
+async fn show(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Image>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(
+        app.catalog
+            .run(move |c| catalog_images::get(c, &caller, id))
+            .await?,
+    ))
+}
+
+async fn update(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<ImagePatch>,
+) -> Result<Json<Image>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(
+        app.catalog
+            .run(move |c| catalog_images::update(c, &caller, id, patch))
+            .await?,
+    ))
+}
+
+async fn delete(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    app.catalog
+        .run(move |c| catalog_images::delete(c, &caller, id))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /v1/images/{id}/file`: streams raw (or ISO) bytes into the image. The image turns active
+/// only if every byte arrived and its manifest committed; otherwise it is `failed` with a reason.
+async fn upload(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Image>, ApiError> {
+    let id = parse_id(&id)?;
+    let who = caller.clone();
+    app.catalog
+        .run(move |c| catalog_images::begin_upload(c, &who, id))
+        .await?;
+    // The work runs in its own task so a client that hangs up cannot leave the image `saving`.
+    let task = tokio::spawn(async move {
+        let max = app.config.limits.max_image_bytes;
+        let received = ingest::receive(
+            app.catalog.clone(),
+            app.store.clone(),
+            body.into_data_stream(),
+            max,
+        )
+        .await;
+        finish_upload(&app, caller, id, received.map(|(m, _)| m)).await
+    });
+    let image = task
+        .await
+        .map_err(|e| ApiError::Internal(format!("upload task failed: {e}")))??;
+    Ok(Json(image))
+}
+
+/// Commits a received manifest, or records why the upload failed.
+async fn finish_upload(
+    app: &AppState,
+    caller: Caller,
+    id: Uuid,
+    received: Result<Manifest, ApiError>,
+) -> Result<Image, ApiError> {
+    let result = match received {
+        Ok(manifest) => {
+            app.catalog
+                .run(move |c| catalog_images::commit(c, &caller, id, &manifest))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        let reason = e.to_string();
+        app.catalog
+            .run(move |c| catalog_images::fail_upload(c, id, &reason))
+            .await?;
+    }
+    result
+}
+
+/// `PUT /v1/images/{id}/manifest`: makes an image from blocks already uploaded with
+/// `POST /v1/blocks` (capture, copies). Every block must be stored, or nothing is committed.
+async fn commit_manifest(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Image>, ApiError> {
+    let id = parse_id(&id)?;
+    let manifest =
+        Manifest::decode_bundle(&body, app.config.limits.max_image_bytes).map_err(|e| {
+            ApiError::bad(
+                "invalid_manifest",
+                format!("the manifest bundle is invalid: {e}"),
+            )
+        })?;
+    let who = caller.clone();
+    app.catalog
+        .run(move |c| catalog_images::begin_upload(c, &who, id))
+        .await?;
+    Ok(Json(finish_upload(&app, caller, id, Ok(manifest)).await?))
+}
+
+async fn load_manifest(
+    app: &AppState,
+    caller: Caller,
+    id: Uuid,
+) -> Result<(Image, Arc<Manifest>), ApiError> {
+    app.catalog
+        .run(move |c| {
+            let (image, index) = catalog_images::manifest_index(c, &caller, id)?;
+            Ok((image, Arc::new(blocks::load_manifest(c, &index)?)))
+        })
+        .await
+}
+
+fn digest_headers(image: &Image, content_type: &'static str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(digest) = &image.digest
+        && let (Ok(d), Ok(etag)) = (
+            HeaderValue::from_str(digest),
+            HeaderValue::from_str(&format!("\"{digest}\"")),
+        )
+    {
+        headers.insert(DIGEST_HEADER, d);
+        headers.insert(header::ETAG, etag);
+    }
+    headers
+}
+
+/// `GET /v1/images/{id}/manifest`: the manifest bundle, self-verifying against the digest header.
+async fn manifest(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let (image, manifest) = load_manifest(&app, caller, id).await?;
+    Ok((
+        digest_headers(&image, MANIFEST_TYPE),
+        manifest.encode_bundle(),
+    )
+        .into_response())
+}
+
+/// `GET /v1/images/{id}/segments/{index}`: the data blocks of one 4 MiB segment as block frames,
+/// in disk order (holes are not sent).
+async fn segment(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((id, index)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let index: usize = index
+        .parse()
+        .map_err(|_| ApiError::bad("invalid_segment", "the segment index must be a number"))?;
+    let (image, blocks) = app
+        .catalog
+        .run(move |c| segment_blocks(c, &caller, id, index))
+        .await?;
+    let reader = app.reader.clone();
+    let body = tokio::task::spawn_blocking(move || reader.read_frames(&blocks))
+        .await
+        .map_err(|e| ApiError::Internal(format!("segment read failed: {e}")))??;
+    Ok((digest_headers(&image, FRAMES_TYPE), body).into_response())
+}
+
+/// The data blocks of segment `index` of an image, reading only that segment's body.
+fn segment_blocks(
+    c: &rusqlite::Connection,
+    caller: &Caller,
+    id: Uuid,
+    index: usize,
+) -> Result<(Image, Vec<BlockId>), ApiError> {
+    let (image, stored) = catalog_images::manifest_index(c, caller, id)?;
+    let (_, ids) =
+        Manifest::decode_index(&stored, u64::MAX).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let seg_id = *ids.get(index).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "image {id} has {} segments; segment {index} does not exist",
+            ids.len()
+        ))
+    })?;
+    if seg_id.is_hole() {
+        return Ok((image, Vec::new()));
+    }
+    let body: Vec<u8> = c.query_row(
+        "SELECT body FROM segments WHERE id = ?1",
+        [&seg_id.0[..]],
+        |r| r.get(0),
+    )?;
+    let segment = Segment::decode(seg_id, &body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        image,
+        segment
+            .blocks
+            .into_iter()
+            .filter(|b| !b.is_hole())
+            .collect(),
+    ))
+}
+
+/// `GET /v1/images/{id}/file`: the raw disk, streamed, with single-range support.
+async fn download(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    req_headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let (image, manifest) = load_manifest(&app, caller, id).await?;
+    let size = manifest.virtual_size();
+    let range = match req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(text) => parse_range(text, size)?,
+        None => None,
+    };
+    let (start, end) = range.unwrap_or((0, size));
+    let rx = app.reader.stream_range(manifest, start, end);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut headers = digest_headers(&image, "application/octet-stream");
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    let status = if range.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+            headers.insert(header::CONTENT_RANGE, v);
+        }
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, headers, Body::from_stream(stream)).into_response())
+}
+
+/// Parses a `Range` header against a body of `size` bytes into `start..end` (end exclusive).
+/// `None` means "serve the whole body": RFC 9110 lets a server ignore a malformed or multi-part
+/// range. A well-formed range that starts past the end is 416.
+pub fn parse_range(text: &str, size: u64) -> Result<Option<(u64, u64)>, ApiError> {
+    let Some(spec) = text.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let range = if first.is_empty() {
+        // A suffix: the last N bytes.
+        let Ok(n) = last.parse::<u64>() else {
+            return Ok(None);
+        };
+        if n == 0 || size == 0 {
+            return Err(ApiError::RangeNotSatisfiable { size });
+        }
+        (size.saturating_sub(n), size)
+    } else {
+        let Ok(start) = first.parse::<u64>() else {
+            return Ok(None);
+        };
+        let end = if last.is_empty() {
+            size
+        } else {
+            let Ok(l) = last.parse::<u64>() else {
+                return Ok(None);
+            };
+            if l < start {
+                return Ok(None);
+            }
+            l.saturating_add(1).min(size)
+        };
+        if start >= size {
+            return Err(ApiError::RangeNotSatisfiable { size });
+        }
+        (start, end)
+    };
+    Ok(Some(range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-99", 1000).expect("ok"), Some((0, 100)));
+        assert_eq!(
+            parse_range("bytes=900-", 1000).expect("ok"),
+            Some((900, 1000))
+        );
+        assert_eq!(
+            parse_range("bytes=-10", 1000).expect("ok"),
+            Some((990, 1000))
+        );
+        assert_eq!(
+            parse_range("bytes=990-5000", 1000).expect("ok"),
+            Some((990, 1000))
+        );
+        assert_eq!(parse_range("bytes=5-2", 1000).expect("ignored"), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000).expect("ignored"), None);
+        assert_eq!(parse_range("items=0-1", 1000).expect("ignored"), None);
+        assert!(parse_range("bytes=1000-", 1000).is_err());
+        assert!(parse_range("bytes=-0", 1000).is_err());
+    }
+}

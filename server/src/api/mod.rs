@@ -1,0 +1,129 @@
+//! The HTTP API under `/v1`: thin axum handlers, one module per resource. Extractors turn a
+//! request into typed values (or a JSON error with a stable code); handlers call the catalog,
+//! the ingest path or the reader and shape the response.
+
+mod admin;
+mod blocks;
+mod images;
+
+pub use admin::StoreStats;
+pub use images::DIGEST_HEADER;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use crate::catalog::Catalog;
+use crate::catalog::tenancy::{self, Caller};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::store::PackStore;
+use crate::stream::Reader;
+
+/// Everything a handler may reach.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub catalog: Catalog,
+    pub store: Arc<PackStore>,
+    pub reader: Reader,
+}
+
+pub fn router(state: AppState) -> Router {
+    let json_limit = state.config.limits.max_json_bytes;
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .nest(
+            "/v1",
+            images::routes(json_limit)
+                .merge(blocks::routes(&state.config))
+                .merge(admin::routes(json_limit)),
+        )
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::NoRoute(uri.path().chars().take(200).collect())
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// The authenticated caller, from `Authorization: Bearer <token>`.
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let secret = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|s| s.trim().to_string())
+            .ok_or(ApiError::Unauthorized)?;
+        if secret.is_empty() || secret.len() > 256 {
+            return Err(ApiError::Unauthorized);
+        }
+        state
+            .catalog
+            .run(move |c| tenancy::authenticate(c, &secret))
+            .await?
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// `Json<T>` whose every rejection is an [`ApiError`] with a code.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::JsonSyntaxError(e) => ApiError::bad(
+            "malformed_json",
+            format!("the body is not valid JSON: {}", e.body_text()),
+        ),
+        JsonRejection::JsonDataError(e) => ApiError::bad("invalid_body", e.body_text()),
+        JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+            "send the body as JSON with `Content-Type: application/json`".into(),
+        ),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge("the JSON body is larger than limits.max_json_bytes".into())
+        }
+        other => ApiError::bad("invalid_body", other.body_text()),
+    }
+}
+
+/// `Query<T>` whose rejections are [`ApiError`]s with a code.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| ApiError::bad("invalid_query", e.body_text()))
+    }
+}

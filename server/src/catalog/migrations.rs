@@ -1,0 +1,86 @@
+//! Schema migrations, applied in order at start-up; `PRAGMA user_version` records how many ran.
+//! A migration is never edited once released: add a new one.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: tenancy, images, manifests, the block index.
+    r#"
+    CREATE TABLE projects (
+        name        TEXT PRIMARY KEY,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE tokens (
+        id          TEXT PRIMARY KEY,
+        -- sha256 of the secret; the secret itself is shown once and never stored.
+        secret_hash BLOB NOT NULL UNIQUE,
+        project     TEXT NOT NULL REFERENCES projects(name),
+        role        TEXT NOT NULL CHECK (role IN ('admin', 'member')),
+        description TEXT NOT NULL DEFAULT '',
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE images (
+        id                TEXT PRIMARY KEY,
+        name              TEXT NOT NULL,
+        description       TEXT NOT NULL DEFAULT '',
+        owner             TEXT NOT NULL REFERENCES projects(name),
+        kind              TEXT NOT NULL,
+        visibility        TEXT NOT NULL,
+        status            TEXT NOT NULL,
+        status_reason     TEXT,
+        region            TEXT NOT NULL,
+        virtual_size      INTEGER,
+        data_size         INTEGER,
+        data_blocks       INTEGER,
+        digest            TEXT,
+        -- The manifest index (header + segment ids); segment bodies live in `segments`.
+        manifest          BLOB,
+        min_ram_mb        INTEGER NOT NULL DEFAULT 0,
+        min_disk_gb       INTEGER NOT NULL DEFAULT 0,
+        boot_mode         TEXT,
+        architecture      TEXT,
+        os_type           TEXT,
+        os_distro         TEXT,
+        os_version        TEXT,
+        tags              TEXT NOT NULL DEFAULT '[]',
+        properties        TEXT NOT NULL DEFAULT '{}',
+        protected         INTEGER NOT NULL DEFAULT 0,
+        -- When the upload in flight began; GC keeps every block touched since then.
+        upload_started_at INTEGER,
+        created_at        INTEGER NOT NULL,
+        updated_at        INTEGER NOT NULL
+    );
+    CREATE INDEX images_by_owner ON images(owner);
+    CREATE INDEX images_by_created ON images(created_at, id);
+    CREATE INDEX images_by_name ON images(name, id);
+    -- A segment's refcount counts its occurrences in committed manifests.
+    CREATE TABLE segments (
+        id        BLOB PRIMARY KEY,
+        body      BLOB NOT NULL,
+        refcount  INTEGER NOT NULL CHECK (refcount >= 0)
+    ) WITHOUT ROWID;
+    -- A block's refcount counts its occurrences in stored segments. A block at refcount 0 is
+    -- written but unused (an upload in flight, or released); GC drops it after the grace period.
+    CREATE TABLE blocks (
+        id         BLOB PRIMARY KEY,
+        pack       INTEGER NOT NULL,
+        offset     INTEGER NOT NULL,
+        len        INTEGER NOT NULL,
+        refcount   INTEGER NOT NULL DEFAULT 0 CHECK (refcount >= 0),
+        touched_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX blocks_by_pack ON blocks(pack);
+    CREATE INDEX blocks_unreferenced ON blocks(touched_at) WHERE refcount = 0;
+    "#,
+];
+
+pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {
+    let done: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! Projects and bearer tokens. A token belongs to a project and has a role: `admin` sees and
+//! manages everything; `member` sees its project's images and public ones. Only the sha256 of a
+//! token's secret is stored; the secret is shown once, when the token is created.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{now_ms, rfc3339};
+use crate::error::ApiError;
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Member,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub project: String,
+    pub role: Role,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Refuses callers that are not admins.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("this needs an admin token".into()))
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Project {
+    pub name: String,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub project: String,
+    pub role: Role,
+    pub description: String,
+    pub created_at: String,
+    /// Present only in the answer that created the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// The project the first admin token belongs to.
+pub const ADMIN_PROJECT: &str = "admin";
+/// Where the first admin token is written, inside the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+fn hash_secret(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// Checks a project name: 1–63 of `a-z 0-9 - _`, starting with a letter or digit.
+pub fn check_project_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(
+            "invalid_project_name",
+            "a project name is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
+        ))
+    }
+}
+
+/// On first start (no token at all), creates the admin project and an admin token, writes the
+/// secret to `<data_dir>/admin.token` with mode 0600, and returns that path.
+pub fn bootstrap(conn: &mut Connection, data_dir: &Path) -> Result<Option<PathBuf>, ApiError> {
+    let tokens: i64 = conn.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))?;
+    if tokens > 0 {
+        return Ok(None);
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO projects (name, created_at) VALUES (?1, ?2)",
+        params![ADMIN_PROJECT, now_ms()],
+    )?;
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let token = create_token(
+        conn,
+        ADMIN_PROJECT,
+        Role::Admin,
+        "first admin token, created at first start",
+    )?;
+    let secret = token.secret.unwrap_or_default();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(format!("{secret}\n").as_bytes())?;
+    file.sync_all()?;
+    Ok(Some(path))
+}
+
+/// The caller a secret belongs to, if any.
+pub fn authenticate(conn: &Connection, secret: &str) -> Result<Option<Caller>, ApiError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT project, role FROM tokens WHERE secret_hash = ?1")?;
+    let row = stmt
+        .query_row([hash_secret(secret)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .optional()?;
+    Ok(row.map(|(project, role)| Caller {
+        project,
+        role: if role == "admin" {
+            Role::Admin
+        } else {
+            Role::Member
+        },
+    }))
+}
+
+pub fn create_project(conn: &Connection, name: &str) -> Result<Project, ApiError> {
+    check_project_name(name)?;
+    let now = now_ms();
+    let inserted = conn.execute(
+        "INSERT OR IGNORE INTO projects (name, created_at) VALUES (?1, ?2)",
+        params![name, now],
+    )?;
+    if inserted == 0 {
+        return Err(ApiError::conflict(
+            "project_exists",
+            format!("project '{name}' already exists"),
+        ));
+    }
+    Ok(Project {
+        name: name.to_string(),
+        created_at: rfc3339(now),
+    })
+}
+
+pub fn list_projects(conn: &Connection) -> Result<Vec<Project>, ApiError> {
+    let mut stmt = conn.prepare("SELECT name, created_at FROM projects ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Project {
+            name: r.get(0)?,
+            created_at: rfc3339(r.get(1)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn create_token(
+    conn: &Connection,
+    project: &str,
+    role: Role,
+    description: &str,
+) -> Result<TokenInfo, ApiError> {
+    let exists: Option<String> = conn
+        .query_row(
+            "SELECT name FROM projects WHERE name = ?1",
+            [project],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if exists.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "project '{project}' does not exist; create it first"
+        )));
+    }
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+    let secret = format!("kgm_{}", hex::encode(raw));
+    let id = format!("tok_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO tokens (id, secret_hash, project, role, description, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, hash_secret(&secret), project, role.as_str(), description, now],
+    )?;
+    Ok(TokenInfo {
+        id,
+        project: project.into(),
+        role,
+        description: description.into(),
+        created_at: rfc3339(now),
+        secret: Some(secret),
+    })
+}
+
+pub fn list_tokens(conn: &Connection) -> Result<Vec<TokenInfo>, ApiError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, project, role, description, created_at FROM tokens ORDER BY created_at",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let role: String = r.get(2)?;
+        Ok(TokenInfo {
+            id: r.get(0)?,
+            project: r.get(1)?,
+            role: if role == "admin" {
+                Role::Admin
+            } else {
+                Role::Member
+            },
+            description: r.get(3)?,
+            created_at: rfc3339(r.get(4)?),
+            secret: None,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn revoke_token(conn: &Connection, id: &str) -> Result<(), ApiError> {
+    if conn.execute("DELETE FROM tokens WHERE id = ?1", [id])? == 0 {
+        return Err(ApiError::NotFound(format!("token {id} not found")));
+    }
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! `kagami image …`: create, upload, import, list, show, update, delete, download.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use kagami_images::model::{BootMode, Image, ImageKind, ImagePage, ImageStatus, Visibility};
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+use tokio::io::AsyncWriteExt;
+
+use super::client::Client;
+use super::{Output, human_bytes, print};
+use crate::api::DIGEST_HEADER;
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Create an image record (no data yet); prints its id.
+    Create {
+        #[command(flatten)]
+        meta: NewMeta,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Upload raw (or ISO) bytes from FILE into a queued or failed image.
+    Upload { id: String, file: PathBuf },
+    /// Create an image and upload FILE into it, in one step.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        meta: NewMeta,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List images, newest last; filters combine.
+    List {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        kind: Option<ImageKind>,
+        #[arg(long)]
+        visibility: Option<Visibility>,
+        #[arg(long)]
+        status: Option<ImageStatus>,
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        owner: Option<String>,
+        /// created_at, updated_at, name or virtual_size, with :asc or :desc.
+        #[arg(long)]
+        sort: Option<String>,
+        /// Page size (1-1000); without --marker the CLI follows pages to the end.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Start after this image id (one page only).
+        #[arg(long)]
+        marker: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one image.
+    Show {
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change an image's properties.
+    Update {
+        id: String,
+        #[command(flatten)]
+        patch: Patch,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete an image (refused while protected); its blocks go to garbage collection.
+    Delete { id: String },
+    /// Download the raw disk to FILE (or stdout with `-o -`), then check it against the digest.
+    Download {
+        id: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Skip re-hashing the downloaded file against the image digest.
+        #[arg(long)]
+        no_verify: bool,
+    },
+}
+
+/// Metadata given at creation.
+#[derive(Debug, Args)]
+pub struct NewMeta {
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "")]
+    description: String,
+    #[arg(long, default_value = "system")]
+    kind: ImageKind,
+    #[arg(long, default_value = "private")]
+    visibility: Visibility,
+    #[arg(long)]
+    min_ram_mb: Option<u64>,
+    #[arg(long)]
+    min_disk_gb: Option<u64>,
+    #[arg(long)]
+    boot_mode: Option<BootMode>,
+    #[arg(long)]
+    architecture: Option<String>,
+    /// A tag; repeat for several.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// A property KEY=VALUE; repeat for several.
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+    #[arg(long)]
+    protected: bool,
+}
+
+/// Fields to change; only those given are sent.
+#[derive(Debug, Args)]
+pub struct Patch {
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    #[arg(long)]
+    visibility: Option<Visibility>,
+    #[arg(long)]
+    min_ram_mb: Option<u64>,
+    #[arg(long)]
+    min_disk_gb: Option<u64>,
+    #[arg(long)]
+    boot_mode: Option<BootMode>,
+    #[arg(long)]
+    architecture: Option<String>,
+    #[arg(long)]
+    os_type: Option<String>,
+    #[arg(long)]
+    os_distro: Option<String>,
+    #[arg(long)]
+    os_version: Option<String>,
+    /// Replace the tags (repeat for several).
+    #[arg(long = "tag")]
+    tags: Option<Vec<String>>,
+    /// Replace the properties with KEY=VALUE pairs (repeat for several).
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Option<Vec<(String, String)>>,
+    #[arg(long)]
+    protected: Option<bool>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))
+}
+
+impl NewMeta {
+    fn body(&self) -> Value {
+        let props: BTreeMap<_, _> = self.properties.iter().cloned().collect();
+        let mut body = json!({
+            "name": self.name, "description": self.description, "kind": self.kind, "visibility": self.visibility,
+            "tags": self.tags, "properties": props, "protected": self.protected,
+        });
+        for (key, value) in [
+            ("min_ram_mb", self.min_ram_mb.map(Value::from)),
+            ("min_disk_gb", self.min_disk_gb.map(Value::from)),
+            ("boot_mode", self.boot_mode.map(|b| Value::from(b.as_str()))),
+            ("architecture", self.architecture.clone().map(Value::from)),
+        ] {
+            if let Some(v) = value {
+                body[key] = v;
+            }
+        }
+        body
+    }
+}
+
+impl Patch {
+    fn body(&self) -> Value {
+        let mut body = Map::new();
+        let mut set = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                body.insert(k.into(), v);
+            }
+        };
+        set("name", self.name.clone().map(Value::from));
+        set("description", self.description.clone().map(Value::from));
+        set(
+            "visibility",
+            self.visibility.map(|v| Value::from(v.as_str())),
+        );
+        set("min_ram_mb", self.min_ram_mb.map(Value::from));
+        set("min_disk_gb", self.min_disk_gb.map(Value::from));
+        set("boot_mode", self.boot_mode.map(|b| Value::from(b.as_str())));
+        set("architecture", self.architecture.clone().map(Value::from));
+        set("os_type", self.os_type.clone().map(Value::from));
+        set("os_distro", self.os_distro.clone().map(Value::from));
+        set("os_version", self.os_version.clone().map(Value::from));
+        set("tags", self.tags.clone().map(Value::from));
+        set(
+            "properties",
+            self.properties
+                .as_ref()
+                .map(|p| json!(p.iter().cloned().collect::<BTreeMap<_, _>>())),
+        );
+        set("protected", self.protected.map(Value::from));
+        Value::Object(body)
+    }
+}
+
+pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
+    match cmd {
+        ImageCommand::Create { meta, output } => {
+            let image: Image = client
+                .call(Method::POST, "/v1/images", &meta.body())
+                .await?;
+            print(output, &image, show)?;
+        }
+        ImageCommand::Upload { id, file } => {
+            let image = upload(client, &id, &file).await?;
+            show(&image);
+        }
+        ImageCommand::Import { file, meta, output } => {
+            if !file.is_file() {
+                bail!("{} is not a readable file", file.display());
+            }
+            let created: Image = client
+                .call(Method::POST, "/v1/images", &meta.body())
+                .await?;
+            let image = upload(client, &created.id.to_string(), &file)
+                .await
+                .with_context(|| format!("image {} was created but its upload failed; retry with `kagami image upload {} FILE`", created.id, created.id))?;
+            print(output, &image, show)?;
+        }
+        ImageCommand::List {
+            name,
+            kind,
+            visibility,
+            status,
+            tag,
+            owner,
+            sort,
+            limit,
+            marker,
+            output,
+        } => {
+            let mut query: Vec<(&str, String)> = Vec::new();
+            let mut add = |k: &'static str, v: Option<String>| {
+                if let Some(v) = v {
+                    query.push((k, v));
+                }
+            };
+            add("name", name);
+            add("kind", kind.map(|k| k.to_string()));
+            add("visibility", visibility.map(|v| v.to_string()));
+            add("status", status.map(|s| s.to_string()));
+            add("tag", tag);
+            add("owner", owner);
+            add("sort", sort);
+            add("limit", limit.map(|l| l.to_string()));
+            let one_page = marker.is_some();
+            let mut marker = marker;
+            let mut images = Vec::new();
+            loop {
+                let mut q = query.clone();
+                if let Some(m) = &marker {
+                    q.push(("marker", m.clone()));
+                }
+                let page: ImagePage = client
+                    .json(client.request(Method::GET, "/v1/images").query(&q))
+                    .await?;
+                images.extend(page.images);
+                marker = page.next_marker.map(|m| m.to_string());
+                if one_page || marker.is_none() {
+                    break;
+                }
+            }
+            print(output, &images, |list| {
+                println!(
+                    "{:<36}  {:<24}  {:<6}  {:<11}  {:<7}  {:>10}",
+                    "ID", "NAME", "KIND", "VISIBILITY", "STATUS", "SIZE"
+                );
+                for i in list {
+                    let size = i
+                        .virtual_size
+                        .map(human_bytes)
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<36}  {:<24}  {:<6}  {:<11}  {:<7}  {:>10}",
+                        i.id, i.name, i.kind, i.visibility, i.status, size
+                    );
+                }
+            })?;
+        }
+        ImageCommand::Show { id, output } => {
+            let image: Image = client.get(&format!("/v1/images/{id}")).await?;
+            print(output, &image, show)?;
+        }
+        ImageCommand::Update { id, patch, output } => {
+            let image: Image = client
+                .call(Method::PATCH, &format!("/v1/images/{id}"), &patch.body())
+                .await?;
+            print(output, &image, show)?;
+        }
+        ImageCommand::Delete { id } => {
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/images/{id}")))
+                .await?;
+            println!("deleted {id}");
+        }
+        ImageCommand::Download {
+            id,
+            output,
+            no_verify,
+        } => download(client, &id, &output, !no_verify).await?,
+    }
+    Ok(())
+}
+
+fn show(i: &Image) {
+    println!("id:          {}", i.id);
+    println!("name:        {}", i.name);
+    println!("owner:       {}   region: {}", i.owner, i.region);
+    println!(
+        "kind:        {}   visibility: {}   protected: {}",
+        i.kind, i.visibility, i.protected
+    );
+    match &i.status_reason {
+        Some(r) => println!("status:      {} ({r})", i.status),
+        None => println!("status:      {}", i.status),
+    }
+    if let (Some(v), Some(d)) = (i.virtual_size, i.data_size) {
+        println!(
+            "size:        {} virtual, {} of data in {} blocks",
+            human_bytes(v),
+            human_bytes(d),
+            i.data_blocks.unwrap_or(0)
+        );
+    }
+    if let Some(d) = &i.digest {
+        println!("digest:      {d}");
+    }
+    if let Some(b) = i.boot_mode {
+        println!("boot mode:   {b}");
+    }
+    if !i.tags.is_empty() {
+        println!("tags:        {}", i.tags.join(", "));
+    }
+    for (k, v) in &i.properties {
+        println!("property:    {k}={v}");
+    }
+}
+
+fn bar(len: u64, verb: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(&format!(
+        "{verb} {{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb
+}
+
+async fn upload(client: &Client, id: &str, file: &Path) -> anyhow::Result<Image> {
+    let f = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let len = f.metadata().await?.len();
+    let pb = bar(len, "uploading");
+    let progress = pb.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20).inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            progress.inc(c.len() as u64);
+        }
+    });
+    let req = client
+        .request(Method::PUT, &format!("/v1/images/{id}/file"))
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .header(reqwest::header::CONTENT_LENGTH, len)
+        .body(reqwest::Body::wrap_stream(stream));
+    let result = client.json(req).await;
+    pb.finish_and_clear();
+    result
+}
+
+async fn download(client: &Client, id: &str, output: &Path, verify: bool) -> anyhow::Result<()> {
+    let resp = client
+        .send(client.request(Method::GET, &format!("/v1/images/{id}/file")))
+        .await?;
+    let digest = resp
+        .headers()
+        .get(DIGEST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let pb = bar(resp.content_length().unwrap_or(0), "downloading");
+    let to_stdout = output == Path::new("-");
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if to_stdout {
+        Box::new(tokio::io::stdout())
+    } else {
+        Box::new(
+            tokio::fs::File::create(output)
+                .await
+                .with_context(|| format!("cannot create {}", output.display()))?,
+        )
+    };
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("the download broke off; run it again")?;
+        out.write_all(&chunk).await?;
+        pb.inc(chunk.len() as u64);
+    }
+    out.flush().await?;
+    pb.finish_and_clear();
+    if to_stdout || !verify {
+        return Ok(());
+    }
+    let Some(expected) = digest else {
+        bail!("the server sent no digest to verify against")
+    };
+    let path = output.to_path_buf();
+    let manifest = tokio::task::spawn_blocking(move || {
+        kagami_images::split::split_reader(std::fs::File::open(path)?, |_, _, _| Ok(()))
+    })
+    .await??;
+    let actual = format!("sha256:{}", manifest.digest());
+    if actual != expected {
+        bail!(
+            "{} does not match the image: digest {actual}, expected {expected}",
+            output.display()
+        );
+    }
+    eprintln!(
+        "wrote {} ({}), digest verified: {expected}",
+        output.display(),
+        human_bytes(manifest.virtual_size())
+    );
+    Ok(())
+}

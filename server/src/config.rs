@@ -1,0 +1,197 @@
+//! Configuration, layered: built-in defaults → TOML file → environment (`KAGAMI__SECTION__KEY`)
+//! → command-line flags. Every key is documented in `systemd/kagami.toml`; an unknown or mistyped
+//! key stops start-up with a message that names it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub store: StoreConfig,
+    pub gc: GcConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Catalog, block packs and the first admin token live here.
+    pub data_dir: PathBuf,
+    /// The region this server's images belong to.
+    pub region: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest virtual size an image may have, in bytes.
+    pub max_image_bytes: u64,
+    /// Largest JSON request body, in bytes.
+    pub max_json_bytes: usize,
+    /// Largest batched block upload, in bytes.
+    pub max_block_batch_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// A pack file is closed and a new one started once it reaches this size, in bytes.
+    pub pack_bytes: u64,
+    /// Re-hash every block read from a pack before serving it.
+    pub verify_reads: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// An unreferenced block is kept at least this long after its last use, in seconds.
+    pub grace_secs: u64,
+    /// How often the background collector runs, in seconds (0 turns it off).
+    pub interval_secs: u64,
+    /// A sealed pack whose live bytes fall below this fraction of its size is rewritten.
+    pub rewrite_below_live_fraction: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            limits: Limits::default(),
+            store: StoreConfig::default(),
+            gc: GcConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8470)),
+            data_dir: PathBuf::from("kagami-data"),
+            region: "default".into(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_image_bytes: 16 << 40,
+            max_json_bytes: 1 << 20,
+            max_block_batch_bytes: 64 << 20,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            pack_bytes: 16 << 20,
+            verify_reads: true,
+        }
+    }
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            grace_secs: 3600,
+            interval_secs: 600,
+            rewrite_below_live_fraction: 0.5,
+        }
+    }
+}
+
+/// Values given on the command line; each one set overrides every other layer.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the layers in order. `file` must exist when given.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Config> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                anyhow::bail!("config file {} does not exist", file.display());
+            }
+            fig = fig.merge(Toml::file_exact(file));
+        }
+        fig = fig.merge(Env::prefixed("KAGAMI__").split("__"));
+        if let Some(listen) = overrides.listen {
+            fig = fig.merge(("server.listen", listen));
+        }
+        if let Some(dir) = overrides.data_dir {
+            fig = fig.merge(("server.data_dir", dir));
+        }
+        let config: Config = fig
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&self.gc.rewrite_below_live_fraction) {
+            anyhow::bail!(
+                "invalid configuration: gc.rewrite_below_live_fraction must be between 0 and 1"
+            );
+        }
+        if self.store.pack_bytes < 1 << 20 {
+            anyhow::bail!("invalid configuration: store.pack_bytes must be at least 1 MiB");
+        }
+        if self.server.region.is_empty() {
+            anyhow::bail!("invalid configuration: server.region must not be empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("k.toml", "[server]\nregion = \"from-file\"\nlisten = \"127.0.0.1:1\"\n[gc]\ngrace_secs = 5\n")?;
+            jail.set_env("KAGAMI__SERVER__LISTEN", "127.0.0.1:2");
+            jail.set_env("KAGAMI__GC__GRACE_SECS", "7");
+            let config = Config::load(
+                Some(Path::new("k.toml")),
+                Overrides {
+                    data_dir: Some("/flag".into()),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(config.server.region, "from-file");
+            assert_eq!(config.server.listen.port(), 2);
+            assert_eq!(config.gc.grace_secs, 7);
+            assert_eq!(config.server.data_dir, PathBuf::from("/flag"));
+            assert_eq!(config.store.pack_bytes, 16 << 20);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("k.toml", "[server]\nlisten_addr = \"127.0.0.1:1\"\n")?;
+            let err = Config::load(Some(Path::new("k.toml")), Overrides::default())
+                .expect_err("rejected");
+            assert!(err.to_string().contains("listen_addr"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,121 @@
+//! `kagami serve`: opens the data directory, recovers from the previous run, and serves the API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::catalog::{Catalog, images, tenancy};
+use crate::config::Config;
+use crate::jobs::gc;
+use crate::store::PackStore;
+use crate::stream::Reader;
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let catalog = Catalog::open(&dir.join("catalog.db"))
+        .with_context(|| format!("cannot open the catalog in {}", dir.display()))?;
+
+    let data_dir = dir.clone();
+    if let Some(path) = catalog
+        .run(move |c| tenancy::bootstrap(c, &data_dir))
+        .await?
+    {
+        tracing::info!(
+            "first start: an admin token was written to {} (mode 0600)",
+            path.display()
+        );
+        eprintln!(
+            "kagami: first start; the admin token is in {}",
+            path.display()
+        );
+    }
+    // Uploads cut short by the last stop can never finish: they turn failed, never active.
+    let interrupted = catalog.run(|c| images::fail_interrupted(c)).await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "uploads in flight when the server last stopped were marked failed"
+        );
+    }
+
+    let store = Arc::new(
+        PackStore::open(&dir.join("packs"), config.store.pack_bytes)
+            .context("cannot open the block store")?,
+    );
+    if let Some((pack, good, size)) = store.torn_tail()? {
+        tracing::warn!(
+            pack = format!("{pack:016x}"),
+            good,
+            size,
+            "the newest pack ends in a torn record (a crash during a write); its tail is ignored"
+        );
+    }
+    let reader = Reader {
+        catalog: catalog.clone(),
+        store: store.clone(),
+        verify: config.store.verify_reads,
+    };
+    let config = Arc::new(config);
+    let state = AppState {
+        config: config.clone(),
+        catalog: catalog.clone(),
+        store: store.clone(),
+        reader,
+    };
+
+    if config.gc.interval_secs > 0 {
+        tokio::spawn(gc_loop(catalog, store, config.clone()));
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.listen / --listen)",
+                config.server.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %dir.display(), region = %config.server.region, "kagami is serving");
+    eprintln!("kagami: serving http://{addr} (data in {})", dir.display());
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    Ok(())
+}
+
+async fn gc_loop(catalog: Catalog, store: Arc<PackStore>, config: Arc<Config>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(config.gc.interval_secs));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (c, s) = (catalog.clone(), store.clone());
+        let grace = config.gc.grace_secs;
+        let fraction = config.gc.rewrite_below_live_fraction;
+        match tokio::task::spawn_blocking(move || gc::collect(&c, &s, grace, fraction)).await {
+            Ok(Ok(report)) => tracing::info!(?report, "garbage collection done"),
+            Ok(Err(e)) => tracing::error!("garbage collection failed: {e}"),
+            Err(e) => tracing::error!("garbage collection panicked: {e}"),
+        }
+    }
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
