@@ -65,10 +65,12 @@ pub fn collect(
     })?;
     let open = store.open_pack();
     for (pack, size) in store.packs()? {
-        if Some(pack) == open {
-            continue;
-        }
         let live_bytes = live.get(&pack).copied().unwrap_or(0);
+        let dead = live_bytes == 0 || (live_bytes as f64) < size as f64 * rewrite_below;
+        if dead && Some(pack) == open {
+            // The open pack qualifies too: close it so it is judged like any sealed pack.
+            store.seal();
+        }
         if live_bytes == 0 {
             store.remove(pack)?;
             report.packs_removed += 1;

@@ -147,6 +147,12 @@ impl PackStore {
             .map(|w| w.id)
     }
 
+    /// Closes the open pack so GC may judge it; the next append starts a new pack. Call only
+    /// under [`PackStore::exclusive`], when no writer is between "append" and "index".
+    pub fn seal(&self) {
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Reads a block's bytes into `buf` (which must be `loc.len` long).
     pub fn read(&self, loc: Location, buf: &mut [u8]) -> io::Result<()> {
         let file = self.reader(loc.pack)?;

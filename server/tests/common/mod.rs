@@ -1,0 +1,355 @@
+//! Black-box harness: starts the real `kagami serve` on a free loopback port with a temporary
+//! data directory, and drives it with curl and the `kagami` CLI, as an operator would.
+
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the harness"
+)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const KAGAMI: &str = env!("CARGO_BIN_EXE_kagami");
+
+pub struct Server {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub url: String,
+    /// The first admin token, read from the data directory.
+    pub token: String,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("serve.log");
+        let mut server = Server {
+            child: None,
+            dir,
+            port: 0,
+            url: String::new(),
+            token: String::new(),
+            log,
+        };
+        server.launch();
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn launch(&mut self) {
+        self.port = free_port();
+        self.url = format!("http://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(KAGAMI)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--data-dir",
+            ])
+            .arg(self.data_dir())
+            // No background GC: tests run it on demand and assert what it did.
+            .env("KAGAMI__GC__INTERVAL_SECS", "0")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kagami serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kagami serve did not start:\n{}",
+                self.log_text()
+            );
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kagami serve exited with {status}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.token = std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up, as after a power cut or an OOM kill.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// Runs the `kagami` CLI against this server with `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(KAGAMI)
+            .args(args)
+            .env("KAGAMI_URL", &self.url)
+            .env("KAGAMI_TOKEN", token)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run kagami")
+    }
+
+    /// Runs the CLI as admin and insists it succeeds; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_as(&self.token, args);
+        assert!(
+            out.status.success(),
+            "kagami {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Runs the CLI as admin with `--output json` and parses its answer.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        serde_json::from_str(&self.cli(&all)).expect("json output")
+    }
+
+    /// Imports a file with the CLI; returns the image JSON.
+    pub fn import(&self, file: &Path, name: &str) -> Value {
+        self.cli_json(&[
+            "image",
+            "import",
+            file.to_str().expect("path"),
+            "--name",
+            name,
+        ])
+    }
+
+    pub fn curl(&self, token: Option<&str>, method: &str, path: &str, extra: &[&str]) -> Response {
+        let body = tempfile::NamedTempFile::new().expect("tmp");
+        self.curl_into(token, method, path, extra, body.path())
+    }
+
+    /// Like [`Server::curl`], with the body written to `out` (read back into the response).
+    pub fn curl_into(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        extra: &[&str],
+        out: &Path,
+    ) -> Response {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-S", "-X", method, "-o"]).arg(out).args([
+            "-D",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        cmd.args(extra).arg(format!("{}{path}", self.url));
+        let done = cmd.output().expect("run curl");
+        assert!(
+            done.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let text = String::from_utf8_lossy(&done.stdout).to_string();
+        let (headers, status) = text.rsplit_once('\n').expect("status line");
+        let mut data = Vec::new();
+        std::fs::File::open(out)
+            .expect("body")
+            .read_to_end(&mut data)
+            .expect("read body");
+        Response {
+            status: status.trim().parse().expect("status"),
+            headers: headers.to_lowercase(),
+            body: data,
+        }
+    }
+
+    /// curl as admin.
+    pub fn admin(&self, method: &str, path: &str, extra: &[&str]) -> Response {
+        self.curl(Some(&self.token.clone()), method, path, extra)
+    }
+
+    pub fn store_stats(&self) -> Value {
+        self.admin("GET", "/v1/store", &[]).json()
+    }
+
+    pub fn gc_now(&self) -> Value {
+        let r = self.admin(
+            "POST",
+            "/v1/store/gc",
+            &[
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"grace_secs":0}"#,
+            ],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    /// Creates a project and a member token for it; returns the token.
+    pub fn member_of(&self, project: &str) -> String {
+        self.cli(&["project", "create", project]);
+        let t = self.cli_json(&["token", "create", "--project", project, "--role", "member"]);
+        t["secret"].as_str().expect("secret").to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    /// Raw response headers, lower-cased.
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+
+    /// The `code` of an API error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", self.text()))
+            .to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        let prefix = format!("{}:", name.to_lowercase());
+        self.headers
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_string()))
+    }
+}
+
+pub const BLOCK: usize = 65536;
+
+/// Deterministic pseudo-random bytes (xorshift), so images differ in content but tests repeat.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A sparse file of `size` bytes with `extents` of (offset, length) filled with noise.
+pub fn sparse_file(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    extents: &[(u64, usize)],
+    seed: u64,
+) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path).expect("create");
+    f.set_len(size).expect("set_len");
+    for (i, (offset, len)) in extents.iter().enumerate() {
+        f.write_all_at(&noise(seed + i as u64, *len), *offset)
+            .expect("write");
+    }
+    path
+}
+
+/// Counts the 64 KiB blocks of a file that are not all zero, and their bytes.
+pub fn data_blocks(path: &Path) -> (u64, u64) {
+    let mut f = std::fs::File::open(path).expect("open");
+    let mut buf = vec![0u8; BLOCK];
+    let (mut n, mut bytes) = (0, 0);
+    loop {
+        let mut filled = 0;
+        while filled < BLOCK {
+            let r = f.read(&mut buf[filled..]).expect("read");
+            if r == 0 {
+                break;
+            }
+            filled += r;
+        }
+        if filled == 0 {
+            break;
+        }
+        if buf[..filled].iter().any(|&b| b != 0) {
+            n += 1;
+            bytes += filled as u64;
+        }
+        if filled < BLOCK {
+            break;
+        }
+    }
+    (n, bytes)
+}
+
+/// True when two files hold the same bytes (compared in streaming fashion).
+pub fn same_bytes(a: &Path, b: &Path) -> bool {
+    let status = Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("cmp");
+    status.success()
+}
+
+pub fn write_file(path: &Path, data: &[u8]) {
+    std::fs::File::create(path)
+        .expect("create")
+        .write_all(data)
+        .expect("write");
+}

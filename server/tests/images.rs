@@ -1,0 +1,345 @@
+//! Images end to end: import, download, dedup, ranges, delete + GC, crash recovery.
+
+mod common;
+
+use common::{BLOCK, Server, data_blocks, noise, same_bytes, sparse_file};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn sparse_gigabyte_round_trips_and_stores_only_its_data() {
+    let s = Server::start();
+    let dir = s.dir.path();
+    // 1 GiB, mostly holes: 24 MiB at 100 MiB, 3 MiB + 100 bytes straddling blocks near the end.
+    let disk = sparse_file(
+        dir,
+        "disk.raw",
+        GIB,
+        &[
+            (100 << 20, 24 << 20),
+            (GIB - (5 << 20) + 1234, (3 << 20) + 100),
+        ],
+        1,
+    );
+    let image = s.import(&disk, "sparse");
+    assert_eq!(image["status"], "active");
+    assert_eq!(image["virtual_size"], GIB);
+    let (blocks, bytes) = data_blocks(&disk);
+    assert_eq!(
+        image["data_blocks"], blocks,
+        "holes must not be counted as data"
+    );
+    assert_eq!(image["data_size"], bytes);
+    let stats = s.store_stats();
+    assert_eq!(
+        stats["blocks"], blocks,
+        "every data block stored once, no hole stored"
+    );
+    assert_eq!(stats["block_bytes"], bytes);
+    assert!(
+        stats["pack_bytes"].as_u64().expect("pack bytes") < bytes + blocks * 64,
+        "packs hold little beyond the data"
+    );
+
+    // Download with curl: byte-identical, with the digest in a header that the CLI also checks.
+    let id = image["id"].as_str().expect("id");
+    let out = dir.join("out.raw");
+    let r = s.curl_into(
+        Some(&s.token),
+        "GET",
+        &format!("/v1/images/{id}/file"),
+        &[],
+        &out,
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        same_bytes(&disk, &out),
+        "download differs from the imported file"
+    );
+    assert_eq!(
+        r.header("x-kagami-digest").as_deref(),
+        image["digest"].as_str()
+    );
+    let cli_out = dir.join("cli.raw");
+    s.cli(&[
+        "image",
+        "download",
+        id,
+        "-o",
+        cli_out.to_str().expect("path"),
+    ]);
+    assert!(same_bytes(&disk, &cli_out));
+}
+
+#[test]
+fn same_content_stores_nothing_new_and_one_changed_block_stores_one() {
+    let s = Server::start();
+    let dir = s.dir.path();
+    let disk = sparse_file(
+        dir,
+        "a.raw",
+        64 << 20,
+        &[(0, 8 << 20), (40 << 20, 5 << 20)],
+        7,
+    );
+    let first = s.import(&disk, "a");
+    let before = s.store_stats();
+
+    let second = s.import(&disk, "a-again");
+    assert_eq!(second["digest"], first["digest"]);
+    let after = s.store_stats();
+    assert_eq!(after["blocks"], before["blocks"]);
+    assert_eq!(
+        after["pack_bytes"], before["pack_bytes"],
+        "a re-import must write no block bytes"
+    );
+
+    // Change one byte in one 64 KiB block: exactly one new block.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .expect("open");
+    f.write_all_at(&[0xAB], (41 << 20) + 17).expect("write");
+    let third = s.import(&disk, "a-changed");
+    assert_ne!(third["digest"], first["digest"]);
+    let changed = s.store_stats();
+    assert_eq!(
+        changed["blocks"].as_u64(),
+        before["blocks"].as_u64().map(|b| b + 1)
+    );
+    assert_eq!(
+        changed["block_bytes"].as_u64(),
+        before["block_bytes"].as_u64().map(|b| b + BLOCK as u64)
+    );
+}
+
+#[test]
+fn ranges_return_exact_bytes_and_bad_ranges_are_416() {
+    let s = Server::start();
+    let dir = s.dir.path();
+    let size: u64 = 10 * BLOCK as u64 + 333; // a short last block
+    let disk = sparse_file(
+        dir,
+        "r.raw",
+        size,
+        &[(BLOCK as u64 - 10, 3 * BLOCK), (size - 300, 300)],
+        3,
+    );
+    let image = s.import(&disk, "ranged");
+    let id = image["id"].as_str().expect("id");
+    let content = std::fs::read(&disk).expect("read");
+    let path = format!("/v1/images/{id}/file");
+    for (spec, start, end) in [
+        ("0-0", 0u64, 1u64),
+        ("65530-65545", 65530, 65546), // across a block boundary, data into data
+        ("100000-300000", 100_000, 300_001), // data into a hole
+        (&format!("{}-", size - 500), size - 500, size), // open-ended, through the short last block
+        ("-7", size - 7, size),        // suffix
+        (&format!("{}-{}", size - 1, size + 1000), size - 1, size), // clipped at the end
+    ] {
+        let r = s.admin("GET", &path, &["-H", &format!("Range: bytes={spec}")]);
+        assert_eq!(r.status, 206, "range {spec}");
+        assert_eq!(
+            r.body,
+            content[start as usize..end as usize],
+            "range {spec}"
+        );
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {start}-{}/{size}", end - 1)),
+            "range {spec}"
+        );
+    }
+    for bad in [
+        format!("bytes={size}-"),
+        format!("bytes={}-{}", size + 10, size + 20),
+        "bytes=-0".to_string(),
+    ] {
+        let r = s.admin("GET", &path, &["-H", &format!("Range: {bad}")]);
+        assert_eq!(r.status, 416, "{bad}");
+        assert_eq!(r.code(), "range_not_satisfiable");
+        assert_eq!(r.header("content-range"), Some(format!("bytes */{size}")));
+    }
+}
+
+#[test]
+fn protected_images_resist_delete_and_gc_keeps_shared_blocks() {
+    let s = Server::start();
+    let dir = s.dir.path();
+    // a and b share 2 MiB; deleting a leaves under a quarter of the pack live.
+    let shared = noise(11, 2 << 20);
+    let only_a = noise(12, 10 << 20);
+    let only_b = noise(13, 1 << 20);
+    let a = dir.join("a.raw");
+    let b = dir.join("b.raw");
+    common::write_file(&a, &[shared.clone(), only_a].concat());
+    common::write_file(&b, &[shared, only_b].concat());
+    let img_a = s.cli_json(&[
+        "image",
+        "import",
+        a.to_str().expect("path"),
+        "--name",
+        "a",
+        "--protected",
+    ]);
+    let img_b = s.import(&b, "b");
+    let id_a = img_a["id"].as_str().expect("id");
+    let all = s.store_stats();
+    assert_eq!(all["blocks"], (2 + 10 + 1) * 16);
+
+    let r = s.admin("DELETE", &format!("/v1/images/{id_a}"), &[]);
+    assert_eq!(r.status, 409);
+    assert_eq!(r.code(), "image_protected");
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id_a}"), &[]).status,
+        200,
+        "a refused delete changes nothing"
+    );
+
+    s.cli(&["image", "update", id_a, "--protected", "false"]);
+    s.cli(&["image", "delete", id_a]);
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id_a}"), &[]).status,
+        404
+    );
+    // Released blocks wait for GC; nothing is dropped before it runs.
+    assert_eq!(s.store_stats()["unreferenced_blocks"], 10 * 16);
+    let report = s.gc_now();
+    assert_eq!(report["dropped_blocks"], 10 * 16);
+    assert_eq!(report["packs_rewritten"], 1);
+    let after = s.store_stats();
+    assert_eq!(
+        after["blocks"],
+        (2 + 1) * 16,
+        "b's blocks (shared ones included) stay"
+    );
+    let (before_bytes, after_bytes) = (
+        all["pack_bytes"].as_u64().expect("n"),
+        after["pack_bytes"].as_u64().expect("n"),
+    );
+    assert!(
+        after_bytes < before_bytes / 3,
+        "the mostly dead pack is rewritten: {before_bytes} -> {after_bytes}"
+    );
+    // b is intact after the rewrite.
+    let id_b = img_b["id"].as_str().expect("id");
+    let out = dir.join("b.out");
+    s.cli(&["image", "download", id_b, "-o", out.to_str().expect("path")]);
+    assert!(same_bytes(&b, &out));
+}
+
+#[test]
+fn an_upload_killed_mid_way_never_becomes_active_and_gc_reclaims_it() {
+    let mut s = Server::start();
+    let dir = s.dir.path().to_path_buf();
+    let keep = dir.join("keep.raw");
+    common::write_file(&keep, &noise(21, 3 << 20));
+    let kept = s.import(&keep, "keep");
+    let big = dir.join("big.raw");
+    common::write_file(&big, &noise(22, 64 << 20));
+    let image = s.cli_json(&["image", "create", "--name", "interrupted"]);
+    let id = image["id"].as_str().expect("id").to_string();
+
+    // A slow upload (4 MiB/s) of 64 MiB; kill the server once some of its blocks are on disk.
+    let mut upload = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--limit-rate",
+            "4M",
+            "-X",
+            "PUT",
+            "-T",
+        ])
+        .arg(&big)
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", s.token),
+            &format!("{}/v1/images/{id}/file", s.url),
+        ])
+        .spawn()
+        .expect("curl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.store_stats()["unreferenced_blocks"].as_u64().unwrap_or(0) < 64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload never stored blocks"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "saving"
+    );
+    s.kill();
+    let _ = upload.kill();
+    let _ = upload.wait();
+    s.restart();
+
+    let after = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(after["status"], "failed");
+    assert!(
+        after["status_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("stopped during the upload")
+    );
+    let r = s.admin("GET", &format!("/v1/images/{id}/file"), &[]);
+    assert_eq!(r.status, 409);
+    assert_eq!(r.code(), "not_active");
+    // The orphan blocks go; the committed image's stay and still read back.
+    let report = s.gc_now();
+    assert!(report["dropped_blocks"].as_u64().expect("n") >= 64);
+    let stats = s.store_stats();
+    assert_eq!(stats["unreferenced_blocks"], 0);
+    assert_eq!(stats["blocks"], 3 * 16);
+    let out = dir.join("keep.out");
+    s.cli(&[
+        "image",
+        "download",
+        kept["id"].as_str().expect("id"),
+        "-o",
+        out.to_str().expect("path"),
+    ]);
+    assert!(same_bytes(&keep, &out));
+    // A failed image may be uploaded again, and then it is whole.
+    let small = dir.join("small.raw");
+    common::write_file(&small, &noise(23, 1 << 20));
+    s.cli(&["image", "upload", &id, small.to_str().expect("path")]);
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "active"
+    );
+}
+
+#[test]
+fn a_truncated_upload_fails_with_a_reason() {
+    let s = Server::start();
+    let image = s.cli_json(&["image", "create", "--name", "short"]);
+    let id = image["id"].as_str().expect("id");
+    // Claim 2 MiB, send 1 MiB, then hang up: the server must not commit the half.
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    let head = format!(
+        "PUT /v1/images/{id}/file HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 2097152\r\n\r\n",
+        s.token
+    );
+    conn.write_all(head.as_bytes()).expect("send head");
+    conn.write_all(&noise(5, 1 << 20)).expect("send half");
+    drop(conn);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+        if now["status"] == "failed" {
+            break;
+        }
+        assert_ne!(now["status"], "active", "a truncated upload became active");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload never failed: {now}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
