@@ -76,7 +76,7 @@ pub fn encode_ids(ids: &[BlockId]) -> Vec<u8> {
 
 /// Decodes a list of ids; the body must be a whole number of 32-byte ids.
 pub fn decode_ids(body: &[u8]) -> Option<Vec<BlockId>> {
-    if body.len() % 32 != 0 {
+    if !body.len().is_multiple_of(32) {
         return None;
     }
     Some(

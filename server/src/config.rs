@@ -9,7 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -58,17 +58,6 @@ pub struct GcConfig {
     pub interval_secs: u64,
     /// A sealed pack whose live bytes fall below this fraction of its size is rewritten.
     pub rewrite_below_live_fraction: f64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            limits: Limits::default(),
-            store: StoreConfig::default(),
-            gc: GcConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
@@ -162,6 +151,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[expect(clippy::result_large_err, reason = "figment::Jail fixes the closure's error type")]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("k.toml", "[server]\nregion = \"from-file\"\nlisten = \"127.0.0.1:1\"\n[gc]\ngrace_secs = 5\n")?;
@@ -185,6 +175,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::result_large_err, reason = "figment::Jail fixes the closure's error type")]
     fn an_unknown_key_is_named() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("k.toml", "[server]\nlisten_addr = \"127.0.0.1:1\"\n")?;
