@@ -177,7 +177,10 @@ impl Segment {
 
     /// Decodes a stored body and checks it against `id`.
     pub fn decode(id: SegmentId, body: &[u8]) -> Result<Self, ManifestError> {
-        if !body.len().is_multiple_of(ID_LEN) || body.is_empty() || body.len() > SEGMENT_BLOCKS * ID_LEN {
+        if !body.len().is_multiple_of(ID_LEN)
+            || body.is_empty()
+            || body.len() > SEGMENT_BLOCKS * ID_LEN
+        {
             return Err(ManifestError::SegmentLength {
                 index: 0,
                 expected: SEGMENT_BLOCKS,

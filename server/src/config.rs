@@ -151,7 +151,10 @@ mod tests {
     use super::*;
 
     #[test]
-    #[expect(clippy::result_large_err, reason = "figment::Jail fixes the closure's error type")]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail fixes the closure's error type"
+    )]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("k.toml", "[server]\nregion = \"from-file\"\nlisten = \"127.0.0.1:1\"\n[gc]\ngrace_secs = 5\n")?;
@@ -175,7 +178,10 @@ mod tests {
     }
 
     #[test]
-    #[expect(clippy::result_large_err, reason = "figment::Jail fixes the closure's error type")]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail fixes the closure's error type"
+    )]
     fn an_unknown_key_is_named() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("k.toml", "[server]\nlisten_addr = \"127.0.0.1:1\"\n")?;

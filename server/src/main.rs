@@ -31,7 +31,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once at start-up; boxing buys nothing")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing buys nothing"
+)]
 enum Command {
     /// Run the daemon: image catalog, block store and HTTP API.
     Serve {
