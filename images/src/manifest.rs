@@ -152,6 +152,7 @@ pub enum ManifestError {
 }
 
 /// One segment: up to [`SEGMENT_BLOCKS`] block ids (only the image's last segment may be short).
+/// A hole segment carries no ids.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Segment {
     /// sha256 of [`Segment::encode`], or [`BlockId::HOLE`] when every block is a hole.
@@ -160,14 +161,24 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Names a block list; an all-hole list gets the hole id and is never stored.
+    /// Names a block list. An all-hole list becomes a hole segment: the hole id and no ids at
+    /// all, so a sparse disk costs nothing per hole segment in memory or on the wire.
     pub fn new(blocks: Vec<BlockId>) -> Self {
-        let id = if blocks.iter().all(BlockId::is_hole) {
-            BlockId::HOLE
-        } else {
-            BlockId::hash(&encode_ids(&blocks))
-        };
-        Segment { id, blocks }
+        if blocks.iter().all(BlockId::is_hole) {
+            return Segment::hole();
+        }
+        Segment {
+            id: BlockId::hash(&encode_ids(&blocks)),
+            blocks,
+        }
+    }
+
+    /// A segment of holes only.
+    pub fn hole() -> Self {
+        Segment {
+            id: BlockId::HOLE,
+            blocks: Vec::new(),
+        }
     }
 
     /// The stored form: the block ids back to back.
@@ -237,7 +248,11 @@ impl Manifest {
             });
         }
         for (index, segment) in segments.iter().enumerate() {
-            let want = blocks_in_segment(virtual_size, index);
+            let want = if segment.is_hole() {
+                0
+            } else {
+                blocks_in_segment(virtual_size, index)
+            };
             if segment.blocks.len() != want {
                 return Err(ManifestError::SegmentLength {
                     index,
@@ -267,20 +282,28 @@ impl Manifest {
 
     /// Every block in disk order, holes included.
     pub fn blocks(&self) -> impl Iterator<Item = BlockRef> + '_ {
+        (0..self.segments.len()).flat_map(|i| self.segment_blocks(i))
+    }
+
+    /// The blocks of segment `index`, holes included (none if `index` is out of range).
+    pub fn segment_blocks(&self, index: usize) -> impl Iterator<Item = BlockRef> + '_ {
         let size = self.virtual_size;
-        self.segments
-            .iter()
-            .flat_map(|s| s.blocks.iter())
-            .enumerate()
-            .map(move |(i, id)| {
-                let offset = i as u64 * BLOCK_SIZE as u64;
-                BlockRef {
-                    index: i as u64,
-                    offset,
-                    len: (size - offset).min(BLOCK_SIZE as u64) as usize,
-                    id: *id,
-                }
-            })
+        let segment = self.segments.get(index);
+        let count = segment.map_or(0, |_| blocks_in_segment(size, index));
+        (0..count).map(move |j| {
+            let i = (index * SEGMENT_BLOCKS + j) as u64;
+            let offset = i * BLOCK_SIZE as u64;
+            let id = segment
+                .and_then(|s| s.blocks.get(j))
+                .copied()
+                .unwrap_or(BlockId::HOLE);
+            BlockRef {
+                index: i,
+                offset,
+                len: (size - offset).min(BLOCK_SIZE as u64) as usize,
+                id,
+            }
+        })
     }
 
     /// Blocks that hold data (not holes), and the bytes they cover.
@@ -390,10 +413,8 @@ impl Manifest {
         for (index, id) in ids.into_iter().enumerate() {
             let want = blocks_in_segment(virtual_size, index);
             let segment = if id.is_hole() {
-                Segment {
-                    id,
-                    blocks: vec![BlockId::HOLE; want],
-                }
+                segments.push(Segment::hole());
+                continue;
             } else if let Some(known) = bodies.get(&id) {
                 known.clone()
             } else {

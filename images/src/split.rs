@@ -33,16 +33,38 @@ impl ManifestBuilder {
     /// Hashes the next segment of the disk and records it. Every segment but the last must be a
     /// full 4 MiB. Returns the segment so the caller can store or compare its blocks.
     pub fn push(&mut self, data: &[u8]) -> Result<&Segment, ManifestError> {
-        if self.ended || data.len() > SEGMENT_SIZE || data.is_empty() {
+        self.check(data.len())?;
+        self.record(data.len(), hash_blocks(data))
+    }
+
+    /// Records the next segment from ids already computed (see [`hash_blocks`]) for `len` bytes.
+    pub fn push_ids(&mut self, len: usize, ids: Vec<BlockId>) -> Result<&Segment, ManifestError> {
+        self.check(len)?;
+        if ids.len() != len.div_ceil(BLOCK_SIZE) {
+            return Err(ManifestError::SegmentLength {
+                index: self.segments.len(),
+                expected: len.div_ceil(BLOCK_SIZE),
+                got: ids.len(),
+            });
+        }
+        self.record(len, ids)
+    }
+
+    fn check(&self, len: usize) -> Result<(), ManifestError> {
+        if self.ended || len > SEGMENT_SIZE || len == 0 {
             return Err(ManifestError::SegmentLength {
                 index: self.segments.len(),
                 expected: SEGMENT_SIZE / BLOCK_SIZE,
-                got: data.len().div_ceil(BLOCK_SIZE),
+                got: len.div_ceil(BLOCK_SIZE),
             });
         }
-        self.ended = data.len() < SEGMENT_SIZE;
-        self.size += data.len() as u64;
-        self.segments.push(Segment::new(hash_blocks(data)));
+        Ok(())
+    }
+
+    fn record(&mut self, len: usize, ids: Vec<BlockId>) -> Result<&Segment, ManifestError> {
+        self.ended = len < SEGMENT_SIZE;
+        self.size += len as u64;
+        self.segments.push(Segment::new(ids));
         Ok(self.segments.last().expect("just pushed"))
     }
 

@@ -36,8 +36,10 @@ pub struct Limits {
     pub max_image_bytes: u64,
     /// Largest JSON request body, in bytes.
     pub max_json_bytes: usize,
-    /// Largest batched block upload, in bytes.
+    /// Largest batched block upload, and largest manifest bundle, in bytes.
     pub max_block_batch_bytes: usize,
+    /// An upload that sends nothing for this long fails, in seconds.
+    pub upload_idle_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,6 +78,7 @@ impl Default for Limits {
             max_image_bytes: 16 << 40,
             max_json_bytes: 1 << 20,
             max_block_batch_bytes: 64 << 20,
+            upload_idle_secs: 120,
         }
     }
 }

@@ -91,6 +91,12 @@ impl IntoResponse for ApiError {
             Json(json!({"error": {"code": code, "message": self.to_string()}})),
         )
             .into_response();
+        if matches!(self, ApiError::Unauthorized) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"kagami\""),
+            );
+        }
         if let ApiError::RangeNotSatisfiable { size } = self
             && let Ok(value) = format!("bytes */{size}").parse()
         {

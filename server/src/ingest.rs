@@ -14,8 +14,10 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use kagami_images::split::ManifestBuilder;
-use kagami_images::{BlockId, Manifest, SEGMENT_SIZE};
+use std::time::Duration;
+
+use kagami_images::split::{ManifestBuilder, hash_blocks};
+use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_SIZE};
 
 use crate::catalog::{Catalog, blocks, now_ms};
 use crate::error::ApiError;
@@ -61,85 +63,129 @@ pub fn store_blocks(
 }
 
 /// Cuts a byte stream into segments and stores their new blocks; returns the manifest (not yet
-/// committed) and what was written. Fails if the stream errors (a truncated upload) or grows
-/// past `max_bytes`.
+/// committed) and what was written. Fails if the stream errors (a truncated upload), stalls for
+/// `idle` between chunks, is empty, or grows past `max_bytes`.
 pub async fn receive<S, E>(
     catalog: Catalog,
     store: Arc<PackStore>,
     mut body: S,
-    max_bytes: u64,
+    limits: ReceiveLimits,
 ) -> Result<(Manifest, StoreStats), ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    // Hashing and writing run on a blocking thread while the next segment arrives; a channel of
-    // two segments bounds memory and gives back-pressure to the sender.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<BytesMut>(2);
-    let worker =
-        tokio::task::spawn_blocking(move || -> Result<(Manifest, StoreStats), ApiError> {
-            let mut builder = ManifestBuilder::new();
-            let mut stats = StoreStats::default();
-            while let Some(segment) = rx.blocking_recv() {
-                let ids = builder
-                    .push(&segment)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
-                    .blocks
-                    .clone();
-                let pairs: Vec<(BlockId, &[u8])> = ids
-                    .iter()
-                    .zip(segment.chunks(kagami_images::BLOCK_SIZE))
-                    .filter(|(id, _)| !id.is_hole())
-                    .map(|(id, d)| (*id, d))
-                    .collect();
-                let written = store_blocks(&catalog, &store, &pairs)?;
-                stats.new_blocks += written.new_blocks;
-                stats.new_bytes += written.new_bytes;
-            }
-            Ok((builder.finish(), stats))
-        });
-
+    let mut builder = ManifestBuilder::new();
+    let mut stats = StoreStats::default();
+    // Segment N is hashed and stored on the blocking pool while segment N+1 arrives; at most one
+    // is in flight, which bounds memory and gives back-pressure to the sender. No thread is held
+    // between segments, so slow uploads cannot starve the pool.
+    let mut in_flight: Option<SegmentTask> = None;
     let mut pending = BytesMut::with_capacity(SEGMENT_SIZE);
     let mut total: u64 = 0;
-    let mut failure: Option<ApiError> = None;
-    while let Some(chunk) = body.next().await {
-        let mut chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                failure = Some(ApiError::bad(
+    loop {
+        let chunk = match tokio::time::timeout(limits.idle, body.next()).await {
+            Err(_) => {
+                return Err(ApiError::bad(
+                    "upload_stalled",
+                    format!(
+                        "no data for {} s after {total} bytes; upload again",
+                        limits.idle.as_secs()
+                    ),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad(
                     "upload_interrupted",
                     format!("the upload stream broke after {total} bytes: {e}"),
                 ));
-                break;
             }
+            Ok(Some(Ok(chunk))) => chunk,
         };
         total += chunk.len() as u64;
-        if total > max_bytes {
-            failure = Some(ApiError::TooLarge(format!(
-                "the image is larger than the limit of {max_bytes} bytes (limits.max_image_bytes)"
+        if total > limits.max_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "the image is larger than the limit of {} bytes (limits.max_image_bytes)",
+                limits.max_bytes
             )));
-            break;
         }
+        let mut chunk = chunk;
         while !chunk.is_empty() {
             let take = chunk.len().min(SEGMENT_SIZE - pending.len());
             pending.extend_from_slice(&chunk.split_to(take));
             if pending.len() == SEGMENT_SIZE {
                 let full = std::mem::replace(&mut pending, BytesMut::with_capacity(SEGMENT_SIZE));
-                if tx.send(full).await.is_err() {
-                    break; // the worker failed; its error is reported below
+                if let Some(task) = in_flight.take() {
+                    task.finish(&mut builder, &mut stats).await?;
                 }
+                in_flight = Some(SegmentTask::start(&catalog, &store, full.freeze()));
             }
         }
     }
-    if failure.is_none() && !pending.is_empty() {
-        let _ = tx.send(pending).await;
+    if let Some(task) = in_flight.take() {
+        task.finish(&mut builder, &mut stats).await?;
     }
-    drop(tx);
-    let outcome = worker
-        .await
-        .map_err(|e| ApiError::Internal(format!("ingest worker failed: {e}")))?;
-    match failure {
-        Some(e) => Err(e),
-        None => outcome,
+    if !pending.is_empty() {
+        SegmentTask::start(&catalog, &store, pending.freeze())
+            .finish(&mut builder, &mut stats)
+            .await?;
+    }
+    if builder.size() == 0 {
+        return Err(ApiError::bad(
+            "empty_image",
+            "the upload carried no bytes; an image needs content",
+        ));
+    }
+    Ok((builder.finish(), stats))
+}
+
+/// Bounds on one upload.
+#[derive(Clone, Copy, Debug)]
+pub struct ReceiveLimits {
+    pub max_bytes: u64,
+    /// Longest wait for the next chunk of the body.
+    pub idle: Duration,
+}
+
+/// One segment being hashed and stored on the blocking pool.
+struct SegmentTask {
+    len: usize,
+    handle: tokio::task::JoinHandle<Result<(Vec<BlockId>, StoreStats), ApiError>>,
+}
+
+impl SegmentTask {
+    fn start(catalog: &Catalog, store: &Arc<PackStore>, data: Bytes) -> SegmentTask {
+        let (catalog, store) = (catalog.clone(), store.clone());
+        let len = data.len();
+        let handle = tokio::task::spawn_blocking(move || {
+            let ids = hash_blocks(&data);
+            let pairs: Vec<(BlockId, &[u8])> = ids
+                .iter()
+                .zip(data.chunks(BLOCK_SIZE))
+                .filter(|(id, _)| !id.is_hole())
+                .map(|(id, d)| (*id, d))
+                .collect();
+            let written = store_blocks(&catalog, &store, &pairs)?;
+            Ok((ids, written))
+        });
+        SegmentTask { len, handle }
+    }
+
+    async fn finish(
+        self,
+        builder: &mut ManifestBuilder,
+        stats: &mut StoreStats,
+    ) -> Result<(), ApiError> {
+        let (ids, written) = self
+            .handle
+            .await
+            .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))??;
+        builder
+            .push_ids(self.len, ids)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        stats.new_blocks += written.new_blocks;
+        stats.new_bytes += written.new_bytes;
+        Ok(())
     }
 }

@@ -651,3 +651,84 @@ fn a_mistyped_config_key_stops_start_up_and_names_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen_address"), "{err}");
 }
+
+#[test]
+fn a_manifest_cannot_put_a_block_in_a_slot_of_another_length() {
+    let s = Server::start();
+    let t = Some(s.token.as_str());
+    let dir = s.dir.path();
+    // An image whose last block is 100 bytes long.
+    let data = noise(60, BLOCK + 100);
+    let file = dir.join("tail.raw");
+    common::write_file(&file, &data);
+    s.import(&file, "tail");
+    let real = split_bytes(&data);
+    let tail = real.blocks().last().expect("block").id;
+    // A 64 KiB disk whose one (full) slot names the 100-byte block: refused, nothing committed.
+    let mut forged = Vec::new();
+    forged.extend_from_slice(&real.encode_index()[..24]);
+    forged.extend_from_slice(&(BLOCK as u64).to_le_bytes());
+    let body = wire::encode_ids(&[tail]);
+    forged.extend_from_slice(&kagami_images::BlockId::hash(&body).0);
+    forged.extend_from_slice(&body);
+    let bundle = dir.join("forged.bin");
+    common::write_file(&bundle, &forged);
+    let image = s.cli_json(&["image", "create", "--name", "forged"]);
+    let id = image["id"].as_str().expect("id");
+    let r = s.curl(
+        t,
+        "PUT",
+        &format!("/v1/images/{id}/manifest"),
+        &["--data-binary", &format!("@{}", bundle.display())],
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "invalid_manifest".to_string()),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "failed"
+    );
+    // Members may not commit manifests at all (they could probe other projects' blocks).
+    let member = s.member_of("m");
+    let r = s.curl(
+        Some(&member),
+        "PUT",
+        &format!("/v1/images/{id}/manifest"),
+        &["--data-binary", &format!("@{}", bundle.display())],
+    );
+    assert_eq!(r.status, 403);
+}
+
+#[test]
+fn auth_follows_the_rfc_and_a_lost_admin_token_comes_back() {
+    let mut s = Server::start();
+    let r = s.curl(None, "GET", "/v1/images", &[]);
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|v| v.starts_with("bearer"))
+    );
+    let lower = s.curl(
+        None,
+        "GET",
+        "/v1/images",
+        &["-H", &format!("Authorization: bearer {}", s.token)],
+    );
+    assert_eq!(lower.status, 200, "the scheme is case-insensitive");
+    // Revoke the only admin token: the next start writes a new one (and says so).
+    let first = s.token.clone();
+    let tokens = s.cli_json(&["token", "list"]);
+    let id = tokens[0]["id"].as_str().expect("id").to_string();
+    s.cli(&["token", "revoke", &id]);
+    s.restart();
+    assert_ne!(s.token, first);
+    assert_eq!(s.admin("GET", "/v1/store", &[]).status, 200);
+    let mode = std::fs::metadata(s.data_dir().join("admin.token")).expect("file");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+}

@@ -343,3 +343,115 @@ fn a_truncated_upload_fails_with_a_reason() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[test]
+fn gc_rounds_over_small_packs_never_lose_live_data() {
+    // 1 MiB packs: every import spans several packs, and deletes leave them part-dead.
+    let s = Server::start_with(&[("KAGAMI__STORE__PACK_BYTES", "1048576")]);
+    let dir = s.dir.path();
+    let shared = noise(40, 1 << 20);
+    let files: Vec<_> = (0..3u64)
+        .map(|i| {
+            let path = dir.join(format!("{i}.raw"));
+            common::write_file(
+                &path,
+                &[
+                    noise(41 + i, 3 << 20),
+                    shared.clone(),
+                    noise(50 + i, BLOCK + 7),
+                ]
+                .concat(),
+            );
+            path
+        })
+        .collect();
+    let ids: Vec<String> = files
+        .iter()
+        .map(|f| s.import(f, "x")["id"].as_str().expect("id").to_string())
+        .collect();
+    let check = |alive: &[usize]| {
+        for &i in alive {
+            let out = dir.join(format!("{i}.out"));
+            s.cli(&[
+                "image",
+                "download",
+                &ids[i],
+                "-o",
+                out.to_str().expect("path"),
+            ]);
+            assert!(same_bytes(&files[i], &out), "image {i} damaged by GC");
+        }
+    };
+    s.cli(&["image", "delete", &ids[1]]);
+    let first = s.gc_now();
+    assert!(
+        first["packs_removed"].as_u64().expect("n") + first["packs_rewritten"].as_u64().expect("n")
+            > 0,
+        "{first}"
+    );
+    check(&[0, 2]);
+    s.cli(&["image", "delete", &ids[0]]);
+    s.gc_now();
+    check(&[2]);
+    // A second run with nothing to drop changes nothing that matters.
+    s.gc_now();
+    check(&[2]);
+    let again = s.import(&files[0], "back");
+    let out = dir.join("back.out");
+    s.cli(&[
+        "image",
+        "download",
+        again["id"].as_str().expect("id"),
+        "-o",
+        out.to_str().expect("path"),
+    ]);
+    assert!(same_bytes(&files[0], &out));
+}
+
+#[test]
+fn empty_and_stalled_uploads_fail_clearly() {
+    let s = Server::start_with(&[("KAGAMI__LIMITS__UPLOAD_IDLE_SECS", "1")]);
+    let image = s.cli_json(&["image", "create", "--name", "empty"]);
+    let id = image["id"].as_str().expect("id");
+    let r = s.admin(
+        "PUT",
+        &format!("/v1/images/{id}/file"),
+        &["--data-binary", ""],
+    );
+    assert_eq!((r.status, r.code()), (400, "empty_image".to_string()));
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "failed"
+    );
+
+    // A client that sends part of the body and then goes quiet (but keeps the connection).
+    let image = s.cli_json(&["image", "create", "--name", "stalled"]);
+    let id = image["id"].as_str().expect("id");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    let head = format!(
+        "PUT /v1/images/{id}/file HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 9000000\r\n\r\n",
+        s.token
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&noise(9, 5 << 20)).expect("part");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let now = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+        if now["status"] == "failed" {
+            assert!(
+                now["status_reason"]
+                    .as_str()
+                    .expect("reason")
+                    .contains("no data for 1 s"),
+                "{now}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a stalled upload stayed {now}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    drop(conn);
+}

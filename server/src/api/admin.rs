@@ -6,9 +6,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiJson, AppState};
+use super::{Admin, ApiJson, AppState};
 use crate::catalog::blocks;
-use crate::catalog::tenancy::{self, Caller, Project, Role, TokenInfo};
+use crate::catalog::tenancy::{self, Project, Role, TokenInfo};
 use crate::error::ApiError;
 use crate::jobs::gc::{self, GcReport};
 
@@ -30,10 +30,9 @@ struct NewProject {
 
 async fn create_project(
     State(app): State<AppState>,
-    caller: Caller,
+    _: Admin,
     ApiJson(p): ApiJson<NewProject>,
 ) -> Result<(StatusCode, Json<Project>), ApiError> {
-    caller.require_admin()?;
     let project = app
         .catalog
         .run(move |c| tenancy::create_project(c, &p.name))
@@ -43,9 +42,8 @@ async fn create_project(
 
 async fn list_projects(
     State(app): State<AppState>,
-    caller: Caller,
+    _: Admin,
 ) -> Result<Json<Vec<Project>>, ApiError> {
-    caller.require_admin()?;
     Ok(Json(app.catalog.run(|c| tenancy::list_projects(c)).await?))
 }
 
@@ -60,10 +58,9 @@ struct NewToken {
 
 async fn create_token(
     State(app): State<AppState>,
-    caller: Caller,
+    _: Admin,
     ApiJson(t): ApiJson<NewToken>,
 ) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
-    caller.require_admin()?;
     if t.description.len() > 1024 {
         return Err(ApiError::bad(
             "field_too_long",
@@ -79,18 +76,16 @@ async fn create_token(
 
 async fn list_tokens(
     State(app): State<AppState>,
-    caller: Caller,
+    _: Admin,
 ) -> Result<Json<Vec<TokenInfo>>, ApiError> {
-    caller.require_admin()?;
     Ok(Json(app.catalog.run(|c| tenancy::list_tokens(c)).await?))
 }
 
 async fn revoke_token(
     State(app): State<AppState>,
-    caller: Caller,
+    _: Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin()?;
     app.catalog
         .run(move |c| tenancy::revoke_token(c, &id))
         .await?;
@@ -110,11 +105,7 @@ pub struct StoreStats {
     pub pack_bytes: u64,
 }
 
-async fn store_stats(
-    State(app): State<AppState>,
-    caller: Caller,
-) -> Result<Json<StoreStats>, ApiError> {
-    caller.require_admin()?;
+async fn store_stats(State(app): State<AppState>, _: Admin) -> Result<Json<StoreStats>, ApiError> {
     let (blocks, block_bytes, unreferenced_blocks) = app.catalog.run(|c| blocks::stats(c)).await?;
     let packs = app.store.packs()?;
     Ok(Json(StoreStats {
@@ -135,10 +126,9 @@ struct GcRequest {
 
 async fn run_gc(
     State(app): State<AppState>,
-    caller: Caller,
+    _: Admin,
     ApiJson(req): ApiJson<GcRequest>,
 ) -> Result<Json<GcReport>, ApiError> {
-    caller.require_admin()?;
     let grace = req.grace_secs.unwrap_or(app.config.gc.grace_secs);
     let fraction = app.config.gc.rewrite_below_live_fraction;
     let report =

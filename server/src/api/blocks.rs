@@ -10,12 +10,10 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use bytes::Bytes;
 use kagami_images::wire;
 
-use super::AppState;
 use super::images::FRAMES_TYPE;
-use crate::catalog::tenancy::Caller;
+use super::{Admin, ApiBytes, AppState};
 use crate::catalog::{blocks, now_ms};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -66,10 +64,9 @@ fn binary(body: Vec<u8>, content_type: &'static str) -> Response {
 /// `POST /v1/blocks/missing`: which of these ids does the store lack? Answers the missing ids.
 async fn missing(
     State(app): State<AppState>,
-    caller: Caller,
-    body: Bytes,
+    _: Admin,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Response, ApiError> {
-    caller.require_admin()?;
     let ids = ids_body(&body, MAX_IDS)?;
     let now = now_ms();
     let missing = app
@@ -85,10 +82,9 @@ async fn missing(
 /// `POST /v1/blocks`: stores a body of block frames; every block is re-hashed first.
 async fn upload(
     State(app): State<AppState>,
-    caller: Caller,
-    body: Bytes,
+    _: Admin,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<StoreStats>, ApiError> {
-    caller.require_admin()?;
     let stats = tokio::task::spawn_blocking(move || {
         let frames = wire::decode_frames(&body)
             .map_err(|e| ApiError::bad("invalid_frame", e.to_string()))?;
@@ -102,10 +98,9 @@ async fn upload(
 /// `POST /v1/blocks/read`: the listed blocks as frames, in the order asked.
 async fn read(
     State(app): State<AppState>,
-    caller: Caller,
-    body: Bytes,
+    _: Admin,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Response, ApiError> {
-    caller.require_admin()?;
     let ids = ids_body(&body, MAX_READ)?;
     if ids.iter().any(|id| id.is_hole()) {
         return Err(ApiError::bad(

@@ -8,16 +8,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use bytes::Bytes;
 use kagami_images::manifest::Segment;
 use kagami_images::model::{Image, ImagePage};
 use kagami_images::{BlockId, Manifest};
 use uuid::Uuid;
 
-use super::{ApiJson, ApiQuery, AppState};
+use std::time::Duration;
+
+use super::{Admin, ApiBytes, ApiJson, ApiQuery, AppState};
 use crate::catalog::blocks;
 use crate::catalog::images::{self as catalog_images, ImagePatch, ListQuery, NewImage, parse_id};
 use crate::catalog::tenancy::Caller;
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::ingest;
 
@@ -28,16 +30,21 @@ pub const FRAMES_TYPE: &str = "application/vnd.kagami.blocks.v1";
 /// The header that carries an image's digest on downloads.
 pub const DIGEST_HEADER: &str = "x-kagami-digest";
 
-pub fn routes(json_limit: usize) -> Router<AppState> {
+pub fn routes(config: &Config) -> Router<AppState> {
     Router::new()
         .route("/images", get(list).post(create))
         .route("/images/{id}", get(show).patch(update).delete(delete))
-        .layer(DefaultBodyLimit::max(json_limit))
+        .layer(DefaultBodyLimit::max(config.limits.max_json_bytes))
         .route(
             "/images/{id}/file",
             get(download).put(upload).layer(DefaultBodyLimit::disable()),
         )
-        .route("/images/{id}/manifest", get(manifest).put(commit_manifest))
+        .route(
+            "/images/{id}/manifest",
+            get(manifest)
+                .put(commit_manifest)
+                .layer(DefaultBodyLimit::max(config.limits.max_block_batch_bytes)),
+        )
         .route("/images/{id}/segments/{index}", get(segment))
 }
 
@@ -114,26 +121,37 @@ async fn upload(
     body: Body,
 ) -> Result<Json<Image>, ApiError> {
     let id = parse_id(&id)?;
+    let limits = ingest::ReceiveLimits {
+        max_bytes: app.config.limits.max_image_bytes,
+        idle: Duration::from_secs(app.config.limits.upload_idle_secs),
+    };
+    let stream = body.into_data_stream();
+    let image = run_to_end(async move {
+        begin_upload(&app, &caller, id).await?;
+        let received =
+            ingest::receive(app.catalog.clone(), app.store.clone(), stream, limits).await;
+        finish_upload(&app, caller, id, received.map(|(m, _)| m)).await
+    })
+    .await?;
+    Ok(Json(image))
+}
+
+/// Runs an upload in its own task, so a client that hangs up at any point cannot leave its
+/// image `saving`: the task always reaches `active` or `failed`.
+async fn run_to_end<F>(work: F) -> Result<Image, ApiError>
+where
+    F: Future<Output = Result<Image, ApiError>> + Send + 'static,
+{
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("upload task failed: {e}")))?
+}
+
+async fn begin_upload(app: &AppState, caller: &Caller, id: Uuid) -> Result<Image, ApiError> {
     let who = caller.clone();
     app.catalog
         .run(move |c| catalog_images::begin_upload(c, &who, id))
-        .await?;
-    // The work runs in its own task so a client that hangs up cannot leave the image `saving`.
-    let task = tokio::spawn(async move {
-        let max = app.config.limits.max_image_bytes;
-        let received = ingest::receive(
-            app.catalog.clone(),
-            app.store.clone(),
-            body.into_data_stream(),
-            max,
-        )
-        .await;
-        finish_upload(&app, caller, id, received.map(|(m, _)| m)).await
-    });
-    let image = task
         .await
-        .map_err(|e| ApiError::Internal(format!("upload task failed: {e}")))??;
-    Ok(Json(image))
 }
 
 /// Commits a received manifest, or records why the upload failed.
@@ -161,12 +179,14 @@ async fn finish_upload(
 }
 
 /// `PUT /v1/images/{id}/manifest`: makes an image from blocks already uploaded with
-/// `POST /v1/blocks` (capture, copies). Every block must be stored, or nothing is committed.
+/// `POST /v1/blocks` (capture, copies). Every block must be stored with the length its slot
+/// needs, or nothing is committed. Admin only, like the block API: a member able to commit
+/// arbitrary block ids could probe for other projects' content.
 async fn commit_manifest(
     State(app): State<AppState>,
-    caller: Caller,
+    Admin(caller): Admin,
     Path(id): Path<String>,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Image>, ApiError> {
     let id = parse_id(&id)?;
     let manifest =
@@ -176,11 +196,18 @@ async fn commit_manifest(
                 format!("the manifest bundle is invalid: {e}"),
             )
         })?;
-    let who = caller.clone();
-    app.catalog
-        .run(move |c| catalog_images::begin_upload(c, &who, id))
-        .await?;
-    Ok(Json(finish_upload(&app, caller, id, Ok(manifest)).await?))
+    if manifest.virtual_size() == 0 {
+        return Err(ApiError::bad(
+            "empty_image",
+            "the manifest describes an empty disk; an image needs content",
+        ));
+    }
+    let image = run_to_end(async move {
+        begin_upload(&app, &caller, id).await?;
+        finish_upload(&app, caller, id, Ok(manifest)).await
+    })
+    .await?;
+    Ok(Json(image))
 }
 
 async fn load_manifest(

@@ -17,6 +17,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
 use axum::{Json, Router};
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::catalog::Catalog;
@@ -44,7 +45,7 @@ pub fn router(state: AppState) -> Router {
         )
         .nest(
             "/v1",
-            images::routes(json_limit)
+            images::routes(&state.config)
                 .merge(blocks::routes(&state.config))
                 .merge(admin::routes(json_limit)),
         )
@@ -63,12 +64,14 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // The scheme name is case-insensitive (RFC 9110 §11.1).
         let secret = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|s| s.trim().to_string())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, s)| s.trim().to_string())
             .ok_or(ApiError::Unauthorized)?;
         if secret.is_empty() || secret.len() > 256 {
             return Err(ApiError::Unauthorized);
@@ -78,6 +81,43 @@ impl FromRequestParts<AppState> for Caller {
             .run(move |c| tenancy::authenticate(c, &secret))
             .await?
             .ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// An authenticated caller with the admin role. As an extractor it runs before the body is
+/// read, so a member cannot make the server buffer an admin-only request's body.
+#[derive(Debug)]
+pub struct Admin(pub Caller);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_admin()?;
+        Ok(Admin(caller))
+    }
+}
+
+/// The raw body, with a too-large body as an [`ApiError`] (limits come from the route's
+/// `DefaultBodyLimit`).
+#[derive(Debug)]
+pub struct ApiBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state).await.map(ApiBytes).map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge("the body is larger than this endpoint accepts (limits.max_block_batch_bytes)".into())
+            } else {
+                ApiError::bad("invalid_body", e.body_text())
+            }
+        })
     }
 }
 

@@ -102,29 +102,67 @@ pub fn locate(conn: &Connection, ids: &[BlockId]) -> Result<HashMap<BlockId, Loc
 }
 
 /// Takes references for every segment of `manifest` (storing new segment bodies and referencing
-/// their blocks). Fails with `missing_blocks` — and the caller's transaction must roll back — if
-/// any block is not in the index.
+/// their blocks). Fails — and the caller's transaction must roll back — with `missing_blocks` if
+/// a block is not in the index, or `invalid_manifest` if a stored block's length does not fit
+/// its slot (only an image's last block may be short), so a manifest can never make a reader
+/// serve more or fewer bytes than the disk has.
 pub fn reference(tx: &Transaction<'_>, manifest: &Manifest) -> Result<(), ApiError> {
-    let mut bump_segment =
-        tx.prepare_cached("UPDATE segments SET refcount = refcount + 1 WHERE id = ?1")?;
-    let mut new_segment =
-        tx.prepare_cached("INSERT INTO segments (id, body, refcount) VALUES (?1, ?2, 1)")?;
-    let mut bump_block =
-        tx.prepare_cached("UPDATE blocks SET refcount = refcount + 1 WHERE id = ?1")?;
-    for segment in manifest.segments().iter().filter(|s| !s.is_hole()) {
-        if bump_segment.execute([&segment.id.0[..]])? == 1 {
+    let mut bump_segment = tx.prepare_cached(
+        "UPDATE segments SET refcount = refcount + 1 WHERE id = ?1 AND last_len = ?2",
+    )?;
+    let mut exists = tx.prepare_cached("SELECT 1 FROM segments WHERE id = ?1")?;
+    let mut new_segment = tx.prepare_cached(
+        "INSERT INTO segments (id, body, refcount, last_len) VALUES (?1, ?2, 1, ?3)",
+    )?;
+    let mut bump_block = tx.prepare_cached(
+        "UPDATE blocks SET refcount = refcount + 1 WHERE id = ?1 AND len = ?2 RETURNING 1",
+    )?;
+    let mut block_len = tx.prepare_cached("SELECT len FROM blocks WHERE id = ?1")?;
+    for (index, segment) in manifest.segments().iter().enumerate() {
+        if segment.is_hole() {
             continue;
         }
-        new_segment.execute(params![&segment.id.0[..], segment.encode()])?;
-        for block in segment.blocks.iter().filter(|b| !b.is_hole()) {
-            if bump_block.execute([&block.0[..]])? == 0 {
-                return Err(ApiError::conflict(
-                    "missing_blocks",
-                    format!(
-                        "block {block} is not stored; upload it (POST /v1/blocks) and commit again"
-                    ),
-                ));
+        let slots: Vec<_> = manifest.segment_blocks(index).collect();
+        // A segment's shape is the length of its last slot; every other slot is a full block.
+        let last_len = slots.last().map_or(0, |b| b.len) as i64;
+        if bump_segment.execute(params![&segment.id.0[..], last_len])? == 1 {
+            continue;
+        }
+        if exists.exists([&segment.id.0[..]])? {
+            return Err(ApiError::bad(
+                "invalid_manifest",
+                format!(
+                    "segment {index} ({}) is stored with a different shape",
+                    segment.id
+                ),
+            ));
+        }
+        new_segment.execute(params![&segment.id.0[..], segment.encode(), last_len])?;
+        for slot in slots.iter().filter(|b| !b.id.is_hole()) {
+            if bump_block.exists(params![&slot.id.0[..], slot.len as i64])? {
+                continue;
             }
+            return Err(
+                match block_len
+                    .query_row([&slot.id.0[..]], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
+                    None => ApiError::conflict(
+                        "missing_blocks",
+                        format!(
+                            "block {} is not stored; upload it (POST /v1/blocks) and commit again",
+                            slot.id
+                        ),
+                    ),
+                    Some(len) => ApiError::bad(
+                        "invalid_manifest",
+                        format!(
+                            "block {} holds {len} bytes but sits in a {}-byte slot at offset {}",
+                            slot.id, slot.len, slot.offset
+                        ),
+                    ),
+                },
+            );
         }
     }
     Ok(())
@@ -168,12 +206,9 @@ pub fn load_manifest(conn: &Connection, index: &[u8]) -> Result<Manifest, ApiErr
     let mut body = conn.prepare_cached("SELECT body FROM segments WHERE id = ?1")?;
     let mut cache: HashMap<SegmentId, Segment> = HashMap::new();
     let mut segments = Vec::with_capacity(ids.len());
-    for (i, id) in ids.iter().enumerate() {
+    for id in &ids {
         let segment = if id.is_hole() {
-            Segment {
-                id: *id,
-                blocks: vec![BlockId::HOLE; kagami_images::manifest::blocks_in_segment(size, i)],
-            }
+            Segment::hole()
         } else if let Some(s) = cache.get(id) {
             s.clone()
         } else {

@@ -54,10 +54,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX images_by_created ON images(created_at, id);
     CREATE INDEX images_by_name ON images(name, id);
     -- A segment's refcount counts its occurrences in committed manifests.
+    -- last_len: bytes in the segment's last slot (65536, or the short tail of a disk whose size
+    -- is not a multiple of 64 KiB); checked against the slot on every reuse.
     CREATE TABLE segments (
         id        BLOB PRIMARY KEY,
         body      BLOB NOT NULL,
-        refcount  INTEGER NOT NULL CHECK (refcount >= 0)
+        refcount  INTEGER NOT NULL CHECK (refcount >= 0),
+        last_len  INTEGER NOT NULL
     ) WITHOUT ROWID;
     -- A block's refcount counts its occurrences in stored segments. A block at refcount 0 is
     -- written but unused (an upload in flight, or released); GC drops it after the grace period.

@@ -97,34 +97,51 @@ pub fn check_project_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// On first start (no token at all), creates the admin project and an admin token, writes the
-/// secret to `<data_dir>/admin.token` with mode 0600, and returns that path.
+/// When no admin token exists (first start, or every admin token was revoked), creates the
+/// admin project and an admin token, writes its secret to `<data_dir>/admin.token` (mode 0600)
+/// and returns that path. The file is written and fsynced *before* the token row commits, so a
+/// crash in between leaves no unusable token and the next start simply tries again.
 pub fn bootstrap(conn: &mut Connection, data_dir: &Path) -> Result<Option<PathBuf>, ApiError> {
-    let tokens: i64 = conn.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))?;
-    if tokens > 0 {
+    let admins: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM tokens WHERE role = 'admin'",
+        [],
+        |r| r.get(0),
+    )?;
+    if admins > 0 {
         return Ok(None);
     }
     conn.execute(
         "INSERT OR IGNORE INTO projects (name, created_at) VALUES (?1, ?2)",
         params![ADMIN_PROJECT, now_ms()],
     )?;
+    let secret = new_secret()?;
     let path = data_dir.join(ADMIN_TOKEN_FILE);
-    let token = create_token(
+    let tmp = data_dir.join(format!("{ADMIN_TOKEN_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    // create_new + mode: the secret is never readable by others, even for an instant.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(format!("{secret}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    insert_token(
         conn,
         ADMIN_PROJECT,
         Role::Admin,
-        "first admin token, created at first start",
+        "first admin token, created at start-up",
+        &secret,
     )?;
-    let secret = token.secret.unwrap_or_default();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)?;
-    file.write_all(format!("{secret}\n").as_bytes())?;
-    file.sync_all()?;
     Ok(Some(path))
+}
+
+fn new_secret() -> Result<String, ApiError> {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+    Ok(format!("kgm_{}", hex::encode(raw)))
 }
 
 /// The caller a secret belongs to, if any.
@@ -194,14 +211,21 @@ pub fn create_token(
             "project '{project}' does not exist; create it first"
         )));
     }
-    let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
-    let secret = format!("kgm_{}", hex::encode(raw));
+    insert_token(conn, project, role, description, &new_secret()?)
+}
+
+fn insert_token(
+    conn: &Connection,
+    project: &str,
+    role: Role,
+    description: &str,
+    secret: &str,
+) -> Result<TokenInfo, ApiError> {
     let id = format!("tok_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
     let now = now_ms();
     conn.execute(
         "INSERT INTO tokens (id, secret_hash, project, role, description, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![id, hash_secret(&secret), project, role.as_str(), description, now],
+        params![id, hash_secret(secret), project, role.as_str(), description, now],
     )?;
     Ok(TokenInfo {
         id,
@@ -209,7 +233,7 @@ pub fn create_token(
         role,
         description: description.into(),
         created_at: rfc3339(now),
-        secret: Some(secret),
+        secret: Some(secret.to_string()),
     })
 }
 

@@ -4,7 +4,8 @@
 //! Safety rests on three rules: (1) refcounts change only in the catalog transactions that
 //! commit or delete manifests; (2) a block at refcount 0 is dropped only if untouched for the
 //! grace period *and* since the oldest upload still in flight began; (3) GC holds the store's
-//! exclusive guard, so no pack it judges is half-way between "written" and "indexed".
+//! exclusive guard, so no pack it judges is half-way between "written" and "indexed", and it
+//! seals the open pack before judging, so blocks it moves never land in a pack it is judging.
 
 use std::collections::HashMap;
 
@@ -36,6 +37,9 @@ pub fn collect(
     rewrite_below: f64,
 ) -> Result<GcReport, ApiError> {
     let _exclusive = store.exclusive();
+    // Close the open pack first: every pack judged below is then sealed, and blocks a rewrite
+    // moves land in a new pack that is not among them (and cannot be removed by this run).
+    store.seal();
     let mut report = GcReport::default();
     let grace_ms = i64::try_from(grace_secs)
         .unwrap_or(i64::MAX / 1000)
@@ -63,14 +67,8 @@ pub fn collect(
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     })?;
-    let open = store.open_pack();
     for (pack, size) in store.packs()? {
         let live_bytes = live.get(&pack).copied().unwrap_or(0);
-        let dead = live_bytes == 0 || (live_bytes as f64) < size as f64 * rewrite_below;
-        if dead && Some(pack) == open {
-            // The open pack qualifies too: close it so it is judged like any sealed pack.
-            store.seal();
-        }
         if live_bytes == 0 {
             store.remove(pack)?;
             report.packs_removed += 1;

@@ -21,6 +21,8 @@ use kagami_images::BlockId;
 
 const RECORD_MAGIC: &[u8; 4] = b"KGB1";
 const HEADER_LEN: u64 = 40;
+/// Pack files kept open for reading at most.
+const MAX_OPEN_PACKS: usize = 1024;
 
 /// Where a block's bytes are: pack id, offset of the data (after the record header), length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,15 +140,6 @@ impl PackStore {
         Ok(Writer { id, file, len: 0 })
     }
 
-    /// The pack currently being appended to (never rewritten or removed by GC).
-    pub fn open_pack(&self) -> Option<u64> {
-        self.writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|w| w.id)
-    }
-
     /// Closes the open pack so GC may judge it; the next append starts a new pack. Call only
     /// under [`PackStore::exclusive`], when no writer is between "append" and "index".
     pub fn seal(&self) {
@@ -163,6 +156,11 @@ impl PackStore {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = readers.get(&id) {
             return Ok(f.clone());
+        }
+        // Bound the open descriptors: a large store has tens of thousands of packs. Readers
+        // holding an Arc keep their file open; the rest are reopened on demand.
+        if readers.len() >= MAX_OPEN_PACKS {
+            readers.clear();
         }
         let f = Arc::new(File::open(self.path(id))?);
         readers.insert(id, f.clone());

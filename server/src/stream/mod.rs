@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kagami_images::{BLOCK_SIZE, BlockId, Manifest};
+use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_SIZE};
 use rayon::prelude::*;
 
 use crate::catalog::{Catalog, blocks};
@@ -72,7 +72,7 @@ impl Reader {
     }
 
     /// Streams bytes `start..end` of the logical disk, one segment at a time, from a blocking
-    /// thread. Holes come out as zeroes without touching the store.
+    /// thread. Holes come out as zeroes without touching the store. Memory: one segment's blocks.
     pub fn stream_range(
         &self,
         manifest: Arc<Manifest>,
@@ -82,14 +82,14 @@ impl Reader {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let reader = self.clone();
         tokio::task::spawn_blocking(move || {
-            let first = start / BLOCK_SIZE as u64;
-            let blocks: Vec<_> = manifest
-                .blocks()
-                .skip(first as usize)
-                .take_while(|b| b.offset < end)
-                .collect();
-            for chunk in blocks.chunks(kagami_images::SEGMENT_BLOCKS) {
-                let wanted: Vec<BlockId> = chunk
+            let first = (start / SEGMENT_SIZE as u64) as usize;
+            let last = end.div_ceil(SEGMENT_SIZE as u64) as usize;
+            for index in first..last.min(manifest.segments().len()) {
+                let slots: Vec<_> = manifest
+                    .segment_blocks(index)
+                    .filter(|b| b.offset + b.len as u64 > start && b.offset < end)
+                    .collect();
+                let wanted: Vec<BlockId> = slots
                     .iter()
                     .filter(|b| !b.id.is_hole())
                     .map(|b| b.id)
@@ -102,12 +102,19 @@ impl Reader {
                         return;
                     }
                 };
-                for b in chunk {
+                for b in slots {
                     let bytes = if b.id.is_hole() {
                         Bytes::from_static(&ZEROS[..b.len])
                     } else {
                         Bytes::from(data.next().unwrap_or_default())
                     };
+                    // The catalog checks lengths at commit; never trust that here with a panic.
+                    if bytes.len() != b.len {
+                        tracing::error!(block = %b.id, "stored block length does not match its slot; download aborted");
+                        let _ =
+                            tx.blocking_send(Err(std::io::Error::other("block length mismatch")));
+                        return;
+                    }
                     let from = start.saturating_sub(b.offset) as usize;
                     let to = (end - b.offset).min(b.len as u64) as usize;
                     if tx.blocking_send(Ok(bytes.slice(from..to))).is_err() {

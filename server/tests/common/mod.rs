@@ -18,6 +18,7 @@ pub const KAGAMI: &str = env!("CARGO_BIN_EXE_kagami");
 
 pub struct Server {
     child: Option<Child>,
+    env: Vec<(String, String)>,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub url: String,
@@ -36,10 +37,20 @@ fn free_port() -> u16 {
 
 impl Server {
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts with extra environment, e.g. `KAGAMI__STORE__PACK_BYTES`.
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("serve.log");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut server = Server {
             child: None,
+            env,
             dir,
             port: 0,
             url: String::new(),
@@ -72,6 +83,7 @@ impl Server {
             .arg(self.data_dir())
             // No background GC: tests run it on demand and assert what it did.
             .env("KAGAMI__GC__INTERVAL_SECS", "0")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
