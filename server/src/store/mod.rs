@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -52,6 +52,37 @@ struct Writer {
     len: u64,
 }
 
+/// Most buffers one `writev` takes (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+impl Writer {
+    /// Writes records at the end of the pack. Only this writer moves the file's cursor (reads
+    /// use `pread`), so the cursor is always at `len`.
+    fn write(
+        &mut self,
+        records: &[([u8; HEADER_LEN as usize], &[u8])],
+        bytes: u64,
+    ) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = records
+            .iter()
+            .flat_map(|(h, d)| [IoSlice::new(h), IoSlice::new(d)])
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = (&self.file).write_vectored(&rest[..rest.len().min(IOV_MAX)])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pack write made no progress",
+                ));
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        self.len += bytes;
+        Ok(())
+    }
+}
+
 impl PackStore {
     /// Opens the store in `dir`, creating it if needed. New writes always go to a new pack.
     pub fn open(dir: &Path, pack_bytes: u64) -> io::Result<PackStore> {
@@ -89,38 +120,39 @@ impl PackStore {
     pub fn append(&self, blocks: &[(BlockId, &[u8])]) -> io::Result<Vec<Location>> {
         let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut locations = Vec::with_capacity(blocks.len());
-        let mut buf: Vec<u8> = Vec::new();
+        // Records for the current pack, written with one vectored write: no copy of the data.
+        let mut pending: Vec<([u8; HEADER_LEN as usize], &[u8])> = Vec::with_capacity(blocks.len());
+        let mut pending_bytes = 0u64;
         for (id, data) in blocks {
             let record = HEADER_LEN + data.len() as u64;
             let full = guard.as_ref().is_some_and(|w| {
-                w.len + buf.len() as u64 + record > self.pack_bytes && w.len + buf.len() as u64 > 0
+                let used = w.len + pending_bytes;
+                used > 0 && used + record > self.pack_bytes
             });
             if full || guard.is_none() {
                 if let Some(w) = guard.as_mut() {
-                    w.file.write_all_at(&buf, w.len)?;
-                    w.len += buf.len() as u64;
-                    buf.clear();
+                    w.write(&pending, pending_bytes)?;
                     w.file.sync_data()?;
+                    pending.clear();
+                    pending_bytes = 0;
                 }
                 *guard = Some(self.start_pack()?);
             }
             let w = guard.as_ref().expect("a writer was just ensured");
-            let start = w.len + buf.len() as u64;
-            buf.extend_from_slice(RECORD_MAGIC);
-            buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&id.0);
-            buf.extend_from_slice(data);
+            let mut header = [0u8; HEADER_LEN as usize];
+            header[..4].copy_from_slice(RECORD_MAGIC);
+            header[4..8].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            header[8..].copy_from_slice(&id.0);
             locations.push(Location {
                 pack: w.id,
-                offset: start + HEADER_LEN,
+                offset: w.len + pending_bytes + HEADER_LEN,
                 len: data.len() as u32,
             });
+            pending.push((header, data));
+            pending_bytes += record;
         }
         if let Some(w) = guard.as_mut() {
-            if !buf.is_empty() {
-                w.file.write_all_at(&buf, w.len)?;
-                w.len += buf.len() as u64;
-            }
+            w.write(&pending, pending_bytes)?;
             w.file.sync_data()?;
         }
         Ok(locations)

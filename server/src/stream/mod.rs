@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_SIZE};
-use rayon::prelude::*;
 
 use crate::catalog::{Catalog, blocks};
 use crate::error::ApiError;
@@ -28,37 +27,37 @@ impl Reader {
     /// Reads the given non-hole blocks (in order), verifying each.
     pub fn read_blocks(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>, ApiError> {
         let locations = self.catalog.run_blocking(|c| blocks::locate(c, ids))?;
-        ids.par_iter()
-            .map(|id| {
-                let read = |loc: crate::store::Location| -> std::io::Result<Vec<u8>> {
-                    let mut buf = vec![0u8; loc.len as usize];
-                    self.store.read(loc, &mut buf)?;
-                    Ok(buf)
-                };
-                let loc = *locations
-                    .get(id)
-                    .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
-                let data = match read(loc) {
-                    Ok(d) => d,
-                    // GC may have moved the block to a new pack since it was located: look again once.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        let again = self.catalog.run_blocking(|c| blocks::locate(c, &[*id]))?;
-                        let loc = *again.get(id).ok_or_else(|| {
-                            ApiError::NotFound(format!("block {id} is not stored"))
-                        })?;
-                        read(loc)?
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if self.verify && BlockId::hash(&data) != *id {
-                    return Err(ApiError::Internal(format!(
-                        "block {id} is corrupt in pack {:016x}; run a scrub",
-                        loc.pack
-                    )));
+        kagami_images::split::parallel_map(ids, |id| {
+            let read = |loc: crate::store::Location| -> std::io::Result<Vec<u8>> {
+                let mut buf = vec![0u8; loc.len as usize];
+                self.store.read(loc, &mut buf)?;
+                Ok(buf)
+            };
+            let loc = *locations
+                .get(id)
+                .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
+            let data = match read(loc) {
+                Ok(d) => d,
+                // GC may have moved the block to a new pack since it was located: look again once.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let again = self.catalog.run_blocking(|c| blocks::locate(c, &[*id]))?;
+                    let loc = *again
+                        .get(id)
+                        .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
+                    read(loc)?
                 }
-                Ok(data)
-            })
-            .collect()
+                Err(e) => return Err(e.into()),
+            };
+            if self.verify && BlockId::hash(&data) != *id {
+                return Err(ApiError::Internal(format!(
+                    "block {id} is corrupt in pack {:016x}; run a scrub",
+                    loc.pack
+                )));
+            }
+            Ok(data)
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Reads the given blocks into one body of block frames (`kagami_images::wire`).
