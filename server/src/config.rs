@@ -194,4 +194,38 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn the_documented_example_names_every_key_with_its_default() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/kagami.toml");
+        let text = std::fs::read_to_string(&example).expect("systemd/kagami.toml");
+        let loaded: Config = toml_from(&text);
+        let mut defaults = Config::default();
+        defaults.server.data_dir = "/var/lib/kagami".into();
+        assert_eq!(
+            serde_json::to_value(&loaded).expect("json"),
+            serde_json::to_value(&defaults).expect("json"),
+            "systemd/kagami.toml and the built-in defaults disagree"
+        );
+        // Every key is written out, not left to its default: one `key = value` line per key.
+        let keys = serde_json::to_value(&defaults).expect("json");
+        let count: usize = keys
+            .as_object()
+            .expect("sections")
+            .values()
+            .map(|v| v.as_object().map_or(0, |o| o.len()))
+            .sum();
+        let lines = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#') && l.contains(" = "))
+            .count();
+        assert_eq!(lines, count, "every key must appear in systemd/kagami.toml");
+    }
+
+    fn toml_from(text: &str) -> Config {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .expect("the example parses")
+    }
 }

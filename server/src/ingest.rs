@@ -154,10 +154,13 @@ pub struct ReceiveLimits {
     pub idle: Duration,
 }
 
+/// A stored segment: its block ids, what was written, and its buffer (returned for reuse).
+type SegmentDone = (Vec<BlockId>, StoreStats, Bytes);
+
 /// One segment being hashed and stored on the blocking pool.
 struct SegmentTask {
     len: usize,
-    handle: tokio::task::JoinHandle<Result<(Vec<BlockId>, StoreStats, Bytes), ApiError>>,
+    handle: tokio::task::JoinHandle<Result<SegmentDone, ApiError>>,
 }
 
 impl SegmentTask {
