@@ -4,6 +4,7 @@
 //! Disk-format inspection and readers (`format`) arrive with the formats work; today images enter
 //! as raw bytes.
 
+pub mod format;
 pub mod manifest;
 pub mod model;
 pub mod split;

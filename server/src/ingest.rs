@@ -16,6 +16,9 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
+use kagami_images::format::{self, DiskFormat, StreamEnds};
 use kagami_images::split::{ManifestBuilder, hash_blocks};
 use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_SIZE};
 
@@ -65,11 +68,16 @@ pub fn store_blocks(
 /// Cuts a byte stream into segments and stores their new blocks; returns the manifest (not yet
 /// committed) and what was written. Fails if the stream errors (a truncated upload), stalls for
 /// `idle` between chunks, is empty, or grows past `max_bytes`.
+///
+/// Before anything is committed, the stream's ends go through the format inspector as
+/// `claimed` (raw, or iso for ISO images): a qcow2 or VMDK sent "as raw" is refused here, since a
+/// hypervisor that probes formats would otherwise follow its backing file.
 pub async fn receive<S, E>(
     catalog: Catalog,
     store: Arc<PackStore>,
     mut body: S,
     limits: ReceiveLimits,
+    claimed: DiskFormat,
 ) -> Result<(Manifest, StoreStats), ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -81,6 +89,7 @@ where
     // is in flight, which bounds memory and gives back-pressure to the sender. No thread is held
     // between segments, so slow uploads cannot starve the pool.
     let mut in_flight: Option<SegmentTask> = None;
+    let mut ends = Ends::default();
     let mut pending = BytesMut::with_capacity(SEGMENT_SIZE);
     // The buffer of the segment before last, handed back for reuse: no fresh 4 MiB (and its
     // page faults) per segment.
@@ -106,6 +115,7 @@ where
             }
             Ok(Some(Ok(chunk))) => chunk,
         };
+        ends.push(&chunk);
         total += chunk.len() as u64;
         if total > limits.max_bytes {
             return Err(ApiError::TooLarge(format!(
@@ -143,7 +153,53 @@ where
             "the upload carried no bytes; an image needs content",
         ));
     }
+    let limits = format::Limits {
+        max_virtual_size: limits.max_bytes,
+        ..Default::default()
+    };
+    format::inspect(&ends.finish(), claimed, &limits)
+        .map_err(|e| ApiError::bad(e.code(), format!("the upload was refused: {e}")))?;
     Ok((builder.finish(), stats))
+}
+
+/// Collects a stream's ends for the inspector: the head is copied (once, up to 4 MiB); the tail
+/// keeps the last chunks by reference (no copy) until the stream ends.
+#[derive(Default)]
+struct Ends {
+    head: Vec<u8>,
+    recent: VecDeque<Bytes>,
+    recent_bytes: usize,
+    size: u64,
+}
+
+impl Ends {
+    fn push(&mut self, chunk: &Bytes) {
+        self.size += chunk.len() as u64;
+        if self.head.len() < StreamEnds::HEAD {
+            let take = chunk.len().min(StreamEnds::HEAD - self.head.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
+        self.recent.push_back(chunk.clone());
+        self.recent_bytes += chunk.len();
+        while self
+            .recent
+            .front()
+            .is_some_and(|f| self.recent_bytes - f.len() >= StreamEnds::TAIL)
+        {
+            let front = self.recent.pop_front().map_or(0, |f| f.len());
+            self.recent_bytes -= front;
+        }
+    }
+
+    fn finish(self) -> StreamEnds {
+        let tail: Vec<u8> = self.recent.iter().flat_map(|b| b.iter().copied()).collect();
+        let tail = tail[tail.len().saturating_sub(StreamEnds::TAIL)..].to_vec();
+        StreamEnds {
+            head: self.head,
+            tail,
+            size: self.size,
+        }
+    }
 }
 
 /// Bounds on one upload.

@@ -144,6 +144,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(config.as_deref(), Overrides { listen, data_dir })?;
             serve::serve(config).await
         }
+        // Inspecting a local file needs no server and no token.
+        Command::Image {
+            command:
+                ImageCommand::Inspect {
+                    file,
+                    format,
+                    output,
+                },
+            ..
+        } => cli::images::inspect(&file, format, output),
         Command::Image { remote, command } => cli::images::run(&remote.client()?, command).await,
         Command::Project { remote, command } => {
             cli::admin::project(&remote.client()?, command).await

@@ -455,3 +455,99 @@ fn empty_and_stalled_uploads_fail_clearly() {
     }
     drop(conn);
 }
+
+#[test]
+fn the_raw_path_takes_only_raw_and_iso_images_only_isos() {
+    let s = Server::start();
+    let dir = s.dir.path();
+    // A qcow2 whose backing file is /etc/passwd, sent as raw bytes: refused, never active.
+    let q = dir.join("evil.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+        ])
+        .arg(&q)
+        .arg("1M")
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = s.cli_json(&["image", "create", "--name", "evil"]);
+    let id = image["id"].as_str().expect("id");
+    let r = s.admin(
+        "PUT",
+        &format!("/v1/images/{id}/file"),
+        &["--data-binary", &format!("@{}", q.display())],
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "format_mismatch".to_string()),
+        "{}",
+        r.text()
+    );
+    let now = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(now["status"], "failed");
+    assert!(
+        now["status_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("qcow2"),
+        "{now}"
+    );
+
+    // An ISO image must hold an ISO; a minimal ISO 9660 volume is accepted as kind=iso.
+    let iso_image = s.cli_json(&["image", "create", "--name", "rescue", "--kind", "iso"]);
+    let iso_id = iso_image["id"].as_str().expect("id");
+    let not_iso = dir.join("not.iso");
+    common::write_file(&not_iso, &noise(3, 1 << 20));
+    let r = s.admin(
+        "PUT",
+        &format!("/v1/images/{iso_id}/file"),
+        &["--data-binary", &format!("@{}", not_iso.display())],
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "format_mismatch".to_string()),
+        "{}",
+        r.text()
+    );
+    let mut iso = vec![0u8; 64 * 2048];
+    let pvd = 16 * 2048;
+    iso[pvd] = 1;
+    iso[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
+    iso[pvd + 80..pvd + 84].copy_from_slice(&64u32.to_le_bytes());
+    iso[pvd + 84..pvd + 88].copy_from_slice(&64u32.to_be_bytes());
+    iso[pvd + 128..pvd + 130].copy_from_slice(&2048u16.to_le_bytes());
+    iso[pvd + 130..pvd + 132].copy_from_slice(&2048u16.to_be_bytes());
+    iso[17 * 2048] = 255;
+    iso[17 * 2048 + 1..17 * 2048 + 6].copy_from_slice(b"CD001");
+    iso[40 * 2048..41 * 2048].fill(0x5a);
+    let iso_file = dir.join("real.iso");
+    common::write_file(&iso_file, &iso);
+    let r = s.admin(
+        "PUT",
+        &format!("/v1/images/{iso_id}/file"),
+        &["--data-binary", &format!("@{}", iso_file.display())],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["virtual_size"], 64 * 2048);
+    // ...and an ISO is not a raw disk.
+    let raw = s.cli_json(&["image", "create", "--name", "iso-as-raw"]);
+    let raw_id = raw["id"].as_str().expect("id");
+    let r = s.admin(
+        "PUT",
+        &format!("/v1/images/{raw_id}/file"),
+        &["--data-binary", &format!("@{}", iso_file.display())],
+    );
+    assert_eq!((r.status, r.code()), (400, "format_mismatch".to_string()));
+}

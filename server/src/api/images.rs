@@ -8,8 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use kagami_images::format::DiskFormat;
 use kagami_images::manifest::Segment;
-use kagami_images::model::{Image, ImagePage};
+use kagami_images::model::{Image, ImageKind, ImagePage};
 use kagami_images::{BlockId, Manifest};
 use uuid::Uuid;
 
@@ -127,9 +128,21 @@ async fn upload(
     };
     let stream = body.into_data_stream();
     let image = run_to_end(async move {
-        begin_upload(&app, &caller, id).await?;
-        let received =
-            ingest::receive(app.catalog.clone(), app.store.clone(), stream, limits).await;
+        let image = begin_upload(&app, &caller, id).await?;
+        // Raw bytes must be raw; an ISO image must be an ISO. Other formats come through import.
+        let claimed = if image.kind == ImageKind::Iso {
+            DiskFormat::Iso
+        } else {
+            DiskFormat::Raw
+        };
+        let received = ingest::receive(
+            app.catalog.clone(),
+            app.store.clone(),
+            stream,
+            limits,
+            claimed,
+        )
+        .await;
         finish_upload(&app, caller, id, received.map(|(m, _)| m)).await
     })
     .await?;

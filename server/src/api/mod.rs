@@ -4,6 +4,7 @@
 
 mod admin;
 mod blocks;
+mod formats;
 mod images;
 
 pub use admin::StoreStats;
@@ -47,7 +48,8 @@ pub fn router(state: AppState) -> Router {
             "/v1",
             images::routes(&state.config)
                 .merge(blocks::routes(&state.config))
-                .merge(admin::routes(json_limit)),
+                .merge(admin::routes(json_limit))
+                .merge(formats::routes()),
         )
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::NoRoute(uri.path().chars().take(200).collect())

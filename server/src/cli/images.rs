@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use kagami_images::format::{self, DiskFormat};
 use kagami_images::model::{BootMode, Image, ImageKind, ImagePage, ImageStatus, Visibility};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
@@ -77,6 +78,16 @@ pub enum ImageCommand {
     },
     /// Delete an image (refused while protected); its blocks go to garbage collection.
     Delete { id: String },
+    /// Inspect a local image file, with no server: its format, virtual size, and whether Kagami
+    /// would accept it (exit status 1 if not). Nothing inside the file is followed or opened.
+    Inspect {
+        file: PathBuf,
+        /// The format you claim the file is [default: whatever its signature says, else raw].
+        #[arg(long)]
+        format: Option<DiskFormat>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Download the raw disk to FILE (or stdout with `-o -`), then check it against the digest.
     Download {
         id: String,
@@ -210,8 +221,51 @@ impl Patch {
     }
 }
 
+/// `kagami image inspect`: local, no server, no token.
+pub fn inspect(file: &Path, claimed: Option<DiskFormat>, output: Output) -> anyhow::Result<()> {
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let verdict = format::verdict(&f, claimed, &format::Limits::default());
+    print(output, &verdict, |v| {
+        print_verdict(&file.display().to_string(), v)
+    })?;
+    if !verdict.accepted() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn print_verdict(what: &str, v: &format::Verdict) {
+    match &v.info {
+        Some(info) => {
+            println!("{what}: accepted as {}", info.format);
+            println!(
+                "virtual size: {} ({} bytes); file: {}",
+                human_bytes(info.virtual_size),
+                info.virtual_size,
+                human_bytes(info.file_size)
+            );
+            for f in &info.findings {
+                println!("  - {f}");
+            }
+        }
+        None => {
+            println!(
+                "{what}: refused as {} ({})",
+                v.claimed,
+                v.code.as_deref().unwrap_or_default()
+            );
+            println!("  {}", v.reason.as_deref().unwrap_or_default());
+        }
+    }
+}
+
 pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
+        ImageCommand::Inspect {
+            file,
+            format,
+            output,
+        } => inspect(&file, format, output)?,
         ImageCommand::Create { meta, output } => {
             let image: Image = client
                 .call(Method::POST, "/v1/images", &meta.body())

@@ -1,0 +1,91 @@
+//! `POST /v1/formats/inspect`: a dry run of the format inspector on an uploaded file. The body
+//! is staged in the data directory (never in memory), inspected, and deleted; the answer is the
+//! verdict, whether the file would be accepted or not.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use kagami_images::format::{self, DiskFormat, Verdict};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+use super::{ApiQuery, AppState};
+use crate::catalog::tenancy::Caller;
+use crate::error::ApiError;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route(
+        "/formats/inspect",
+        post(inspect).layer(DefaultBodyLimit::disable()),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InspectQuery {
+    /// The claimed format; without it, the file's own signature decides (raw if none).
+    disk_format: Option<DiskFormat>,
+}
+
+async fn inspect(
+    State(app): State<AppState>,
+    _: Caller,
+    ApiQuery(q): ApiQuery<InspectQuery>,
+    body: Body,
+) -> Result<Json<Verdict>, ApiError> {
+    let staged = stage(&app, body).await?;
+    let limits = format::Limits {
+        max_virtual_size: app.config.limits.max_image_bytes,
+        ..Default::default()
+    };
+    let verdict = tokio::task::spawn_blocking(move || {
+        format::verdict(staged.as_file(), q.disk_format, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?;
+    Ok(Json(verdict))
+}
+
+/// Writes a request body to a temporary file under `<data_dir>/staging`, deleted when dropped.
+/// Bounded by `limits.max_image_bytes` and the upload idle timeout.
+pub async fn stage(app: &AppState, body: Body) -> Result<tempfile::NamedTempFile, ApiError> {
+    let dir = app.config.server.data_dir.join("staging");
+    tokio::fs::create_dir_all(&dir).await?;
+    let staged = tempfile::NamedTempFile::new_in(&dir)?;
+    let mut out = tokio::fs::File::from_std(staged.reopen()?);
+    let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
+    let max = app.config.limits.max_image_bytes;
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    loop {
+        let chunk = match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => {
+                return Err(ApiError::bad(
+                    "upload_stalled",
+                    format!("no data for {} s after {total} bytes", idle.as_secs()),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad(
+                    "upload_interrupted",
+                    format!("the upload broke after {total} bytes: {e}"),
+                ));
+            }
+            Ok(Some(Ok(c))) => c,
+        };
+        total += chunk.len() as u64;
+        if total > max {
+            return Err(ApiError::TooLarge(format!(
+                "the file is larger than limits.max_image_bytes ({max} bytes)"
+            )));
+        }
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    Ok(staged)
+}
