@@ -148,3 +148,122 @@ fn the_api_dry_run_explains_its_verdict_and_keeps_nothing() {
         401
     );
 }
+
+#[test]
+fn qcow2_imports_become_the_same_disk_and_hostile_ones_leave_nothing() {
+    let s = common::Server::start();
+    let d = s.dir.path();
+    let p = |n: &str| d.join(n).to_str().expect("path").to_string();
+    // A 48 MiB disk with data, holes and an unaligned tail.
+    let mut disk = vec![0u8; (48 << 20) + 4096 + 512];
+    for (i, chunk) in disk.chunks_mut(3 << 20).enumerate() {
+        if i % 2 == 0 {
+            chunk.copy_from_slice(&common::noise(i as u64, chunk.len()));
+        }
+    }
+    std::fs::write(p("disk.raw"), &disk).expect("write");
+    for (name, opts) in [("plain.qcow2", vec![]), ("compressed.qcow2", vec!["-c"])] {
+        let mut args = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
+        args.extend_from_slice(&opts);
+        let (src, dst) = (p("disk.raw"), p(name));
+        args.extend_from_slice(&[&src, &dst]);
+        qemu_img(&args);
+        // The CLI recognises the qcow2 and sends it through the server's import.
+        let image = s.import(&d.join(name), name);
+        assert_eq!(image["status"], "active");
+        assert_eq!(image["virtual_size"], disk.len() as u64);
+        let out = d.join(format!("{name}.out"));
+        s.cli(&[
+            "image",
+            "download",
+            image["id"].as_str().expect("id"),
+            "-o",
+            out.to_str().expect("p"),
+        ]);
+        assert!(
+            common::same_bytes(&d.join("disk.raw"), &out),
+            "{name}: imported disk differs"
+        );
+        // qemu agrees the download is the same disk as its qcow2.
+        qemu_img(&[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &dst,
+            out.to_str().expect("p"),
+        ]);
+    }
+    let raw_image = s.import(&d.join("disk.raw"), "raw");
+    let stats = s.store_stats();
+    assert_eq!(stats["unreferenced_blocks"], 0);
+    let before = stats["blocks"].clone();
+    assert_eq!(
+        raw_image["digest"],
+        s.cli_json(&["image", "list"])[0]["digest"],
+        "qcow2 and raw imports of one disk are one content"
+    );
+
+    // Hostile and unsupported inputs: refused with the inspector's code, image failed, no blocks kept.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        &p("evil.qcow2"),
+        "1M",
+    ]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &p("evil.qcow2"),
+        &p("nested.qcow2"),
+    ]);
+    qemu_img(&["create", "-q", "-f", "vpc", &p("disk.vhd"), "8M"]);
+    for (file, claim, code) in [
+        ("evil.qcow2", "qcow2", "backing_file"),
+        ("disk.raw", "qcow2", "format_mismatch"),
+        ("nested.qcow2", "qcow2", "format_mismatch"),
+        ("disk.vhd", "vhd", "unsupported_variant"),
+    ] {
+        let image = s.cli_json(&["image", "create", "--name", file]);
+        let id = image["id"].as_str().expect("id");
+        let r = s.admin(
+            "POST",
+            &format!("/v1/images/{id}/import?disk_format={claim}"),
+            &["--data-binary", &format!("@{}", p(file))],
+        );
+        assert_eq!(
+            (r.status, r.code()),
+            (400, code.to_string()),
+            "{file}: {}",
+            r.text()
+        );
+        assert_eq!(
+            s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+            "failed"
+        );
+    }
+    s.gc_now();
+    assert_eq!(
+        s.store_stats()["blocks"],
+        before,
+        "refused imports keep no blocks"
+    );
+    assert_eq!(
+        std::fs::read_dir(s.data_dir().join("staging"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+}

@@ -18,6 +18,7 @@
 mod iso;
 mod qcow2;
 mod qed;
+pub mod read;
 mod vdi;
 mod vhd;
 mod vhdx;

@@ -97,7 +97,22 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
             findings.push("dirty (refcounts may be stale; data is read through L1/L2 only)".into());
         }
         if incompatible & COMPRESSION_TYPE != 0 {
-            findings.push("non-zlib compression type".into());
+            // Byte 104: 0 zlib, 1 zstd. Another value would make every compressed cluster unreadable.
+            let kind = read_exact(r, 104, 1, "the compression type")?[0];
+            if kind > 1 {
+                return Err(FormatError::Unsupported {
+                    format: DiskFormat::Qcow2,
+                    detail: format!("compression type {kind}"),
+                });
+            }
+            findings.push(
+                if kind == 1 {
+                    "zstd compression"
+                } else {
+                    "zlib compression"
+                }
+                .into(),
+            );
         }
         extended_l2 = incompatible & EXTENDED_L2 != 0;
         if extended_l2 {

@@ -6,9 +6,9 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use kagami_images::format::DiskFormat;
+use kagami_images::format::{self, DiskFormat};
 use kagami_images::manifest::Segment;
 use kagami_images::model::{Image, ImageKind, ImagePage};
 use kagami_images::{BlockId, Manifest};
@@ -22,7 +22,7 @@ use crate::catalog::images::{self as catalog_images, ImagePatch, ListQuery, NewI
 use crate::catalog::tenancy::Caller;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::ingest;
+use crate::{ingest, stream};
 
 /// Media type of a manifest bundle (see `kagami_images::manifest`).
 pub const MANIFEST_TYPE: &str = "application/vnd.kagami.manifest.v1";
@@ -39,6 +39,10 @@ pub fn routes(config: &Config) -> Router<AppState> {
         .route(
             "/images/{id}/file",
             get(download).put(upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/images/{id}/import",
+            post(import).layer(DefaultBodyLimit::disable()),
         )
         .route(
             "/images/{id}/manifest",
@@ -147,6 +151,88 @@ async fn upload(
     })
     .await?;
     Ok(Json(image))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    /// The format the uploaded file is claimed to be.
+    disk_format: DiskFormat,
+}
+
+/// `POST /v1/images/{id}/import?disk_format=F`: an image file in any accepted format. The body
+/// is staged in the data directory, inspected as `F` (refused with the inspector's reason
+/// otherwise), read as its logical disk, and fed through the same ingest path as raw uploads —
+/// including the check that the resulting disk is itself raw. The staged file is deleted.
+async fn import(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
+    body: Body,
+) -> Result<Json<Image>, ApiError> {
+    let id = parse_id(&id)?;
+    let image = run_to_end(async move {
+        let image = begin_upload(&app, &caller, id).await?;
+        let received = import_file(&app, &image, q.disk_format, body).await;
+        finish_upload(&app, caller, id, received).await
+    })
+    .await?;
+    Ok(Json(image))
+}
+
+async fn import_file(
+    app: &AppState,
+    image: &Image,
+    claimed: DiskFormat,
+    body: Body,
+) -> Result<Manifest, ApiError> {
+    // ISO images are for transitional boots only, and only ISOs may become them.
+    let disk = if image.kind == ImageKind::Iso {
+        DiskFormat::Iso
+    } else {
+        DiskFormat::Raw
+    };
+    if (claimed == DiskFormat::Iso) != (image.kind == ImageKind::Iso) {
+        return Err(ApiError::bad(
+            "format_mismatch",
+            format!(
+                "a {} image cannot be made from a {claimed} file; ISO files make kind=iso images only",
+                image.kind
+            ),
+        ));
+    }
+    let staged = super::formats::stage(app, body).await?;
+    let limits = format::Limits {
+        max_virtual_size: app.config.limits.max_image_bytes,
+        ..Default::default()
+    };
+    let file = staged.reopen()?;
+    let reader = tokio::task::spawn_blocking(move || {
+        let info = format::inspect(&file, claimed, &limits)?;
+        format::read::open(file, &info, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
+    .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
+    let rx = stream::logical(reader);
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let limits = ingest::ReceiveLimits {
+        max_bytes: app.config.limits.max_image_bytes,
+        idle: Duration::from_secs(app.config.limits.upload_idle_secs),
+    };
+    let (manifest, _) = ingest::receive(
+        app.catalog.clone(),
+        app.store.clone(),
+        Box::pin(body),
+        limits,
+        disk,
+    )
+    .await?;
+    drop(staged);
+    Ok(manifest)
 }
 
 /// Runs an upload in its own task, so a client that hangs up at any point cannot leave its

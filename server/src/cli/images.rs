@@ -26,11 +26,20 @@ pub enum ImageCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Upload raw (or ISO) bytes from FILE into a queued or failed image.
-    Upload { id: String, file: PathBuf },
-    /// Create an image and upload FILE into it, in one step.
+    /// Upload FILE (raw, ISO, qcow2, …) into a queued or failed image.
+    Upload {
+        id: String,
+        file: PathBuf,
+        /// The file's format [default: what its signature says, else raw].
+        #[arg(long)]
+        format: Option<DiskFormat>,
+    },
+    /// Create an image and upload FILE (raw, ISO, qcow2, …) into it, in one step.
     Import {
         file: PathBuf,
+        /// The file's format [default: what its signature says, else raw].
+        #[arg(long)]
+        format: Option<DiskFormat>,
         #[command(flatten)]
         meta: NewMeta,
         #[arg(long, value_enum, default_value_t)]
@@ -272,18 +281,23 @@ pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
                 .await?;
             print(output, &image, show)?;
         }
-        ImageCommand::Upload { id, file } => {
-            let image = upload(client, &id, &file).await?;
+        ImageCommand::Upload { id, file, format } => {
+            let image = upload(client, &id, &file, format).await?;
             show(&image);
         }
-        ImageCommand::Import { file, meta, output } => {
+        ImageCommand::Import {
+            file,
+            format,
+            meta,
+            output,
+        } => {
             if !file.is_file() {
                 bail!("{} is not a readable file", file.display());
             }
             let created: Image = client
                 .call(Method::POST, "/v1/images", &meta.body())
                 .await?;
-            let image = upload(client, &created.id.to_string(), &file)
+            let image = upload(client, &created.id.to_string(), &file, format)
                 .await
                 .with_context(|| format!("image {} was created but its upload failed; retry with `kagami image upload {} FILE`", created.id, created.id))?;
             print(output, &image, show)?;
@@ -417,10 +431,39 @@ fn bar(len: u64, verb: &str) -> ProgressBar {
     pb
 }
 
-async fn upload(client: &Client, id: &str, file: &Path) -> anyhow::Result<Image> {
+/// Sends a file into an image: raw and ISO bytes stream straight in (`PUT …/file`); other
+/// formats go through the server's import (`POST …/import`), which inspects and converts them.
+async fn upload(
+    client: &Client,
+    id: &str,
+    file: &Path,
+    format: Option<DiskFormat>,
+) -> anyhow::Result<Image> {
     let f = tokio::fs::File::open(file)
         .await
         .with_context(|| format!("cannot open {}", file.display()))?;
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let std_file = f.try_clone().await?.into_std().await;
+            match tokio::task::spawn_blocking(move || format::detect(&std_file))
+                .await??
+                .as_slice()
+            {
+                [one] => *one,
+                _ => DiskFormat::Raw,
+            }
+        }
+    };
+    let path = match format {
+        DiskFormat::Raw | DiskFormat::Iso => format!("/v1/images/{id}/file"),
+        other => format!("/v1/images/{id}/import?disk_format={other}"),
+    };
+    let method = if matches!(format, DiskFormat::Raw | DiskFormat::Iso) {
+        Method::PUT
+    } else {
+        Method::POST
+    };
     let len = f.metadata().await?.len();
     let pb = bar(len, "uploading");
     let progress = pb.clone();
@@ -430,7 +473,7 @@ async fn upload(client: &Client, id: &str, file: &Path) -> anyhow::Result<Image>
         }
     });
     let req = client
-        .request(Method::PUT, &format!("/v1/images/{id}/file"))
+        .request(method, &path)
         .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
         .header(reqwest::header::CONTENT_LENGTH, len)
         .body(reqwest::Body::wrap_stream(stream));

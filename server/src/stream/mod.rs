@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use kagami_images::format::read::Logical;
 use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_SIZE};
 
 use crate::catalog::{Catalog, blocks};
@@ -22,6 +23,32 @@ pub struct Reader {
 }
 
 static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+
+/// Streams an image's logical disk, 4 MiB at a time, from a blocking thread (import: a qcow2
+/// or other format read as the raw disk it describes).
+pub fn logical(
+    mut disk: Box<dyn Logical>,
+) -> tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let size = disk.virtual_size();
+        let mut offset = 0u64;
+        while offset < size {
+            let len = (size - offset).min(SEGMENT_SIZE as u64) as usize;
+            let mut buf = vec![0u8; len];
+            let item = disk
+                .read_logical(&mut buf, offset)
+                .map(|()| Bytes::from(buf))
+                .map_err(std::io::Error::other);
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+            offset += len as u64;
+        }
+    });
+    rx
+}
 
 impl Reader {
     /// Reads the given non-hole blocks (in order), verifying each.
