@@ -23,6 +23,7 @@ mod vdi;
 mod vhd;
 mod vhdx;
 mod vmdk;
+pub mod write;
 
 use std::fmt;
 use std::io;

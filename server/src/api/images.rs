@@ -410,14 +410,25 @@ fn segment_blocks(
 }
 
 /// `GET /v1/images/{id}/file`: the raw disk, streamed, with single-range support.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DownloadQuery {
+    /// raw (default) or qcow2.
+    format: Option<DiskFormat>,
+}
+
 async fn download(
     State(app): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<DownloadQuery>,
     req_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let (image, manifest) = load_manifest(&app, caller, id).await?;
+    if let Some(format) = q.format.filter(|f| *f != DiskFormat::Raw) {
+        return export(&app, &image, manifest, format);
+    }
     let size = manifest.virtual_size();
     let range = match req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(text) => parse_range(text, size)?,
@@ -440,6 +451,43 @@ async fn download(
         StatusCode::OK
     };
     Ok((status, headers, Body::from_stream(stream)).into_response())
+}
+
+/// Streams the image as an image file of another format (no Range: the file is generated).
+fn export(
+    app: &AppState,
+    image: &Image,
+    manifest: Arc<Manifest>,
+    format: DiskFormat,
+) -> Result<Response, ApiError> {
+    let data: Vec<bool> = manifest.blocks().map(|b| !b.id.is_hole()).collect();
+    let Some(export) = format::write::export(format, manifest.virtual_size(), data) else {
+        return Err(ApiError::bad(
+            "unsupported_format",
+            format!("export as {format} is not available yet; use format=raw or format=qcow2"),
+        ));
+    };
+    let mut headers = digest_headers(image, "application/octet-stream");
+    if let Some(len) = export.len() {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let name: String = image
+        .name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(100)
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{}.{format}\"",
+        if name.is_empty() { "image" } else { &name }
+    )) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    let rx = app.reader.stream_export(manifest, export);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((StatusCode::OK, headers, Body::from_stream(stream)).into_response())
 }
 
 /// Parses a `Range` header against a body of `size` bytes into `start..end` (end exclusive).

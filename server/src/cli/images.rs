@@ -102,6 +102,9 @@ pub enum ImageCommand {
         id: String,
         #[arg(short, long)]
         output: PathBuf,
+        /// raw (default) or qcow2; the file is streamed as it is generated.
+        #[arg(long, default_value = "raw")]
+        format: DiskFormat,
         /// Skip re-hashing the downloaded file against the image digest.
         #[arg(long)]
         no_verify: bool,
@@ -381,8 +384,9 @@ pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Download {
             id,
             output,
+            format,
             no_verify,
-        } => download(client, &id, &output, !no_verify).await?,
+        } => download(client, &id, &output, format, !no_verify).await?,
     }
     Ok(())
 }
@@ -482,9 +486,18 @@ async fn upload(
     result
 }
 
-async fn download(client: &Client, id: &str, output: &Path, verify: bool) -> anyhow::Result<()> {
+async fn download(
+    client: &Client,
+    id: &str,
+    output: &Path,
+    format: DiskFormat,
+    verify: bool,
+) -> anyhow::Result<()> {
     let resp = client
-        .send(client.request(Method::GET, &format!("/v1/images/{id}/file")))
+        .send(client.request(
+            Method::GET,
+            &format!("/v1/images/{id}/file?format={format}"),
+        ))
         .await?;
     let digest = resp
         .headers()
@@ -517,10 +530,29 @@ async fn download(client: &Client, id: &str, output: &Path, verify: bool) -> any
         bail!("the server sent no digest to verify against")
     };
     let path = output.to_path_buf();
-    let manifest = tokio::task::spawn_blocking(move || {
-        kagami_images::split::split_reader(std::fs::File::open(path)?, |_, _, _| Ok(()))
-    })
-    .await??;
+    // Verify what was written: read the file back as its logical disk (through Kagami's own
+    // inspector and reader for non-raw formats) and compare the manifest digest.
+    let manifest =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<kagami_images::Manifest> {
+            let file = std::fs::File::open(path)?;
+            if format == DiskFormat::Raw {
+                return Ok(kagami_images::split::split_reader(file, |_, _, _| Ok(()))?);
+            }
+            let limits = format::Limits::default();
+            let info = format::inspect(&file, format, &limits)?;
+            let mut disk = format::read::open(file, &info, &limits)?;
+            let mut builder = kagami_images::split::ManifestBuilder::new();
+            let mut buf = vec![0u8; kagami_images::SEGMENT_SIZE];
+            let mut at = 0u64;
+            while at < info.virtual_size {
+                let n = (info.virtual_size - at).min(buf.len() as u64) as usize;
+                disk.read_logical(&mut buf[..n], at)?;
+                builder.push(&buf[..n])?;
+                at += n as u64;
+            }
+            Ok(builder.finish())
+        })
+        .await??;
     let actual = format!("sha256:{}", manifest.digest());
     if actual != expected {
         bail!(

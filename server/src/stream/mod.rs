@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kagami_images::format::read::Logical;
-use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_SIZE};
+use kagami_images::format::write::{Export, Piece};
+use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_BLOCKS, SEGMENT_SIZE};
 
 use crate::catalog::{Catalog, blocks};
 use crate::error::ApiError;
@@ -93,6 +94,70 @@ impl Reader {
         let mut out = Vec::with_capacity(data.iter().map(|d| d.len() + 36).sum());
         for (id, d) in ids.iter().zip(&data) {
             kagami_images::wire::encode_frame(&mut out, id, d);
+        }
+        Ok(out)
+    }
+
+    /// Streams an export (`kagami_images::format::write`): generated metadata as is, and runs
+    /// of guest blocks read from the store, holes as zeroes, each padded to 64 KiB.
+    pub fn stream_export(
+        &self,
+        manifest: Arc<Manifest>,
+        export: Box<dyn Export>,
+    ) -> tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let reader = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for piece in export {
+                let bytes = match piece {
+                    Piece::Meta(bytes) => Ok(Bytes::from(bytes)),
+                    Piece::Blocks(indices) => {
+                        reader.padded_blocks(&manifest, &indices).map(Bytes::from)
+                    }
+                };
+                let failed = bytes.is_err();
+                if let Err(e) = &bytes {
+                    tracing::error!("export aborted: {e}");
+                }
+                if tx
+                    .blocking_send(bytes.map_err(|e| std::io::Error::other(e.to_string())))
+                    .is_err()
+                    || failed
+                {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Guest blocks by index, each a full 64 KiB (holes zero, a short last block padded).
+    fn padded_blocks(&self, manifest: &Manifest, indices: &[u64]) -> Result<Vec<u8>, ApiError> {
+        let refs: Vec<_> = indices
+            .iter()
+            .map(|&i| {
+                let seg = (i / SEGMENT_BLOCKS as u64) as usize;
+                manifest
+                    .segment_blocks(seg)
+                    .nth((i % SEGMENT_BLOCKS as u64) as usize)
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                ApiError::Internal("export asked for a block past the end of the disk".into())
+            })?;
+        let wanted: Vec<BlockId> = refs
+            .iter()
+            .filter(|b| !b.id.is_hole())
+            .map(|b| b.id)
+            .collect();
+        let mut data = self.read_blocks(&wanted)?.into_iter();
+        let mut out = vec![0u8; refs.len() * BLOCK_SIZE];
+        for (slot, b) in out.chunks_mut(BLOCK_SIZE).zip(&refs) {
+            if !b.id.is_hole() {
+                let block = data.next().unwrap_or_default();
+                let n = block.len().min(BLOCK_SIZE);
+                slot[..n].copy_from_slice(&block[..n]);
+            }
         }
         Ok(out)
     }

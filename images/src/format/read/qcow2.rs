@@ -1,57 +1,7 @@
-//! Reading an accepted image as its logical disk: every format maps logical offsets to places in
-//! the file (or to zeroes), and [`Logical::read_logical`] fills a buffer with disk bytes. Only
-//! called after [`super::inspect`] accepted the file, and still defensive: every file offset a
-//! table yields is checked against the file's size, and a bad one is an error, never a panic.
-//!
-//! Memory is bounded: the qcow2 reader holds its L1 table (checked against the metadata limit)
-//! and a few L2 tables; nothing is proportional to the disk.
+//! qcow2 as its logical disk: L1 → L2 → clusters, compressed (zlib, zstd) and extended-L2.
 
-use super::{DiskFormat, DiskInfo, FormatError, Limits, ReadAt, be32, be64, read_exact};
-
-/// An image as the disk it describes.
-pub trait Logical: Send {
-    fn virtual_size(&self) -> u64;
-    /// Fills `buf` with the disk's bytes at `offset` (unallocated areas read as zeroes).
-    fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError>;
-}
-
-/// Opens an accepted image for reading. `info` must come from inspecting this same file.
-pub fn open<R: ReadAt + Send + 'static>(
-    r: R,
-    info: &DiskInfo,
-    limits: &Limits,
-) -> Result<Box<dyn Logical>, FormatError> {
-    match info.format {
-        DiskFormat::Raw | DiskFormat::Iso => Ok(Box::new(Raw { r, size: info.virtual_size })),
-        DiskFormat::Qcow2 => Ok(Box::new(Qcow2::open(r, limits)?)),
-        other => Err(FormatError::Unsupported {
-            format: other,
-            detail: "importing this format is not available yet; convert it to qcow2 or raw (qemu-img convert)".into(),
-        }),
-    }
-}
-
-struct Raw<R> {
-    r: R,
-    size: u64,
-}
-
-impl<R: ReadAt + Send> Logical for Raw<R> {
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        let n = self.r.read_at(buf, offset)?;
-        if n < buf.len() {
-            return Err(FormatError::Truncated(format!(
-                "the file ends at {}",
-                offset + n as u64
-            )));
-        }
-        Ok(())
-    }
-}
+use super::super::{FormatError, Limits, ReadAt, be32, be64, check_metadata, read_exact};
+use super::Logical;
 
 /// qcow2 L2 entry bits.
 const L2_COMPRESSED: u64 = 1 << 62;
@@ -60,7 +10,7 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// L2 tables kept in memory (each one cluster: at most 2 MiB).
 const L2_CACHE: usize = 4;
 
-struct Qcow2<R> {
+pub(super) struct Qcow2<R> {
     r: R,
     file_size: u64,
     size: u64,
@@ -75,7 +25,7 @@ struct Qcow2<R> {
 }
 
 impl<R: ReadAt + Send> Qcow2<R> {
-    fn open(r: R, limits: &Limits) -> Result<Self, FormatError> {
+    pub(super) fn open(r: R, limits: &Limits) -> Result<Self, FormatError> {
         let h = read_exact(&r, 0, 112.min(r.size()? as usize), "the qcow2 header")?;
         let version = be32(&h, 4);
         let incompatible = if version >= 3 && h.len() >= 80 {
@@ -86,7 +36,7 @@ impl<R: ReadAt + Send> Qcow2<R> {
         let zstd = incompatible & (1 << 3) != 0 && h.get(104).copied() == Some(1);
         let cluster_bits = be32(&h, 20);
         let l1_size = be32(&h, 36) as u64;
-        super::check_metadata("the L1 table", l1_size * 8, limits)?;
+        check_metadata("the L1 table", l1_size * 8, limits)?;
         let l1_bytes = read_exact(&r, be64(&h, 40), (l1_size * 8) as usize, "the L1 table")?;
         let l1 = l1_bytes.chunks_exact(8).map(|c| be64(c, 0)).collect();
         Ok(Qcow2 {
@@ -262,9 +212,9 @@ impl<R: ReadAt + Send> Logical for Qcow2<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests_support::{qemu_img, write};
-    use super::super::{DiskFormat, Limits, inspect};
-    use super::open;
+    use super::super::super::tests_support::{qemu_img, write};
+    use super::super::super::{DiskFormat, Limits, inspect};
+    use super::super::open;
 
     /// Converts a raw disk to qcow2 with `opts`, reads it back logically, compares.
     #[test]
