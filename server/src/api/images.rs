@@ -468,7 +468,7 @@ fn export(
         ));
     };
     let mut headers = digest_headers(image, "application/octet-stream");
-    if let Some(len) = export.len() {
+    if let Some(len) = export.output_len() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     let name: String = image

@@ -21,7 +21,7 @@ pub enum Piece {
 /// An export in progress.
 pub trait Export: Send + Iterator<Item = Piece> {
     /// The output's length, when the format allows knowing it before the data is read.
-    fn len(&self) -> Option<u64>;
+    fn output_len(&self) -> Option<u64>;
 }
 
 /// Starts an export of a disk of `virtual_size` bytes whose block `i` holds data iff `data[i]`.

@@ -210,7 +210,7 @@ impl Iterator for Qcow2Export {
 }
 
 impl Export for Qcow2Export {
-    fn len(&self) -> Option<u64> {
+    fn output_len(&self) -> Option<u64> {
         Some(self.clusters() * CLUSTER)
     }
 }
@@ -227,7 +227,7 @@ mod tests {
         let manifest = split_bytes(disk);
         let data: Vec<bool> = manifest.blocks().map(|b| !b.id.is_hole()).collect();
         let mut e = export(format, disk.len() as u64, data).expect("format");
-        let declared = e.len();
+        let declared = e.output_len();
         let mut out = Vec::new();
         for piece in e.by_ref() {
             match piece {
