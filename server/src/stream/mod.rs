@@ -108,12 +108,13 @@ impl Reader {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let reader = self.clone();
         tokio::task::spawn_blocking(move || {
-            for piece in export {
+            let mut export = export;
+            while let Some(piece) = export.next_piece() {
                 let bytes = match piece {
                     Piece::Meta(bytes) => Ok(Bytes::from(bytes)),
-                    Piece::Blocks(indices) => {
-                        reader.padded_blocks(&manifest, &indices).map(Bytes::from)
-                    }
+                    Piece::Blocks(indices) => reader
+                        .padded_blocks(&manifest, &indices)
+                        .map(|data| Bytes::from(export.encode(&indices, data))),
                 };
                 let failed = bytes.is_err();
                 if let Err(e) = &bytes {

@@ -239,10 +239,10 @@ impl Map {
                             entry >> 20
                         ))
                     })?;
-                Ok(Run::Data {
-                    at: start + within,
-                    len,
-                })
+                let at = start.checked_add(within).ok_or_else(|| {
+                    FormatError::Corrupt(format!("BAT entry {index} points past any file"))
+                })?;
+                Ok(Run::Data { at, len })
             }
             PAYLOAD_PARTIALLY_PRESENT => Err(FormatError::Unsupported {
                 format: DiskFormat::Vhdx,

@@ -4,6 +4,7 @@
 //! reads from the store. Holes stay holes: a hole block is never allocated in the output.
 
 mod qcow2;
+mod vmdk;
 
 use super::DiskFormat;
 use crate::BLOCK_SIZE;
@@ -18,16 +19,26 @@ pub enum Piece {
     Blocks(Vec<u64>),
 }
 
-/// An export in progress.
-pub trait Export: Send + Iterator<Item = Piece> {
+/// An export in progress: ask [`Export::next_piece`] what comes next; when it is
+/// [`Piece::Blocks`], read those blocks (64 KiB each, zero-padded) and pass them to
+/// [`Export::encode`], which returns the bytes to write for them.
+pub trait Export: Send {
     /// The output's length, when the format allows knowing it before the data is read.
     fn output_len(&self) -> Option<u64>;
+    /// The next piece, or `None` at the end.
+    fn next_piece(&mut self) -> Option<Piece>;
+    /// The output for the blocks of the last `Piece::Blocks` (verbatim unless the format
+    /// compresses).
+    fn encode(&mut self, _indices: &[u64], data: Vec<u8>) -> Vec<u8> {
+        data
+    }
 }
 
 /// Starts an export of a disk of `virtual_size` bytes whose block `i` holds data iff `data[i]`.
 pub fn export(format: DiskFormat, virtual_size: u64, data: Vec<bool>) -> Option<Box<dyn Export>> {
     match format {
         DiskFormat::Qcow2 => Some(Box::new(qcow2::Qcow2Export::new(virtual_size, data))),
+        DiskFormat::Vmdk => Some(Box::new(vmdk::StreamOptimized::new(virtual_size, data))),
         _ => None,
     }
 }

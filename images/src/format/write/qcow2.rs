@@ -159,10 +159,12 @@ impl Qcow2Export {
     }
 }
 
-impl Iterator for Qcow2Export {
-    type Item = Piece;
+impl Export for Qcow2Export {
+    fn output_len(&self) -> Option<u64> {
+        Some(self.clusters() * CLUSTER)
+    }
 
-    fn next(&mut self) -> Option<Piece> {
+    fn next_piece(&mut self) -> Option<Piece> {
         match self.stage {
             Stage::Head => {
                 self.stage = Stage::L2(0);
@@ -184,7 +186,7 @@ impl Iterator for Qcow2Export {
                 }
                 None => {
                     self.stage = Stage::Data(0);
-                    self.next()
+                    self.next_piece()
                 }
             },
             Stage::Data(from) => {
@@ -209,14 +211,8 @@ impl Iterator for Qcow2Export {
     }
 }
 
-impl Export for Qcow2Export {
-    fn output_len(&self) -> Option<u64> {
-        Some(self.clusters() * CLUSTER)
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::super::tests_support::{qemu_img, write};
     use super::super::{BLOCK, Piece, export};
     use crate::format::DiskFormat;
@@ -229,17 +225,19 @@ mod tests {
         let mut e = export(format, disk.len() as u64, data).expect("format");
         let declared = e.output_len();
         let mut out = Vec::new();
-        for piece in e.by_ref() {
+        while let Some(piece) = e.next_piece() {
             match piece {
                 Piece::Meta(bytes) => out.extend_from_slice(&bytes),
                 Piece::Blocks(ids) => {
-                    for i in ids {
+                    let mut data = Vec::new();
+                    for &i in &ids {
                         let start = (i * BLOCK) as usize;
                         let end = (start + BLOCK as usize).min(disk.len());
                         let mut block = disk[start..end].to_vec();
                         block.resize(BLOCK as usize, 0);
-                        out.extend_from_slice(&block);
+                        data.extend_from_slice(&block);
                     }
+                    out.extend_from_slice(&e.encode(&ids, data));
                 }
             }
         }
