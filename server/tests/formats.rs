@@ -333,6 +333,30 @@ fn exports_stream_as_qcow2_that_qemu_checks_and_compares_equal() {
     // A round trip: the export imports back to the same content.
     let again = s.import(&d.join("cli.qcow2"), "round-trip");
     assert_eq!(again["digest"], image["digest"]);
+    // Dynamic VHD, with a declared length; qemu reads the same disk (CHS-rounded, zero tail).
+    let r = s.curl_into(
+        Some(&s.token.clone()),
+        "GET",
+        &format!("/v1/images/{id}/file?format=vhd"),
+        &[],
+        &d.join("out.vhd"),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length")
+            .and_then(|l| l.parse::<u64>().ok()),
+        Some(r.body.len() as u64)
+    );
+    qemu_img(&[
+        "compare",
+        "-q",
+        "-f",
+        "raw",
+        "-F",
+        "vpc",
+        &p("disk.raw"),
+        &p("out.vhd"),
+    ]);
     let r = s.admin("GET", &format!("/v1/images/{id}/file?format=vhdx"), &[]);
     assert_eq!(
         (r.status, r.code()),

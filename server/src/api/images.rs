@@ -464,7 +464,7 @@ fn export(
     let Some(export) = format::write::export(format, manifest.virtual_size(), data) else {
         return Err(ApiError::bad(
             "unsupported_format",
-            format!("export as {format} is not available yet; use raw, qcow2 or vmdk"),
+            format!("export as {format} is not available yet; use raw, qcow2, vmdk or vhd"),
         ));
     };
     let mut headers = digest_headers(image, "application/octet-stream");

@@ -279,7 +279,7 @@ mod tests {
     use super::super::vhd::testing::{
         check_image, convert_to, open_file, qemu_raw, read_all, read_damaged, sample_raw,
     };
-    use super::{BAT_REGION, Guid};
+    use super::{BAT_REGION, Guid, LOGICAL_SECTOR_SIZE, METADATA_REGION};
 
     fn u64_at(b: &[u8], at: usize) -> u64 {
         u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -304,16 +304,32 @@ mod tests {
             ("dynamic", "subformat=dynamic"),
             ("fixed", "subformat=fixed"),
             ("small-blocks", "block_size=1M"),
-            ("4k-sectors", "block_size=2M,logical_sector_size=4096"),
+            ("large-blocks", "block_size=32M"),
         ] {
             let image = dir.path().join(format!("{name}.vhdx"));
             convert_to(&raw, &image, "vhdx", &["-o", opts]);
             check_image(&image, DiskFormat::Vhdx, "vhdx", &disk);
         }
+        // Fixed disks start with every block in state ZERO (qemu's block_state_zero); without
+        // it every block is FULLY_PRESENT, holes included. (On a disk whose size is a whole
+        // number of blocks: qemu makes the file end at the disk's end, and the inspector
+        // refuses a present last block that the file does not hold whole.)
+        let whole = &disk[..20 << 20];
+        let raw = dir.path().join("whole.raw");
+        std::fs::write(&raw, whole).expect("write");
+        let image = dir.path().join("fixed-present.vhdx");
+        convert_to(
+            &raw,
+            &image,
+            "vhdx",
+            &["-o", "subformat=fixed,block_state_zero=off,block_size=4M"],
+        );
+        check_image(&image, DiskFormat::Vhdx, "vhdx", whole);
     }
 
-    /// A disk over 4 GiB has more than one chunk: the BAT holds a sector-bitmap entry after
-    /// the first chunk's payload entries, which must be skipped.
+    /// A disk over 4 GiB has more than one chunk (with 512-byte sectors): the BAT holds a
+    /// sector-bitmap entry after the first chunk's payload entries, which must be skipped.
+    /// With 4096-byte sectors (which qemu cannot create: patched in) a chunk is 32 GiB.
     #[test]
     fn vhdx_reads_past_the_first_chunk() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -331,9 +347,33 @@ mod tests {
             file.write_all_at(bytes, at).expect("write");
         }
         drop(file);
-        for opts in ["block_size=1M", "block_size=8M,logical_sector_size=4096"] {
-            let image = dir.path().join("big.vhdx");
+        for (name, opts, sector_4k) in [
+            ("1M", "block_size=1M", false),
+            ("32M", "block_size=32M", false),
+            ("1M-4k-sectors", "block_size=1M", true),
+        ] {
+            let image = dir.path().join(format!("{name}.vhdx"));
             convert_to(&raw, &image, "vhdx", &["-o", opts]);
+            if sector_4k {
+                let mut data = std::fs::read(&image).expect("read");
+                to_4k_sectors(&mut data, 1 << 20, size);
+                std::fs::write(&image, &data).expect("write");
+            }
+            // qemu reads only 512-byte-sector VHDX (it refuses the others).
+            let back = (!sector_4k).then(|| {
+                let back = dir.path().join(format!("{name}.raw"));
+                qemu_img(&[
+                    "convert",
+                    "-q",
+                    "-f",
+                    "vhdx",
+                    "-O",
+                    "raw",
+                    image.to_str().expect("p"),
+                    back.to_str().expect("p"),
+                ]);
+                std::fs::File::open(&back).expect("open")
+            });
             let (_, mut reader) = open_file(&image, DiskFormat::Vhdx);
             assert_eq!(reader.virtual_size(), size);
             for (at, bytes) in marks {
@@ -345,32 +385,42 @@ mod tests {
                 let mut want = vec![0u8; got.len()];
                 let lo = (at - from) as usize;
                 want[lo..lo + bytes.len()].copy_from_slice(bytes);
-                assert!(got == want, "{opts}: around {at}");
+                assert!(got == want, "{name}: around {at}");
+                // qemu's reading agrees (checked on windows, not 4 GiB).
+                if let Some(back) = &back {
+                    back.read_exact_at(&mut want, from).expect("read");
+                    assert!(
+                        got == want,
+                        "{name}: differs from qemu-img convert around {at}"
+                    );
+                }
             }
             std::fs::remove_file(&image).expect("remove");
         }
-        // qemu's own reading of one of them agrees (checked on a window, not 4 GiB).
-        let image = dir.path().join("big.vhdx");
-        convert_to(&raw, &image, "vhdx", &["-o", "block_size=1M"]);
-        let back = dir.path().join("back.raw");
-        qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            image.to_str().expect("p"),
-            back.to_str().expect("p"),
-        ]);
-        let back = std::fs::File::open(&back).expect("open");
-        let (_, mut reader) = open_file(&image, DiskFormat::Vhdx);
-        let from = (4 << 30) - (2 << 20);
-        let mut want = vec![0u8; 12 << 20];
-        back.read_exact_at(&mut want, from).expect("read");
-        let mut got = vec![0u8; 12 << 20];
-        reader.read_logical(&mut got, from).expect("reads");
-        assert!(got == want, "differs from qemu-img convert");
+    }
+
+    /// Rewrites a qemu-made VHDX with 512-byte sectors and blocks of `block` bytes to say
+    /// 4096-byte sectors: the BAT loses the sector-bitmap entry after the first 4 GiB chunk.
+    fn to_4k_sectors(data: &mut [u8], block: u64, size: u64) {
+        let meta = region(data, &METADATA_REGION);
+        let count = usize::from(u16::from_le_bytes([data[meta + 10], data[meta + 11]]));
+        let entry = (0..count)
+            .map(|i| meta + 32 + 32 * i)
+            .find(|&e| data[e..e + 16] == LOGICAL_SECTOR_SIZE[..])
+            .expect("sector size item");
+        let at =
+            meta + u32::from_le_bytes(data[entry + 16..entry + 20].try_into().expect("4")) as usize;
+        data[at..at + 4].copy_from_slice(&4096u32.to_le_bytes());
+        let bat = region(data, &BAT_REGION);
+        let ratio = usize::try_from((1u64 << 32) / block).expect("ratio");
+        let blocks = usize::try_from(size.div_ceil(block)).expect("blocks");
+        assert!(blocks > ratio, "more than one chunk");
+        assert_eq!(u64_at(data, bat + 8 * ratio), 0, "the sector-bitmap entry");
+        data.copy_within(
+            bat + 8 * (ratio + 1)..bat + 8 * (blocks + 1),
+            bat + 8 * ratio,
+        );
+        data[bat + 8 * blocks..bat + 8 * (blocks + 1)].fill(0);
     }
 
     /// ZERO and UNMAPPED blocks read as zeroes (as in qemu); a block pointed past the end of

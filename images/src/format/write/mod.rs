@@ -4,6 +4,7 @@
 //! reads from the store. Holes stay holes: a hole block is never allocated in the output.
 
 mod qcow2;
+mod vhd;
 mod vmdk;
 
 use super::DiskFormat;
@@ -39,6 +40,7 @@ pub fn export(format: DiskFormat, virtual_size: u64, data: Vec<bool>) -> Option<
     match format {
         DiskFormat::Qcow2 => Some(Box::new(qcow2::Qcow2Export::new(virtual_size, data))),
         DiskFormat::Vmdk => Some(Box::new(vmdk::StreamOptimized::new(virtual_size, data))),
+        DiskFormat::Vhd => Some(Box::new(vhd::DynamicVhd::new(virtual_size, data))),
         _ => None,
     }
 }
