@@ -5,6 +5,7 @@
 //! as raw bytes.
 
 pub mod format;
+pub mod fuzzing;
 pub mod manifest;
 pub mod model;
 pub mod split;

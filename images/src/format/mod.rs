@@ -303,6 +303,16 @@ impl StreamEnds {
     pub const TAIL: usize = 64 << 10;
 }
 
+impl ReadAt for Vec<u8> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.as_slice().read_at(buf, offset)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+}
+
 impl ReadAt for StreamEnds {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let n = buf.len().min(self.size.saturating_sub(offset) as usize);

@@ -75,7 +75,7 @@ pub(super) fn open<R: ReadAt + Send + 'static>(
         header_bytes: u64::from(header_size) * cluster,
         file_size,
     };
-    map.check_table(l1_offset, "the L1 table")?;
+    map.check_table(l1_offset, || "the L1 table".into())?;
     let l1 = read_exact(&r, l1_offset, table_bytes as usize, "the QED L1 table")?
         .chunks_exact(8)
         .map(|e| le64(e, 0))
@@ -106,13 +106,14 @@ struct Map {
 impl Map {
     /// A table must be cluster-aligned, after the header area and whole inside the file
     /// (qemu's `qed_check_table_offset`).
-    fn check_table(&self, offset: u64, what: &str) -> Result<(), FormatError> {
+    fn check_table(&self, offset: u64, what: impl FnOnce() -> String) -> Result<(), FormatError> {
         let inside = offset
             .checked_add(self.table_bytes)
             .is_some_and(|end| end <= self.file_size);
         if !offset.is_multiple_of(self.cluster) || offset < self.header_bytes || !inside {
             return Err(FormatError::Corrupt(format!(
-                "{what} at offset {offset} is misaligned, inside the header or beyond the file ({} bytes)",
+                "{} at offset {offset} is misaligned, inside the header or beyond the file ({} bytes)",
+                what(),
                 self.file_size
             )));
         }
@@ -137,7 +138,7 @@ impl Map {
                 len: (entries - l2_index) * self.cluster - within,
             });
         }
-        self.check_table(l2, &format!("the L2 table of L1 entry {l1_index}"))?;
+        self.check_table(l2, || format!("the L2 table of L1 entry {l1_index}"))?;
         let piece_len = self.table_bytes.min(L2_PIECE);
         let piece_at = l2 + l2_index * 8 / piece_len * piece_len;
         let pos_in_piece = (l2_index * 8 % piece_len) as usize;
@@ -264,8 +265,8 @@ mod tests {
             ("data cluster past the end", l2 + 8, n + (1 << 20)),
             ("data cluster at the end", l2 + 8, n),
             ("data cluster misaligned", l2 + 8, 0x1_0200),
-            ("data cluster in the header", l2 + 8, 2),
-            ("huge data cluster", l2 + 8, u64::MAX & !0xFFFF),
+            ("data cluster neither marker nor aligned", l2 + 8, 2),
+            ("huge data cluster", l2 + 8, !0xFFFFu64),
             ("L2 table past the end", l1, n),
             ("L2 table misaligned", l1, 0x1_0200),
         ] {
