@@ -480,8 +480,13 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
         match state {
             PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => {}
             PAYLOAD_FULLY_PRESENT => {
-                // A present block must lie inside the file, or reads go past its end.
-                let end = offset.and_then(|o| o.checked_add(u64::from(block_size)));
+                // A present block must lie inside the file, or reads go past its end. Only the
+                // part inside the disk counts: qemu ends a fixed image at the disk's last byte.
+                let payload = i as u64 - i as u64 / (chunk_ratio + 1);
+                let needed = u64::from(block_size).min(
+                    virtual_size.saturating_sub(payload.saturating_mul(u64::from(block_size))),
+                );
+                let end = offset.and_then(|o| o.checked_add(needed));
                 match (offset, end) {
                     (Some(start), Some(end)) if end <= file_size => starts.push(start),
                     _ => {
@@ -1161,5 +1166,35 @@ mod tests {
             }
             let _ = check(&bad);
         }
+    }
+}
+
+#[cfg(test)]
+mod partial_last_block {
+    use super::super::tests_support::qemu_img;
+    use super::super::{DiskFormat, Limits, inspect};
+
+    /// qemu ends a fixed VHDX at the disk's last byte, inside the last block.
+    #[test]
+    fn a_fixed_image_whose_size_is_not_a_whole_number_of_blocks_is_accepted() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("fixed.vhdx");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "subformat=fixed,block_state_zero=off,block_size=8M",
+            p.to_str().expect("p"),
+            "20M",
+        ]);
+        let info = inspect(
+            &std::fs::File::open(&p).expect("open"),
+            DiskFormat::Vhdx,
+            &Limits::default(),
+        )
+        .expect("accepted");
+        assert_eq!(info.virtual_size, 20 << 20);
     }
 }

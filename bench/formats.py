@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Import and export of image formats against qemu-img in the same run.
+
+    python3 bench/formats.py [--runs 3] [--disk-gib 3] [--dir /var/tmp/kagami-bench-formats]
+
+A realistic OS disk: an MBR-partitioned raw disk whose partition is an ext4 filesystem full of
+real files (`mke2fs -d /usr/share`), converted by qemu-img to qcow2, vmdk and vhd. Then, RUNS
+times, for each format:
+  - import:  qemu-img convert -f FMT -O raw -t writeback (then sync, as our store is durable)
+             against curl POST /v1/images/{id}/import?disk_format=FMT into a fresh server;
+  - export:  qemu-img convert -f raw -O FMT (vmdk: streamOptimized) of the raw disk (then sync)
+             against curl GET /v1/images/{id}/file?format=FMT to a file (then sync).
+Prints medians of same-run ratios (qemu-img time / Kagami time: above 1 means Kagami is faster),
+server CPU seconds and peak RSS.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ingest import ROOT, Server, cpu_seconds, peak_rss_mib, run, timed, warm  # noqa: E402
+
+FORMATS = [("qcow2", "qcow2", []), ("vmdk", "vmdk", []), ("vhd", "vpc", [])]
+EXPORT_OPTS = {"vmdk": ["-o", "subformat=streamOptimized"], "vpc": ["-o", "subformat=dynamic"]}
+
+
+def make_disk(path, size):
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    part_start = 1 << 20
+    run(["truncate", "-s", str(size), path])
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={part_start}", "-d", "/usr/share", path,
+         f"{(size - part_start) // 1024}k"])
+    # One MBR partition (type 0x83) covering the filesystem.
+    sectors = (size - part_start) // 512
+    entry = bytes([0x80, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") + sectors.to_bytes(4, "little")
+    with open(path, "r+b") as f:
+        f.seek(446)
+        f.write(entry)
+        f.seek(510)
+        f.write(b"\x55\xaa")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--disk-gib", type=float, default=3)
+    ap.add_argument("--dir", default="/var/tmp/kagami-bench-formats")
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    run(["cargo", "build", "--release", "--locked", "--bin", "kagami"], cwd=ROOT)
+    binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "kagami")
+    raw = os.path.join(args.dir, "os.raw")
+    make_disk(raw, int(args.disk_gib * (1 << 30)))
+    sources = {}
+    for name, qfmt, opts in FORMATS:
+        src = os.path.join(args.dir, f"os.{name}")
+        if not os.path.exists(src):
+            run(["qemu-img", "convert", "-q", "-f", "raw", "-O", qfmt, *opts, raw, src])
+        sources[name] = (qfmt, src)
+    out = os.path.join(args.dir, "out")
+    results = {}
+    for r in range(args.runs):
+        data = os.path.join(args.dir, "data")
+        subprocess.run(["rm", "-rf", data])
+        os.makedirs(data)
+        srv = Server(binary, data)
+        try:
+            pid = srv.proc.pid
+            base = srv.api("POST", "/v1/images", "-H", "content-type: application/json", "-d", '{"name":"os"}')
+            warm(raw)
+            run(["curl", "-sfS", "-o", "/dev/null", "-X", "PUT", "-T", raw, "-H",
+                 f"Authorization: Bearer {srv.token}", f"{srv.url}/v1/images/{base['id']}/file"])
+            for name, (qfmt, src) in sources.items():
+                warm(src)
+                q = timed(["sh", "-c", f"qemu-img convert -q -t writeback -f {qfmt} -O raw {src} {out} && sync -f {out}"])
+                os.remove(out)
+                img = srv.api("POST", "/v1/images", "-H", "content-type: application/json", "-d", f'{{"name":"{name}"}}')
+                cpu0 = cpu_seconds(pid)
+                k = timed(["curl", "-sfS", "-o", "/dev/null", "-X", "POST", "-T", src, "-H",
+                           f"Authorization: Bearer {srv.token}",
+                           f"{srv.url}/v1/images/{img['id']}/import?disk_format={name}"])
+                cpu = cpu_seconds(pid) - cpu0
+                results.setdefault(f"import {name}", []).append((q, k, cpu))
+                opts = " ".join(EXPORT_OPTS.get(qfmt, []))
+                warm(raw)
+                q = timed(["sh", "-c", f"qemu-img convert -q -f raw -O {qfmt} {opts} {raw} {out} && sync -f {out}"])
+                qsize = os.path.getsize(out)
+                os.remove(out)
+                cpu0 = cpu_seconds(pid)
+                k = timed(["sh", "-c", f"curl -sfS -o {out} -H 'Authorization: Bearer {srv.token}' "
+                                       f"'{srv.url}/v1/images/{base['id']}/file?format={name}' && sync -f {out}"])
+                cpu = cpu_seconds(pid) - cpu0
+                ksize = os.path.getsize(out)
+                os.remove(out)
+                results.setdefault(f"export {name}", []).append((q, k, cpu, qsize, ksize))
+            rss = peak_rss_mib(pid)
+            results.setdefault("rss", []).append(rss)
+        finally:
+            srv.stop()
+        print(f"run {r + 1} done", file=sys.stderr)
+    gib = os.path.getsize(raw) / (1 << 30)
+    print(f"\n{args.runs} runs, {gib:g} GiB disk (ext4 of /usr/share), medians of same-run ratios.\n")
+    print("| operation | qemu-img s | Kagami s | qemu-img / Kagami | Kagami server CPU-s | output MiB qemu / Kagami |")
+    print("|---|---|---|---|---|---|")
+    for key, rows in results.items():
+        if key == "rss":
+            continue
+        q = statistics.median(r[0] for r in rows)
+        k = statistics.median(r[1] for r in rows)
+        ratio = statistics.median(r[0] / r[1] for r in rows)
+        cpu = statistics.median(r[2] for r in rows)
+        sizes = f"{rows[0][3] / 2**20:.0f} / {rows[0][4] / 2**20:.0f}" if len(rows[0]) > 3 else ""
+        print(f"| {key} | {q:.2f} | {k:.2f} | **{ratio:.2f}x** | {cpu:.2f} | {sizes} |")
+    print(f"\nserver peak RSS: {max(results['rss']):.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
