@@ -481,45 +481,6 @@ pub fn inspect(
     })
 }
 
-/// Shared by the format tests: real images from qemu-img, and a no-panic sweep.
+/// Shared by the format tests: real images from qemu, no-panic sweeps, reading a disk back.
 #[cfg(test)]
-pub(crate) mod tests_support {
-    use super::{DiskFormat, Limits, inspect};
-
-    /// Runs qemu-img (qemu-utils is on every machine of this project) and insists it works.
-    pub fn qemu_img(args: &[&str]) {
-        let out = std::process::Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img runs");
-        assert!(
-            out.status.success(),
-            "qemu-img {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    pub fn write(path: &std::path::Path, bytes: &[u8]) {
-        std::fs::write(path, bytes).expect("write");
-    }
-
-    /// Every prefix of the first `span` bytes, and every single-byte flip in them, must give an
-    /// answer (accept or refuse), never a panic or a huge allocation.
-    pub fn corrupt_everywhere(image: &[u8], claimed: DiskFormat, span: usize) {
-        let limits = Limits {
-            max_virtual_size: 1 << 40,
-            max_metadata_bytes: 1 << 20,
-        };
-        for cut in 0..span.min(image.len()) {
-            let _ = inspect(&&image[..cut], claimed, &limits);
-        }
-        let mut copy = image.to_vec();
-        for at in 0..span.min(image.len()) {
-            for flip in [0x01u8, 0x80, 0xff] {
-                copy[at] ^= flip;
-                let _ = inspect(&&copy[..], claimed, &limits);
-                copy[at] ^= flip;
-            }
-        }
-    }
-}
+pub(crate) mod tests_support;

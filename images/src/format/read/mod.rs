@@ -13,6 +13,8 @@ mod vhd;
 mod vhdx;
 mod vmdk;
 
+use std::io;
+
 use super::{DiskFormat, DiskInfo, FormatError, Limits, ReadAt};
 
 /// An image as the disk it describes.
@@ -20,6 +22,140 @@ pub trait Logical: Send {
     fn virtual_size(&self) -> u64;
     /// Fills `buf` with the disk's bytes at `offset` (unallocated areas read as zeroes).
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError>;
+}
+
+/// Where the stretch of logical disk starting at some position lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Run {
+    /// `len` bytes stored contiguously in the file from `at`.
+    Data { at: u64, len: u64 },
+    /// `len` bytes that read as zeroes.
+    Zero { len: u64 },
+}
+
+/// Fills `buf` with the logical disk at `offset`: `locate(r, pos)` says where the stretch
+/// starting at `pos` lives (it may be longer than needed). Every stored stretch must end at or
+/// before `data_end` (where the file's data area ends), or the read fails as corrupt; stored
+/// stretches that follow each other in the file are read with one call. The read loop of the
+/// VHD, VHDX, VDI and QED readers.
+fn read_runs(
+    r: &dyn ReadAt,
+    data_end: u64,
+    virtual_size: u64,
+    buf: &mut [u8],
+    offset: u64,
+    mut locate: impl FnMut(&dyn ReadAt, u64) -> Result<Run, FormatError>,
+) -> Result<(), FormatError> {
+    if offset
+        .checked_add(buf.len() as u64)
+        .is_none_or(|end| end > virtual_size)
+    {
+        return Err(FormatError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a read of {} bytes at {offset} goes past the end of the {virtual_size}-byte disk",
+                buf.len()
+            ),
+        )));
+    }
+    // A stored stretch not yet read: (position in buf, file offset, length).
+    let mut pending: Option<(usize, u64, usize)> = None;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let run = locate(r, pos)?;
+        let len = match run {
+            Run::Data { len, .. } | Run::Zero { len } => len,
+        };
+        // An empty run would never finish the read.
+        if len == 0 {
+            return Err(FormatError::Corrupt(format!(
+                "no data maps logical offset {pos}"
+            )));
+        }
+        let take = usize::try_from(len).map_or(buf.len() - done, |l| l.min(buf.len() - done));
+        match run {
+            Run::Zero { .. } => {
+                flush(r, data_end, buf, pending.take())?;
+                buf[done..done + take].fill(0);
+            }
+            Run::Data { at, .. } => match &mut pending {
+                Some((_, p_at, p_len)) if p_at.checked_add(*p_len as u64) == Some(at) => {
+                    *p_len += take;
+                }
+                _ => {
+                    flush(r, data_end, buf, pending.take())?;
+                    pending = Some((done, at, take));
+                }
+            },
+        }
+        done += take;
+    }
+    flush(r, data_end, buf, pending)
+}
+
+/// Reads one stored stretch into its place in `buf`, after checking it lies inside the file.
+fn flush(
+    r: &dyn ReadAt,
+    data_end: u64,
+    buf: &mut [u8],
+    pending: Option<(usize, u64, usize)>,
+) -> Result<(), FormatError> {
+    let Some((start, at, len)) = pending else {
+        return Ok(());
+    };
+    if at.checked_add(len as u64).is_none_or(|end| end > data_end) {
+        return Err(FormatError::Corrupt(format!(
+            "data at offset {at} ({len} bytes) lies past the end of the file's data area ({data_end} bytes)"
+        )));
+    }
+    let out = &mut buf[start..start + len];
+    let n = r.read_at(out, at)?;
+    if n < len {
+        return Err(FormatError::Truncated(format!(
+            "data at offset {at} ({len} bytes) is cut short at {}",
+            at + n as u64
+        )));
+    }
+    Ok(())
+}
+
+/// Fills `buf` with the logical disk at `offset`, one unit (a qcow2 cluster, a VMDK grain) of
+/// `unit` bytes at a time: `read_unit(index, out)` fills `out`, one unit long, with unit
+/// `index`. Whole units are read straight into `buf`, partial ones through a scratch buffer.
+fn read_by_unit(
+    buf: &mut [u8],
+    offset: u64,
+    unit: u64,
+    mut read_unit: impl FnMut(u64, &mut [u8]) -> Result<(), FormatError>,
+) -> Result<(), FormatError> {
+    let mut scratch = vec![0u8; unit as usize];
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let index = pos / unit;
+        let within = (pos % unit) as usize;
+        let take = (unit as usize - within).min(buf.len() - done);
+        if within == 0 && take == unit as usize {
+            read_unit(index, &mut buf[done..done + take])?;
+        } else {
+            read_unit(index, &mut scratch)?;
+            buf[done..done + take].copy_from_slice(&scratch[within..within + take]);
+        }
+        done += take;
+    }
+    Ok(())
+}
+
+/// Refuses a file whose size field no longer says what inspection saw.
+fn same_size(size: u64, info: &DiskInfo) -> Result<(), FormatError> {
+    if size != info.virtual_size {
+        return Err(FormatError::Corrupt(format!(
+            "the image now says {size} bytes, inspection saw {}; inspect it again",
+            info.virtual_size
+        )));
+    }
+    Ok(())
 }
 
 /// Opens an accepted image for reading. `info` must come from inspecting this same file.

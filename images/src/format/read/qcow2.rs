@@ -1,7 +1,7 @@
 //! qcow2 as its logical disk: L1 → L2 → clusters, compressed (zlib, zstd) and extended-L2.
 
 use super::super::{FormatError, Limits, ReadAt, be32, be64, check_metadata, read_exact};
-use super::Logical;
+use super::{Logical, read_by_unit};
 
 /// qcow2 L2 entry bits.
 const L2_COMPRESSED: u64 = 1 << 62;
@@ -190,23 +190,7 @@ impl<R: ReadAt + Send> Logical for Qcow2<R> {
     }
 
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        let cluster = self.cluster();
-        let mut scratch = vec![0u8; cluster as usize];
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let index = pos / cluster;
-            let within = (pos % cluster) as usize;
-            let take = (cluster as usize - within).min(buf.len() - done);
-            if within == 0 && take == cluster as usize {
-                self.read_cluster(index, &mut buf[done..done + take])?;
-            } else {
-                self.read_cluster(index, &mut scratch)?;
-                buf[done..done + take].copy_from_slice(&scratch[within..within + take]);
-            }
-            done += take;
-        }
-        Ok(())
+        read_by_unit(buf, offset, self.cluster(), |index, out| self.read_cluster(index, out))
     }
 }
 

@@ -2,7 +2,7 @@
 //! (`monolithicSparse`) or deflate-compressed with grain markers (`streamOptimized`).
 
 use super::super::{DiskInfo, FormatError, Limits, ReadAt, check_metadata, le32, le64, read_exact};
-use super::Logical;
+use super::{Logical, read_by_unit};
 
 const SECTOR: u64 = 512;
 const GD_AT_END: u64 = u64::MAX;
@@ -140,23 +140,7 @@ impl<R: ReadAt + Send> Logical for Vmdk<R> {
     }
 
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        let grain = self.grain;
-        let mut scratch = vec![0u8; grain as usize];
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let index = pos / grain;
-            let within = (pos % grain) as usize;
-            let take = (grain as usize - within).min(buf.len() - done);
-            if within == 0 && take == grain as usize {
-                self.read_grain(index, &mut buf[done..done + take])?;
-            } else {
-                self.read_grain(index, &mut scratch)?;
-                buf[done..done + take].copy_from_slice(&scratch[within..within + take]);
-            }
-            done += take;
-        }
-        Ok(())
+        read_by_unit(buf, offset, self.grain, |index, out| self.read_grain(index, out))
     }
 }
 
