@@ -22,7 +22,11 @@ use kagami_images::format::{self, DiskFormat, StreamEnds};
 use kagami_images::split::{ManifestBuilder, hash_blocks};
 use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_SIZE};
 
-use crate::catalog::{Catalog, blocks, now_ms};
+use kagami_images::model::{Image, ImageKind};
+use uuid::Uuid;
+
+use crate::catalog::tenancy::Caller;
+use crate::catalog::{Catalog, blocks, images, now_ms};
 use crate::error::ApiError;
 use crate::store::PackStore;
 
@@ -258,4 +262,83 @@ impl SegmentTask {
             buf
         }))
     }
+}
+
+/// Commits a received manifest (the image turns active), or records why it could not be
+/// (the image turns failed). Every way of making an image ends here.
+pub async fn commit_or_fail(
+    catalog: &Catalog,
+    caller: Caller,
+    id: Uuid,
+    received: Result<Manifest, ApiError>,
+) -> Result<Image, ApiError> {
+    let result = match received {
+        Ok(manifest) => {
+            catalog
+                .run(move |c| images::commit(c, &caller, id, &manifest))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        let reason = e.to_string();
+        catalog
+            .run(move |c| images::fail_upload(c, id, &reason))
+            .await?;
+    }
+    result
+}
+
+/// ISO images are for transitional boots only, and only ISO files may become them.
+pub fn check_kind(image: &Image, claimed: DiskFormat) -> Result<(), ApiError> {
+    if (claimed == DiskFormat::Iso) != (image.kind == ImageKind::Iso) {
+        return Err(ApiError::bad(
+            "format_mismatch",
+            format!(
+                "a {} image cannot be made from a {claimed} file; ISO files make kind=iso images only",
+                image.kind
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Imports an image file (any accepted format) already on local disk: inspects it as
+/// `claimed` (refused with the inspector's reason otherwise), reads it as its logical disk and
+/// feeds that through [`receive`] — which checks the converted disk is raw (or an ISO) too.
+pub async fn convert_file(
+    catalog: &Catalog,
+    store: &Arc<PackStore>,
+    config: &crate::config::Limits,
+    image: &Image,
+    claimed: DiskFormat,
+    file: std::fs::File,
+) -> Result<Manifest, ApiError> {
+    let limits = format::Limits {
+        max_virtual_size: config.max_image_bytes,
+        ..Default::default()
+    };
+    let reader = tokio::task::spawn_blocking(move || {
+        let info = format::inspect(&file, claimed, &limits)?;
+        format::read::open(file, &info, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
+    .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
+    let rx = crate::stream::logical(reader);
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let disk = if image.kind == ImageKind::Iso {
+        DiskFormat::Iso
+    } else {
+        DiskFormat::Raw
+    };
+    let limits = ReceiveLimits {
+        max_bytes: config.max_image_bytes,
+        idle: Duration::from_secs(config.upload_idle_secs),
+    };
+    let (manifest, _) =
+        receive(catalog.clone(), store.clone(), Box::pin(body), limits, disk).await?;
+    Ok(manifest)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::api::{self, AppState};
-use crate::catalog::{Catalog, images, tenancy};
+use crate::catalog::{Catalog, images, jobs, tenancy};
 use crate::config::Config;
 use crate::jobs::gc;
 use crate::store::PackStore;
@@ -31,6 +31,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         eprintln!(
             "kagami: first start; the admin token is in {}",
             path.display()
+        );
+    }
+    // Staged files belong to requests and jobs of the last run: none can be in use now.
+    let staging = dir.join("staging");
+    if staging.is_dir() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("cannot clear {}", staging.display()))?;
+    }
+    // Jobs the last run was working on start over; their images stay `saving` for them.
+    let requeued = catalog.run(|c| jobs::requeue_running(c)).await?;
+    if requeued > 0 {
+        tracing::info!(
+            requeued,
+            "jobs interrupted by the last stop were queued again"
         );
     }
     // Uploads cut short by the last stop can never finish: they turn failed, never active.
@@ -67,6 +81,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         reader,
     };
 
+    tokio::spawn(crate::jobs::import::worker(state.clone()));
     if config.gc.interval_secs > 0 {
         tokio::spawn(gc_loop(catalog, store, config.clone()));
     }

@@ -15,7 +15,7 @@ use super::{
     DiskFormat, FormatError, Limits, ReadAt, be32, be64, check_metadata, read_exact, read_some,
 };
 
-const MAGIC: &[u8; 4] = b"QFI\xfb";
+pub(super) const MAGIC: &[u8; 4] = b"QFI\xfb";
 const V2_HEADER: usize = 72;
 const V3_MIN_HEADER: usize = 104;
 
@@ -251,17 +251,11 @@ fn printable(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests_support::{corrupt_everywhere, qemu_img, write};
+    use super::super::tests_support::{corrupt_everywhere, create, write};
     use super::super::{DiskFormat, FormatError, Limits, inspect};
 
     fn qcow2(dir: &std::path::Path, name: &str, opts: &[&str], size: &str) -> std::path::PathBuf {
-        let path = dir.join(name);
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        args.extend_from_slice(opts);
-        args.push(path.to_str().expect("path"));
-        args.push(size);
-        qemu_img(&args);
-        path
+        create(dir, name, "qcow2", opts, size, &[])
     }
 
     fn check(

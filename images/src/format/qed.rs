@@ -13,7 +13,7 @@ const MAGIC: &[u8] = b"QED\0";
 const HEADER_LEN: usize = 64;
 
 /// The image reads unallocated clusters from a backing file.
-const F_BACKING_FILE: u64 = 0x01;
+pub(super) const F_BACKING_FILE: u64 = 0x01;
 /// The image was not closed cleanly; its tables need a consistency check.
 const F_NEED_CHECK: u64 = 0x02;
 /// The backing file is raw and must not be probed.
@@ -32,23 +32,59 @@ pub(super) fn probe(r: &dyn ReadAt) -> Result<bool, FormatError> {
     Ok(read_some(r, 0, MAGIC.len())? == MAGIC)
 }
 
-pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<String>), FormatError> {
-    let file_size = r.size()?;
-    let h = read_exact(r, 0, HEADER_LEN, "QED header")?;
-    // inspect() runs only after probe(); re-checked so this function stands on its own.
+/// The header's fields (qemu's `QEDHeader`).
+pub(super) struct Header {
+    pub(super) cluster_size: u32,
+    /// In clusters.
+    pub(super) table_size: u32,
+    /// In clusters.
+    pub(super) header_size: u32,
+    pub(super) features: u64,
+    pub(super) compat_features: u64,
+    pub(super) autoclear_features: u64,
+    pub(super) l1_offset: u64,
+    pub(super) image_size: u64,
+    pub(super) backing_offset: u32,
+    pub(super) backing_size: u32,
+}
+
+/// Reads the header at offset 0 (`what` names it if the file is too short) and checks its
+/// magic.
+pub(super) fn read_header(r: &dyn ReadAt, what: &str) -> Result<Header, FormatError> {
+    let h = read_exact(r, 0, HEADER_LEN, what)?;
     if !h.starts_with(MAGIC) {
         return Err(FormatError::Corrupt("no QED magic at offset 0".into()));
     }
-    let cluster_size = le32(&h, 4);
-    let table_size = le32(&h, 8);
-    let header_size = le32(&h, 12);
-    let features = le64(&h, 16);
-    let compat_features = le64(&h, 24);
-    let autoclear_features = le64(&h, 32);
-    let l1_offset = le64(&h, 40);
-    let image_size = le64(&h, 48);
-    let backing_offset = le32(&h, 56);
-    let backing_size = le32(&h, 60);
+    Ok(Header {
+        cluster_size: le32(&h, 4),
+        table_size: le32(&h, 8),
+        header_size: le32(&h, 12),
+        features: le64(&h, 16),
+        compat_features: le64(&h, 24),
+        autoclear_features: le64(&h, 32),
+        l1_offset: le64(&h, 40),
+        image_size: le64(&h, 48),
+        backing_offset: le32(&h, 56),
+        backing_size: le32(&h, 60),
+    })
+}
+
+pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<String>), FormatError> {
+    let file_size = r.size()?;
+    // inspect() runs only after probe(); the magic is re-checked so this function stands on
+    // its own.
+    let Header {
+        cluster_size,
+        table_size,
+        header_size,
+        features,
+        compat_features,
+        autoclear_features,
+        l1_offset,
+        image_size,
+        backing_offset,
+        backing_size,
+    } = read_header(r, "QED header")?;
 
     // Unknown feature bits change the on-disk format in ways we cannot know.
     if features & !KNOWN_FEATURES != 0 {
@@ -64,18 +100,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
         )));
     }
 
-    // Cluster addressing uses shifts and masks; the spec allows powers of two, 4 KiB..64 MiB.
-    if !cluster_size.is_power_of_two() || !(MIN_CLUSTER..=MAX_CLUSTER).contains(&cluster_size) {
-        return Err(FormatError::Corrupt(format!(
-            "cluster size {cluster_size} is not a power of two between 4 KiB and 64 MiB"
-        )));
-    }
-    // Table size (in clusters) is a power of two from 1 to 16 per the spec.
-    if !table_size.is_power_of_two() || !(MIN_TABLE..=MAX_TABLE).contains(&table_size) {
-        return Err(FormatError::Corrupt(format!(
-            "table size {table_size} is not a power of two between 1 and 16"
-        )));
-    }
+    check_geometry(cluster_size, table_size)?;
     let cluster = u64::from(cluster_size);
     let table_bytes = u64::from(table_size) * cluster;
     let header_bytes = u64::from(header_size) * cluster;
@@ -111,7 +136,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
         cluster,
         header_bytes,
         file_size,
-        "the L1 table",
+        || "the L1 table".into(),
     )?;
     let l1_len = usize::try_from(table_bytes).map_err(|_| FormatError::MetadataTooLarge {
         what: "QED L1 table",
@@ -132,7 +157,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
             cluster,
             header_bytes,
             file_size,
-            &format!("the L2 table of L1 entry {i}"),
+            || format!("the L2 table of L1 entry {i}"),
         )?;
         l2s.push(offset);
     }
@@ -177,15 +202,32 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     Ok((image_size, findings))
 }
 
-/// Checks a table offset (cluster-aligned, after the header area, whole inside the file)
-/// and returns the table's end.
-fn check_table(
+/// Checks the cluster and table sizes, which cluster addressing shifts, masks and divides by.
+pub(super) fn check_geometry(cluster_size: u32, table_size: u32) -> Result<(), FormatError> {
+    // The spec allows clusters of powers of two, 4 KiB..64 MiB.
+    if !cluster_size.is_power_of_two() || !(MIN_CLUSTER..=MAX_CLUSTER).contains(&cluster_size) {
+        return Err(FormatError::Corrupt(format!(
+            "cluster size {cluster_size} is not a power of two between 4 KiB and 64 MiB"
+        )));
+    }
+    // Table size (in clusters) is a power of two from 1 to 16 per the spec.
+    if !table_size.is_power_of_two() || !(MIN_TABLE..=MAX_TABLE).contains(&table_size) {
+        return Err(FormatError::Corrupt(format!(
+            "table size {table_size} is not a power of two between 1 and 16"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a table offset (cluster-aligned, after the header area, whole inside the file: qemu's
+/// `qed_check_table_offset`) and returns the table's end; `what()` names the table.
+pub(super) fn check_table(
     offset: u64,
     table_bytes: u64,
     cluster: u64,
     header_bytes: u64,
     file_size: u64,
-    what: &str,
+    what: impl FnOnce() -> String,
 ) -> Result<u64, FormatError> {
     let end = offset.checked_add(table_bytes);
     // Tables are whole clusters after the header; anything else is a damaged pointer that
@@ -197,7 +239,8 @@ fn check_table(
             Ok(end)
         }
         _ => Err(FormatError::Corrupt(format!(
-            "{what} at offset {offset} is misaligned, inside the header or beyond the file ({file_size} bytes)"
+            "{} at offset {offset} is misaligned, inside the header or beyond the file ({file_size} bytes)",
+            what()
         ))),
     }
 }
@@ -222,66 +265,20 @@ fn backing_name(r: &dyn ReadAt, offset: u32, size: u32) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::io;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
-    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, ReadAt, inspect};
-
-    /// A named change to an image.
-    type Patch = Box<dyn Fn(&mut [u8])>;
-
-    /// An image held in memory, so that tests can patch and cut it freely.
-    struct Mem<'a>(&'a [u8]);
-
-    impl ReadAt for Mem<'_> {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-            let start = usize::try_from(offset)
-                .unwrap_or(usize::MAX)
-                .min(self.0.len());
-            let n = buf.len().min(self.0.len() - start);
-            buf[..n].copy_from_slice(&self.0[start..start + n]);
-            Ok(n)
-        }
-        fn size(&self) -> io::Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
-
-    fn have_qemu() -> bool {
-        let ok = Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("qemu-img is missing; skipping");
-        }
-        ok
-    }
-
-    fn run(program: &str, args: &[&str]) {
-        let out = Command::new(program).args(args).output().expect("spawn");
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    use super::super::tests_support::{
+        Patch, assert_matches, create as qemu_create, flips_never_panic, have_qemu,
+    };
+    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, inspect};
 
     /// Creates a 64 MiB qed image with some data written at 1 MiB.
     fn create(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
-        let path = dir.join(name);
-        let p = path.to_str().expect("utf-8 path");
-        let mut args = vec!["create", "-q", "-f", "qed"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[p, "64M"]);
-        run("qemu-img", &args);
-        run("qemu-io", &["-f", "qed", "-c", "write -P 0xab 1M 64k", p]);
-        path
+        qemu_create(dir, name, "qed", extra, "64M", &["write -P 0xab 1M 64k"])
     }
 
     fn check(data: &[u8]) -> Result<DiskInfo, FormatError> {
-        inspect(&Mem(data), DiskFormat::Qed, &Limits::default())
+        inspect(&data, DiskFormat::Qed, &Limits::default())
     }
 
     fn image() -> (tempfile::TempDir, Vec<u8>) {
@@ -344,18 +341,10 @@ mod tests {
         // A backing file name without the feature bit is refused as well.
         let mut data = std::fs::read(&path).expect("read");
         data[16] &= !1;
-        assert!(
-            matches!(check(&data), Err(FormatError::BackingFile(_))),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::BackingFile(_)));
         // An absurd name length is reported, not read.
         put32(&mut data, 60, u32::MAX);
-        assert!(
-            matches!(check(&data), Err(FormatError::BackingFile(_))),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::BackingFile(_)));
     }
 
     #[test]
@@ -365,11 +354,7 @@ mod tests {
         }
         let (_dir, mut data) = image();
         data[17] |= 1;
-        assert!(
-            matches!(check(&data), Err(FormatError::UnknownFeatures(0x100))),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::UnknownFeatures(0x100)));
     }
 
     #[test]
@@ -392,19 +377,15 @@ mod tests {
         }
         let (_dir, mut data) = image();
         put64(&mut data, 48, 1 << 60);
-        assert!(
-            matches!(check(&data), Err(FormatError::TooLarge { .. })),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::TooLarge { .. }));
         // Beyond what the tables can map, with a limit that would allow it.
         put64(&mut data, 48, 1 << 50);
         let limits = Limits {
             max_virtual_size: u64::MAX,
             ..Limits::default()
         };
-        let got = inspect(&Mem(&data), DiskFormat::Qed, &limits);
-        assert!(matches!(got, Err(FormatError::Corrupt(_))), "{got:?}");
+        let got = inspect(&data, DiskFormat::Qed, &limits);
+        assert_matches!(got, Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -417,11 +398,8 @@ mod tests {
             max_metadata_bytes: 64 << 10,
             ..Limits::default()
         };
-        let got = inspect(&Mem(&data), DiskFormat::Qed, &limits);
-        assert!(
-            matches!(got, Err(FormatError::MetadataTooLarge { .. })),
-            "{got:?}"
-        );
+        let got = inspect(&data, DiskFormat::Qed, &limits);
+        assert_matches!(got, Err(FormatError::MetadataTooLarge { .. }));
     }
 
     #[test]
@@ -461,20 +439,12 @@ mod tests {
         for (what, f) in cases {
             let mut bad = data.clone();
             f(&mut bad);
-            assert!(
-                matches!(check(&bad), Err(FormatError::Corrupt(_))),
-                "{what}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Corrupt(_)), "{what}");
         }
         // L1 inside the header.
         let mut bad = data.clone();
         put64(&mut bad, 40, 0);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         // L2 entries: beyond the file, misaligned, over the L1 table, shared.
         let first = bad[l1..l1 + 8].to_vec();
         assert_ne!(first, [0; 8], "qemu-io allocated an L2 table");
@@ -491,11 +461,7 @@ mod tests {
         ] {
             let mut bad = data.clone();
             put64(&mut bad, l1 + 8 * index, v);
-            assert!(
-                matches!(check(&bad), Err(FormatError::Corrupt(_))),
-                "L2 {what}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Corrupt(_)), "L2 {what}");
         }
     }
 
@@ -517,13 +483,10 @@ mod tests {
             l1 + 100_000,
             l1 + (256 << 10),
         ] {
-            let got = check(&data[..cut]);
-            assert!(
-                matches!(
-                    got,
-                    Err(FormatError::Truncated(_) | FormatError::Corrupt(_))
-                ),
-                "cut at {cut}: {got:?}"
+            assert_matches!(
+                check(&data[..cut]),
+                Err(FormatError::Truncated(_) | FormatError::Corrupt(_)),
+                "cut at {cut}"
             );
         }
     }
@@ -535,29 +498,21 @@ mod tests {
         }
         let (_dir, data) = image();
         let n = data.len();
-        for cut in (0..2048).chain((2048..n).step_by(4093)) {
-            let _ = check(&data[..cut]);
-        }
-        let mut seed = 0xDEAD_BEEF_CAFE_F00Du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
         let l1 = l1_offset(&data);
-        for _ in 0..3000 {
-            let mut bad = data.clone();
-            for _ in 0..1 + next() % 4 {
-                let r = next() as usize;
-                let pos = if r.is_multiple_of(4) {
+        flips_never_panic(
+            &data,
+            DiskFormat::Qed,
+            (0..2048).chain((2048..n).step_by(4093)),
+            0xDEAD_BEEF_CAFE_F00D,
+            3000,
+            |r| {
+                if r.is_multiple_of(4) {
                     l1 + r / 4 % 64
                 } else {
                     r / 4 % 64
-                };
-                bad[pos] ^= 1 << (next() % 8);
-            }
-            let _ = check(&bad);
-        }
+                }
+            },
+            |_, _| {},
+        );
     }
 }

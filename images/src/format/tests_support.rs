@@ -7,6 +7,23 @@ use std::process::Command;
 use super::read::{Logical, open};
 use super::{DiskFormat, DiskInfo, FormatError, Limits, inspect};
 
+/// A named change to an image.
+pub type Patch = Box<dyn Fn(&mut [u8])>;
+
+/// `assert!(matches!(got, want))` for an inspection's result `got` (evaluated once), showing
+/// it on failure after `what` (format arguments) when given.
+macro_rules! assert_matches {
+    ($got:expr, $want:pat $(,)?) => {{
+        let got = $got;
+        assert!(matches!(got, $want), "{got:?}");
+    }};
+    ($got:expr, $want:pat, $($what:tt)+) => {{
+        let got = $got;
+        assert!(matches!(got, $want), "{}: {got:?}", format_args!($($what)+));
+    }};
+}
+pub(crate) use assert_matches;
+
 /// Runs `program` (qemu-img or qemu-io: qemu-utils is on every machine of this project) and
 /// insists it works.
 pub fn run(program: &str, args: &[&str]) {
@@ -201,10 +218,7 @@ pub fn open_file(image: &Path, format: DiskFormat) -> (DiskInfo, Box<dyn Logical
 const PIECES: [usize; 6] = [1, 4095, 70_000, 1 << 20, (9 << 20) + 1, 513];
 
 /// Reads the whole logical disk in pieces of the sizes in `pieces`, over and over.
-pub fn read_in_pieces(
-    reader: &mut dyn Logical,
-    pieces: &[usize],
-) -> Result<Vec<u8>, FormatError> {
+pub fn read_in_pieces(reader: &mut dyn Logical, pieces: &[usize]) -> Result<Vec<u8>, FormatError> {
     let size = usize::try_from(reader.virtual_size()).expect("size");
     let mut out = vec![0u8; size];
     let mut at = 0;
@@ -255,12 +269,30 @@ pub fn check_image(image: &Path, format: DiskFormat, qemu_format: &str, disk: &[
     assert!(reader.read_logical(&mut [], info.virtual_size).is_ok());
 }
 
+/// Converts the sample disk (written as `disk.raw` in `dir`) to `qemu_format` once per
+/// `(name, qemu-img options)` case, as `<name>.<ext>` in `dir`, and checks each image with
+/// [`check_image`]. Returns the sample's path and content.
+pub fn check_conversions(
+    dir: &Path,
+    format: DiskFormat,
+    qemu_format: &str,
+    ext: &str,
+    cases: &[(&str, &[&str])],
+) -> (PathBuf, Vec<u8>) {
+    let (raw, disk) = sample_raw(dir);
+    for (name, opts) in cases {
+        let image = convert(&raw, dir.join(format!("{name}.{ext}")), qemu_format, opts);
+        check_image(&image, format, qemu_format, &disk);
+    }
+    (raw, disk)
+}
+
 /// Opens `bytes` (a damaged copy of an inspected image) with the original image's
-/// inspection result and reads it whole.
-pub fn read_damaged(dir: &Path, bytes: &[u8], info: &DiskInfo) -> Result<Vec<u8>, FormatError> {
+/// inspection result and reads it whole, for the error.
+pub fn read_damaged(dir: &Path, bytes: &[u8], info: &DiskInfo) -> Result<(), FormatError> {
     let path = dir.join("damaged.img");
     write(&path, bytes);
     let file = std::fs::File::open(&path).expect("open");
     let mut reader = open(file, info, &Limits::default())?;
-    read_all(&mut *reader)
+    read_all(&mut *reader).map(|_| ())
 }

@@ -13,18 +13,18 @@ use super::{
 const SIGNATURE: u32 = 0xBEDA_107F;
 const SIGNATURE_AT: u64 = 0x40;
 /// Pre-header (64 bytes of text, signature, version) plus VDIHEADER1, the smallest v1 header.
-const HEADER_END: usize = 0x48 + 0x180;
+pub(super) const HEADER_END: usize = 0x48 + 0x180;
 
 // Header fields (absolute offsets).
 const VERSION: usize = 0x44;
 const HEADER_SIZE: usize = 0x48;
 const IMAGE_TYPE: usize = 0x4C;
-const OFF_BLOCKS: usize = 0x154;
-const OFF_DATA: usize = 0x158;
-const DISK_SIZE: usize = 0x170;
+pub(super) const OFF_BLOCKS: usize = 0x154;
+pub(super) const OFF_DATA: usize = 0x158;
+pub(super) const DISK_SIZE: usize = 0x170;
 const BLOCK_SIZE: usize = 0x178;
 const BLOCK_EXTRA: usize = 0x17C;
-const BLOCKS: usize = 0x180;
+pub(super) const BLOCKS: usize = 0x180;
 const BLOCKS_ALLOCATED: usize = 0x184;
 const UUID_LINKAGE: usize = 0x1A8;
 const UUID_PARENT_MODIFY: usize = 0x1B8;
@@ -34,8 +34,10 @@ const TYPE_FIXED: u32 = 2;
 const TYPE_UNDO: u32 = 3;
 const TYPE_DIFF: u32 = 4;
 
-const BLOCK_FREE: u32 = 0xFFFF_FFFF;
-const BLOCK_ZERO: u32 = 0xFFFF_FFFE;
+/// Never written: reads as zeroes (qemu's VDI_UNALLOCATED).
+pub(super) const BLOCK_FREE: u32 = 0xFFFF_FFFF;
+/// Discarded or explicitly zero: reads as zeroes (qemu's VDI_DISCARDED).
+pub(super) const BLOCK_ZERO: u32 = 0xFFFF_FFFE;
 
 /// Smallest block size accepted (one sector).
 const MIN_BLOCK: u32 = 512;
@@ -51,20 +53,9 @@ pub(super) fn probe(r: &dyn ReadAt) -> Result<bool, FormatError> {
 pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<String>), FormatError> {
     let file_size = r.size()?;
     let h = read_exact(r, 0, HEADER_END, "VDI header")?;
-    // inspect() runs only after probe(); re-checked so this function stands on its own.
-    if le32(&h, SIGNATURE_AT as usize) != SIGNATURE {
-        return Err(FormatError::Corrupt(
-            "no VDI signature at offset 0x40".into(),
-        ));
-    }
-    let version = le32(&h, VERSION);
-    // Only the 1.x header layout is known here (0.x is laid out differently).
-    if version >> 16 != 1 {
-        return Err(FormatError::Unsupported {
-            format: DiskFormat::Vdi,
-            detail: format!("header version {}.{}", version >> 16, version & 0xFFFF),
-        });
-    }
+    // inspect() runs only after probe(); the signature is re-checked so this function stands
+    // on its own.
+    let version = check_version(&h)?;
     let header_size = le32(&h, HEADER_SIZE);
     // A v1 header shorter than VDIHEADER1 would leave the fields below undefined.
     if u64::from(header_size) < (HEADER_END - 0x48) as u64 {
@@ -73,14 +64,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
         )));
     }
 
-    let image_type = le32(&h, IMAGE_TYPE);
-    match image_type {
-        TYPE_NORMAL | TYPE_FIXED => {}
-        // Undo and differencing images hold only changes against a parent image.
-        TYPE_UNDO | TYPE_DIFF => return Err(FormatError::Differencing),
-        // Any other type is undefined.
-        other => return Err(FormatError::Corrupt(format!("unknown image type {other}"))),
-    }
+    let image_type = check_type(&h)?;
     // A parent UUID links this image to another one it reads through to.
     for at in [UUID_LINKAGE, UUID_PARENT_MODIFY] {
         if h.get(at..at + 16)
@@ -97,21 +81,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     if disk_size == 0 {
         return Err(FormatError::Corrupt("disk size is 0".into()));
     }
-    let block_size = le32(&h, BLOCK_SIZE);
-    // Blocks are addressed by shifting; a non-power-of-two or absurd size is a damaged header.
-    if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
-        return Err(FormatError::Corrupt(format!(
-            "block size {block_size} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
-        )));
-    }
-    let block_extra = le32(&h, BLOCK_EXTRA);
-    // Per-block extra data shifts every block's data; nothing writes it and qemu refuses it.
-    if block_extra != 0 {
-        return Err(FormatError::Unsupported {
-            format: DiskFormat::Vdi,
-            detail: format!("{block_extra} bytes of extra data per block"),
-        });
-    }
+    let block_size = check_blocks(&h)?;
     let blocks = le32(&h, BLOCKS);
     let allocated = le32(&h, BLOCKS_ALLOCATED);
     let bmap_bytes = u64::from(blocks) * 4;
@@ -206,80 +176,77 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     Ok((disk_size, findings))
 }
 
+/// The header's version, if it carries the VDI signature and its layout is the 1.x one the
+/// field offsets here describe (0.x is laid out differently).
+pub(super) fn check_version(h: &[u8]) -> Result<u32, FormatError> {
+    if le32(h, SIGNATURE_AT as usize) != SIGNATURE {
+        return Err(FormatError::Corrupt(
+            "no VDI signature at offset 0x40".into(),
+        ));
+    }
+    let version = le32(h, VERSION);
+    if version >> 16 != 1 {
+        return Err(FormatError::Unsupported {
+            format: DiskFormat::Vdi,
+            detail: format!("header version {}.{}", version >> 16, version & 0xFFFF),
+        });
+    }
+    Ok(version)
+}
+
+/// The image type, if it is a normal (dynamic) or fixed image.
+pub(super) fn check_type(h: &[u8]) -> Result<u32, FormatError> {
+    match le32(h, IMAGE_TYPE) {
+        t @ (TYPE_NORMAL | TYPE_FIXED) => Ok(t),
+        // Undo and differencing images hold only changes against a parent image.
+        TYPE_UNDO | TYPE_DIFF => Err(FormatError::Differencing),
+        // Any other type is undefined.
+        other => Err(FormatError::Corrupt(format!("unknown image type {other}"))),
+    }
+}
+
+/// The block size, if blocks can be found with it: a power of two within bounds (blocks are
+/// found by shifting and division, so a zero or absurd size is a damaged header) and no
+/// per-block extra data (it would shift every block's data; nothing writes it and qemu
+/// refuses it).
+pub(super) fn check_blocks(h: &[u8]) -> Result<u32, FormatError> {
+    let block_size = le32(h, BLOCK_SIZE);
+    if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
+        return Err(FormatError::Corrupt(format!(
+            "block size {block_size} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
+        )));
+    }
+    let block_extra = le32(h, BLOCK_EXTRA);
+    if block_extra != 0 {
+        return Err(FormatError::Unsupported {
+            format: DiskFormat::Vdi,
+            detail: format!("{block_extra} bytes of extra data per block"),
+        });
+    }
+    Ok(block_size)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::io;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
-    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, ReadAt, inspect};
+    use super::super::tests_support::{
+        assert_matches, create as qemu_create, flips_never_panic, have_qemu,
+    };
+    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, inspect};
     use super::{
         BLOCKS, DISK_SIZE, IMAGE_TYPE, OFF_BLOCKS, OFF_DATA, UUID_LINKAGE, UUID_PARENT_MODIFY,
     };
 
-    /// An image held in memory, so that tests can patch and cut it freely.
-    struct Mem<'a>(&'a [u8]);
-
-    impl ReadAt for Mem<'_> {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-            let start = usize::try_from(offset)
-                .unwrap_or(usize::MAX)
-                .min(self.0.len());
-            let n = buf.len().min(self.0.len() - start);
-            buf[..n].copy_from_slice(&self.0[start..start + n]);
-            Ok(n)
-        }
-        fn size(&self) -> io::Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
-
-    fn have_qemu() -> bool {
-        let ok = Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("qemu-img is missing; skipping");
-        }
-        ok
-    }
-
-    fn run(program: &str, args: &[&str]) {
-        let out = Command::new(program).args(args).output().expect("spawn");
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
     /// Creates a 64 MiB vdi image with data written in blocks 1 and 5.
     fn create(dir: &Path, name: &str, fixed: bool) -> PathBuf {
-        let path = dir.join(name);
-        let p = path.to_str().expect("utf-8 path");
         let static_opt = if fixed { "static=on" } else { "static=off" };
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "vdi", "-o", static_opt, p, "64M"],
-        );
-        run(
-            "qemu-io",
-            &[
-                "-f",
-                "vdi",
-                "-c",
-                "write -P 0xab 1M 64k",
-                "-c",
-                "write -P 0xcd 5M 64k",
-                p,
-            ],
-        );
-        path
+        let writes = ["write -P 0xab 1M 64k", "write -P 0xcd 5M 64k"];
+        qemu_create(dir, name, "vdi", &["-o", static_opt], "64M", &writes)
     }
 
     fn check(data: &[u8]) -> Result<DiskInfo, FormatError> {
-        inspect(&Mem(data), DiskFormat::Vdi, &Limits::default())
+        inspect(&data, DiskFormat::Vdi, &Limits::default())
     }
 
     fn dynamic() -> (tempfile::TempDir, Vec<u8>) {
@@ -328,28 +295,20 @@ mod tests {
         for t in [3, 4] {
             let mut bad = data.clone();
             put32(&mut bad, IMAGE_TYPE, t);
-            assert!(
-                matches!(check(&bad), Err(FormatError::Differencing)),
-                "type {t}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Differencing), "type {t}");
         }
         for at in [UUID_LINKAGE, UUID_PARENT_MODIFY] {
             let mut bad = data.clone();
             bad[at + 3] = 0x42;
-            assert!(
-                matches!(check(&bad), Err(FormatError::Differencing)),
-                "uuid at {at:#x}: {:?}",
-                check(&bad)
+            assert_matches!(
+                check(&bad),
+                Err(FormatError::Differencing),
+                "uuid at {at:#x}"
             );
         }
         let mut bad = data.clone();
         put32(&mut bad, IMAGE_TYPE, 9);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -359,11 +318,7 @@ mod tests {
         }
         let (_dir, mut data) = dynamic();
         data[DISK_SIZE..DISK_SIZE + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
-        assert!(
-            matches!(check(&data), Err(FormatError::TooLarge { .. })),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::TooLarge { .. }));
     }
 
     #[test]
@@ -376,18 +331,11 @@ mod tests {
             max_metadata_bytes: 128,
             ..Limits::default()
         };
-        let got = inspect(&Mem(&data), DiskFormat::Vdi, &limits);
-        assert!(
-            matches!(got, Err(FormatError::MetadataTooLarge { .. })),
-            "{got:?}"
-        );
+        let got = inspect(&data, DiskFormat::Vdi, &limits);
+        assert_matches!(got, Err(FormatError::MetadataTooLarge { .. }));
         let mut bad = data.clone();
         put32(&mut bad, BLOCKS, 0x4000_0000);
-        assert!(
-            matches!(check(&bad), Err(FormatError::MetadataTooLarge { .. })),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::MetadataTooLarge { .. }));
     }
 
     #[test]
@@ -413,26 +361,14 @@ mod tests {
             if at == DISK_SIZE {
                 put32(&mut bad, at + 4, 0);
             }
-            assert!(
-                matches!(check(&bad), Err(FormatError::Corrupt(_))),
-                "{what}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Corrupt(_)), "{what}");
         }
         let mut bad = data.clone();
         put32(&mut bad, 0x17C, 512);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Unsupported { .. })),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Unsupported { .. }));
         let mut bad = data.clone();
         put32(&mut bad, 0x44, 0x0000_0002);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Unsupported { .. })),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Unsupported { .. }));
     }
 
     #[test]
@@ -451,19 +387,11 @@ mod tests {
         // An index past the allocated blocks.
         let mut bad = data.clone();
         put32(&mut bad, bmap + 8, 2);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         // Two virtual blocks sharing one data block.
         let mut bad = data.clone();
         put32(&mut bad, bmap + 20, 0);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -483,13 +411,10 @@ mod tests {
             1 << 20,
             data.len() - 1,
         ] {
-            let got = check(&data[..cut]);
-            assert!(
-                matches!(
-                    got,
-                    Err(FormatError::Truncated(_) | FormatError::Corrupt(_))
-                ),
-                "cut at {cut}: {got:?}"
+            assert_matches!(
+                check(&data[..cut]),
+                Err(FormatError::Truncated(_) | FormatError::Corrupt(_)),
+                "cut at {cut}"
             );
         }
     }
@@ -501,29 +426,21 @@ mod tests {
         }
         let (_dir, data) = dynamic();
         let n = data.len();
-        for cut in (0..4096.min(n)).chain((4096..n).step_by(4093)) {
-            let _ = check(&data[..cut]);
-        }
-        let mut seed = 0x0123_4567_89AB_CDEFu64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..5000 {
-            let mut bad = data.clone();
-            for _ in 0..1 + next() % 4 {
-                let r = next() as usize;
-                // Mostly the numeric header fields and the block map.
-                let pos = if r.is_multiple_of(4) {
+        flips_never_panic(
+            &data,
+            DiskFormat::Vdi,
+            (0..4096.min(n)).chain((4096..n).step_by(4093)),
+            0x0123_4567_89AB_CDEF,
+            5000,
+            // Mostly the numeric header fields and the block map.
+            |r| {
+                if r.is_multiple_of(4) {
                     0x40 + r / 4 % 0x10
                 } else {
                     0x150 + r / 4 % 0x1B0
-                };
-                bad[pos] ^= 1 << (next() % 8);
-            }
-            let _ = check(&bad);
-        }
+                }
+            },
+            |_, _| {},
+        );
     }
 }

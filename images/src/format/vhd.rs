@@ -10,16 +10,16 @@ use super::{
     read_exact, read_some,
 };
 
-const FOOTER_LEN: usize = 512;
-const COOKIE: &[u8] = b"conectix";
-const DYN_HEADER_LEN: usize = 1024;
-const DYN_COOKIE: &[u8] = b"cxsparse";
-const SECTOR: u64 = 512;
-const UNALLOCATED: u32 = 0xFFFF_FFFF;
+pub(super) const FOOTER_LEN: usize = 512;
+pub(super) const COOKIE: &[u8] = b"conectix";
+pub(super) const DYN_HEADER_LEN: usize = 1024;
+pub(super) const DYN_COOKIE: &[u8] = b"cxsparse";
+pub(super) const SECTOR: u64 = 512;
+pub(super) const UNALLOCATED: u32 = 0xFFFF_FFFF;
 
-const DISK_FIXED: u32 = 2;
-const DISK_DYNAMIC: u32 = 3;
-const DISK_DIFFERENCING: u32 = 4;
+pub(super) const DISK_FIXED: u32 = 2;
+pub(super) const DISK_DYNAMIC: u32 = 3;
+pub(super) const DISK_DIFFERENCING: u32 = 4;
 
 /// Smallest block size accepted (qemu's lower bound: one sector).
 const MIN_BLOCK: u32 = 512;
@@ -28,21 +28,21 @@ const MAX_BLOCK: u32 = 256 << 20;
 
 // Footer fields.
 const F_VERSION: usize = 12;
-const F_DATA_OFFSET: usize = 16;
+pub(super) const F_DATA_OFFSET: usize = 16;
 const F_CREATOR_APP: usize = 28;
-const F_CURRENT_SIZE: usize = 48;
+pub(super) const F_CURRENT_SIZE: usize = 48;
 const F_CYLINDERS: usize = 56;
 const F_HEADS: usize = 58;
 const F_SECTORS: usize = 59;
-const F_DISK_TYPE: usize = 60;
-const F_CHECKSUM: usize = 64;
+pub(super) const F_DISK_TYPE: usize = 60;
+pub(super) const F_CHECKSUM: usize = 64;
 
 // Dynamic header fields.
-const D_TABLE_OFFSET: usize = 16;
+pub(super) const D_TABLE_OFFSET: usize = 16;
 const D_VERSION: usize = 24;
-const D_MAX_ENTRIES: usize = 28;
-const D_BLOCK_SIZE: usize = 32;
-const D_CHECKSUM: usize = 36;
+pub(super) const D_MAX_ENTRIES: usize = 28;
+pub(super) const D_BLOCK_SIZE: usize = 32;
+pub(super) const D_CHECKSUM: usize = 36;
 const D_LOCATORS: usize = 576;
 const LOCATOR_LEN: usize = 24;
 const LOCATOR_COUNT: usize = 8;
@@ -201,12 +201,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     }
 
     let block_size = be32(&dh, D_BLOCK_SIZE);
-    // Blocks are addressed by shifting; a non-power-of-two or absurd size is a damaged header.
-    if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
-        return Err(FormatError::Corrupt(format!(
-            "block size {block_size} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
-        )));
-    }
+    check_block_size(block_size)?;
     let entries = be32(&dh, D_MAX_ENTRIES);
     let bat_bytes = u64::from(entries) * 4;
     // The BAT is read whole; its size must be bounded before it is allocated.
@@ -243,11 +238,8 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     })?;
     let bat = read_exact(r, table_offset, bat_len, "VHD block allocation table")?;
 
-    // Each block is a sector bitmap (one bit per sector, padded to a sector) then the data.
-    let bitmap_len = u64::from(block_size)
-        .div_ceil(SECTOR * 8)
-        .next_multiple_of(SECTOR);
-    let span = bitmap_len + u64::from(block_size);
+    // Each block is a sector bitmap then the data.
+    let span = bitmap_len(u64::from(block_size)) + u64::from(block_size);
     let mut starts = Vec::new();
     for (i, e) in bat.chunks_exact(4).enumerate() {
         let sector = be32(e, 0);
@@ -273,6 +265,22 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     Ok((current_size, findings))
 }
 
+/// Refuses a block size that is not a power of two within bounds: blocks are found by shifting
+/// and division, so a zero or absurd size is a damaged header.
+pub(super) fn check_block_size(block_size: u32) -> Result<(), FormatError> {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
+        return Err(FormatError::Corrupt(format!(
+            "block size {block_size} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
+        )));
+    }
+    Ok(())
+}
+
+/// The length of a block's sector bitmap: one bit per sector, padded to whole sectors.
+pub(super) fn bitmap_len(block_size: u64) -> u64 {
+    block_size.div_ceil(SECTOR * 8).next_multiple_of(SECTOR)
+}
+
 /// Checks a footer's checksum and version.
 fn check_footer(f: &[u8], what: &str) -> Result<(), FormatError> {
     // A bad checksum means the footer was damaged or hand-edited; none of it can be trusted.
@@ -295,7 +303,7 @@ fn check_footer(f: &[u8], what: &str) -> Result<(), FormatError> {
 }
 
 /// One's complement of the byte sum, the checksum field itself left out.
-fn checksum(b: &[u8], field: usize) -> u32 {
+pub(super) fn checksum(b: &[u8], field: usize) -> u32 {
     let sum = b
         .iter()
         .enumerate()
@@ -361,72 +369,20 @@ fn check_disjoint(
 
 #[cfg(test)]
 mod tests {
-    use std::io;
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
-    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, ReadAt, inspect};
+    use super::super::tests_support::{
+        Patch, assert_matches, create as qemu_create, flips_never_panic, have_qemu,
+    };
+    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, inspect};
     use super::{D_CHECKSUM, D_LOCATORS, F_CHECKSUM, checksum};
-
-    /// A named change to an image.
-    type Patch = Box<dyn Fn(&mut [u8])>;
-
-    /// An image held in memory, so that tests can patch and cut it freely.
-    struct Mem<'a>(&'a [u8]);
-
-    impl ReadAt for Mem<'_> {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-            let start = usize::try_from(offset)
-                .unwrap_or(usize::MAX)
-                .min(self.0.len());
-            let n = buf.len().min(self.0.len() - start);
-            buf[..n].copy_from_slice(&self.0[start..start + n]);
-            Ok(n)
-        }
-        fn size(&self) -> io::Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
-
-    fn have_qemu() -> bool {
-        let ok = Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("qemu-img is missing; skipping");
-        }
-        ok
-    }
-
-    fn run(program: &str, args: &[&str]) {
-        let out = Command::new(program).args(args).output().expect("spawn");
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 
     /// Creates a 64 MiB vpc image with some data written at 1 MiB.
     fn create(dir: &Path, name: &str, subformat: &str) -> PathBuf {
-        let path = dir.join(name);
-        let p = path.to_str().expect("utf-8 path");
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "vpc",
-                "-o",
-                &format!("subformat={subformat}"),
-                p,
-                "64M",
-            ],
-        );
-        run("qemu-io", &["-f", "vpc", "-c", "write -P 0xab 1M 64k", p]);
-        path
+        let opts = format!("subformat={subformat}");
+        let write = "write -P 0xab 1M 64k";
+        qemu_create(dir, name, "vpc", &["-o", &opts], "64M", &[write])
     }
 
     fn qemu_size(path: &Path) -> u64 {
@@ -445,7 +401,7 @@ mod tests {
     }
 
     fn check(data: &[u8]) -> Result<DiskInfo, FormatError> {
-        inspect(&Mem(data), DiskFormat::Vhd, &Limits::default())
+        inspect(&data, DiskFormat::Vhd, &Limits::default())
     }
 
     fn dynamic() -> (tempfile::TempDir, Vec<u8>) {
@@ -518,11 +474,7 @@ mod tests {
         patch_footers(&mut data, |f| {
             f[60..64].copy_from_slice(&4u32.to_be_bytes())
         });
-        assert!(
-            matches!(check(&data), Err(FormatError::Differencing)),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::Differencing));
     }
 
     #[test]
@@ -534,11 +486,7 @@ mod tests {
         patch_dyn(&mut data, |dh| {
             dh[D_LOCATORS + 24..D_LOCATORS + 28].copy_from_slice(b"W2ku")
         });
-        assert!(
-            matches!(check(&data), Err(FormatError::Differencing)),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::Differencing));
     }
 
     #[test]
@@ -550,19 +498,11 @@ mod tests {
         let n = data.len();
         let mut bad = data.clone();
         bad[n - 512 + 48] ^= 1;
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         let mut bad = data.clone();
         let at = dyn_offset(&data);
         bad[at + 32] ^= 1;
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -576,11 +516,7 @@ mod tests {
         footer[48..56].copy_from_slice(&(128u64 << 20).to_be_bytes());
         let c = checksum(footer, F_CHECKSUM);
         footer[F_CHECKSUM..F_CHECKSUM + 4].copy_from_slice(&c.to_be_bytes());
-        assert!(
-            matches!(check(&data), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -592,22 +528,14 @@ mod tests {
         patch_footers(&mut data, |f| {
             f[48..56].copy_from_slice(&(1u64 << 60).to_be_bytes())
         });
-        assert!(
-            matches!(check(&data), Err(FormatError::TooLarge { .. })),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::TooLarge { .. }));
         // A fixed disk too.
         let dir = tempfile::tempdir().expect("tempdir");
         let mut fixed = std::fs::read(create(dir.path(), "f.vhd", "fixed")).expect("read");
         patch_footers(&mut fixed, |f| {
             f[48..56].copy_from_slice(&(1u64 << 60).to_be_bytes())
         });
-        assert!(
-            matches!(check(&fixed), Err(FormatError::TooLarge { .. })),
-            "{:?}",
-            check(&fixed)
-        );
+        assert_matches!(check(&fixed), Err(FormatError::TooLarge { .. }));
     }
 
     #[test]
@@ -620,21 +548,14 @@ mod tests {
             max_metadata_bytes: 64,
             ..Limits::default()
         };
-        let got = inspect(&Mem(&data), DiskFormat::Vhd, &limits);
-        assert!(
-            matches!(got, Err(FormatError::MetadataTooLarge { .. })),
-            "{got:?}"
-        );
+        let got = inspect(&data, DiskFormat::Vhd, &limits);
+        assert_matches!(got, Err(FormatError::MetadataTooLarge { .. }));
         // A huge entry count is refused before anything is read.
         let mut big = data.clone();
         patch_dyn(&mut big, |dh| {
             dh[28..32].copy_from_slice(&u32::MAX.to_be_bytes())
         });
-        assert!(
-            matches!(check(&big), Err(FormatError::MetadataTooLarge { .. })),
-            "{:?}",
-            check(&big)
-        );
+        assert_matches!(check(&big), Err(FormatError::MetadataTooLarge { .. }));
     }
 
     #[test]
@@ -668,22 +589,14 @@ mod tests {
         for (what, f) in cases {
             let mut bad = data.clone();
             patch_dyn(&mut bad, f);
-            assert!(
-                matches!(check(&bad), Err(FormatError::Corrupt(_))),
-                "{what}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Corrupt(_)), "{what}");
         }
         // Dynamic header offset outside the file.
         let mut bad = data.clone();
         patch_footers(&mut bad, |f| {
             f[16..24].copy_from_slice(&u64::MAX.to_be_bytes())
         });
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -702,27 +615,15 @@ mod tests {
         // A block past the end of the file.
         let mut bad = data.clone();
         bad[bat..bat + 4].copy_from_slice(&0x00FF_FFFFu32.to_be_bytes());
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         // A block over the BAT.
         let mut bad = data.clone();
         bad[bat..bat + 4].copy_from_slice(&u32::try_from(bat / 512).expect("sector").to_be_bytes());
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         // Two virtual blocks sharing one block in the file.
         let mut bad = data.clone();
         bad[bat + 4..bat + 8].copy_from_slice(&first);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -733,13 +634,10 @@ mod tests {
         let (_dir, data) = dynamic();
         let n = data.len();
         for cut in [512, 600, 1024, 1536, 2048, 4096, n / 2, n - 512, n - 1] {
-            let got = check(&data[..cut]);
-            assert!(
-                matches!(
-                    got,
-                    Err(FormatError::Truncated(_) | FormatError::Corrupt(_))
-                ),
-                "cut at {cut}: {got:?}"
+            assert_matches!(
+                check(&data[..cut]),
+                Err(FormatError::Truncated(_) | FormatError::Corrupt(_)),
+                "cut at {cut}"
             );
         }
         // A fixed disk cut short keeps its footer only if the cut removed data, which we catch.
@@ -747,11 +645,7 @@ mod tests {
         let fixed = std::fs::read(create(dir.path(), "f.vhd", "fixed")).expect("read");
         let mut short = fixed[..1 << 20].to_vec();
         short.extend_from_slice(&fixed[fixed.len() - 512..]);
-        assert!(
-            matches!(check(&short), Err(FormatError::Truncated(_))),
-            "{:?}",
-            check(&short)
-        );
+        assert_matches!(check(&short), Err(FormatError::Truncated(_)));
     }
 
     #[test]
@@ -761,38 +655,29 @@ mod tests {
         }
         let (_dir, data) = dynamic();
         let n = data.len();
-        for cut in (0..4096.min(n)).chain((4096..n).step_by(509)) {
-            let _ = check(&data[..cut]);
-        }
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
         let at = dyn_offset(&data);
-        for i in 0..3000u32 {
-            let mut bad = data.clone();
-            for _ in 0..1 + next() % 4 {
-                let r = next() as usize;
-                // Header region, dynamic header + BAT, or the trailing footer.
-                let pos = match r % 3 {
-                    0 => r / 3 % 512,
-                    1 => at + r / 3 % 2048,
-                    _ => n - 512 + r / 3 % 512,
-                };
-                bad[pos] ^= 1 << (next() % 8);
-            }
+        flips_never_panic(
+            &data,
+            DiskFormat::Vhd,
+            (0..4096.min(n)).chain((4096..n).step_by(509)),
+            0x9E37_79B9_7F4A_7C15,
+            3000,
+            // Header region, dynamic header + BAT, or the trailing footer.
+            |r| match r % 3 {
+                0 => r / 3 % 512,
+                1 => at + r / 3 % 2048,
+                _ => n - 512 + r / 3 % 512,
+            },
             // Half the time, make the checksums right so the flip reaches deeper checks.
-            if i.is_multiple_of(2) {
-                let footer = bad[n - 512..].to_vec();
-                patch_footers(&mut bad, |f| f.copy_from_slice(&footer));
-                if dyn_offset(&bad) == at {
-                    patch_dyn(&mut bad, |_| {});
+            |i, bad| {
+                if i.is_multiple_of(2) {
+                    let footer = bad[n - 512..].to_vec();
+                    patch_footers(bad, |f| f.copy_from_slice(&footer));
+                    if dyn_offset(bad) == at {
+                        patch_dyn(bad, |_| {});
+                    }
                 }
-            }
-            let _ = check(&bad);
-        }
+            },
+        );
     }
 }

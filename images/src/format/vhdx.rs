@@ -12,20 +12,20 @@ use super::{
 };
 
 const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
+pub(super) const MIB: u64 = 1 << 20;
 const FILE_ID: &[u8] = b"vhdxfile";
 const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
 const HEADER_LEN: usize = 4 << 10;
 const HEADER_SIG: &[u8] = b"head";
-const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
-const REGION_TABLE_LEN: usize = 64 << 10;
-const REGION_SIG: &[u8] = b"regi";
+pub(super) const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
+pub(super) const REGION_TABLE_LEN: usize = 64 << 10;
+pub(super) const REGION_SIG: &[u8] = b"regi";
 const MAX_REGION_ENTRIES: u32 = 2047;
-const METADATA_TABLE_LEN: usize = 64 << 10;
-const METADATA_SIG: &[u8] = b"metadata";
+pub(super) const METADATA_TABLE_LEN: usize = 64 << 10;
+pub(super) const METADATA_SIG: &[u8] = b"metadata";
 const MAX_METADATA_ENTRIES: u16 = 2047;
 /// The header section (file identifier, headers, region tables) is the first 1 MiB.
-const HEADER_SECTION: u64 = MIB;
+pub(super) const HEADER_SECTION: u64 = MIB;
 /// The spec's largest virtual disk.
 const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 const MIN_BLOCK: u32 = 1 << 20;
@@ -40,23 +40,26 @@ const H_LOG_OFFSET: usize = 72;
 
 // File Parameters flags.
 const LEAVE_BLOCKS_ALLOCATED: u32 = 1;
-const HAS_PARENT: u32 = 2;
+pub(super) const HAS_PARENT: u32 = 2;
 // Metadata entry flags.
 const IS_REQUIRED: u32 = 4;
 
-// BAT entry states.
-const PAYLOAD_NOT_PRESENT: u64 = 0;
-const PAYLOAD_UNDEFINED: u64 = 1;
-const PAYLOAD_ZERO: u64 = 2;
-const PAYLOAD_UNMAPPED: u64 = 3;
-const PAYLOAD_FULLY_PRESENT: u64 = 6;
-const PAYLOAD_PARTIALLY_PRESENT: u64 = 7;
+// BAT entry states (qemu's vhdx.h).
+pub(super) const PAYLOAD_NOT_PRESENT: u64 = 0;
+pub(super) const PAYLOAD_UNDEFINED: u64 = 1;
+pub(super) const PAYLOAD_ZERO: u64 = 2;
+pub(super) const PAYLOAD_UNMAPPED: u64 = 3;
+/// UNMAPPED in spec draft 0.95: the reader reads it as zeroes, as qemu does (the inspector
+/// refuses states 4 and 5 as undefined).
+pub(super) const PAYLOAD_UNMAPPED_V095: u64 = 5;
+pub(super) const PAYLOAD_FULLY_PRESENT: u64 = 6;
+pub(super) const PAYLOAD_PARTIALLY_PRESENT: u64 = 7;
 const SB_NOT_PRESENT: u64 = 0;
 
-type Guid = [u8; 16];
+pub(super) type Guid = [u8; 16];
 
 /// A GUID as stored on disk: the first three fields little-endian, the last eight bytes as is.
-const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
+pub(super) const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
     let a = a.to_le_bytes();
     let b = b.to_le_bytes();
     let c = c.to_le_bytes();
@@ -66,25 +69,25 @@ const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> Guid {
     ]
 }
 
-const BAT_REGION: Guid = guid(
+pub(super) const BAT_REGION: Guid = guid(
     0x2DC2_7766,
     0xF623,
     0x4200,
     [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08],
 );
-const METADATA_REGION: Guid = guid(
+pub(super) const METADATA_REGION: Guid = guid(
     0x8B7C_A206,
     0x4790,
     0x4B9A,
     [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E],
 );
-const FILE_PARAMETERS: Guid = guid(
+pub(super) const FILE_PARAMETERS: Guid = guid(
     0xCAA1_6737,
     0xFA36,
     0x4D43,
     [0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7, 0x6B],
 );
-const VIRTUAL_DISK_SIZE: Guid = guid(
+pub(super) const VIRTUAL_DISK_SIZE: Guid = guid(
     0x2FA5_4224,
     0xCD1B,
     0x4876,
@@ -96,7 +99,7 @@ const PAGE_83_DATA: Guid = guid(
     0x4523,
     [0x93, 0xEF, 0xC3, 0x09, 0xE0, 0x00, 0xC7, 0x46],
 );
-const LOGICAL_SECTOR_SIZE: Guid = guid(
+pub(super) const LOGICAL_SECTOR_SIZE: Guid = guid(
     0x8141_BF1D,
     0xA96F,
     0x4709,
@@ -408,12 +411,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
         )));
     }
     let block_size = le32(&params, 0);
-    // Blocks are addressed by shifting; the spec allows powers of two from 1 MiB to 256 MiB.
-    if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
-        return Err(FormatError::Corrupt(format!(
-            "block size {block_size} is not a power of two between 1 MiB and 256 MiB"
-        )));
-    }
+    check_block_size(block_size)?;
     let logical_sector = le32(
         &read_item(&LOGICAL_SECTOR_SIZE, "logical sector size", 4)?,
         0,
@@ -444,9 +442,8 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     }
 
     // --- BAT: payload entries interleaved with one sector-bitmap entry per chunk.
-    let chunk_ratio = ((1u64 << 23) * u64::from(logical_sector)) / u64::from(block_size);
-    let data_blocks = virtual_size.div_ceil(u64::from(block_size));
-    let entries = data_blocks + data_blocks.saturating_sub(1) / chunk_ratio;
+    let (chunk_ratio, data_blocks, entries) =
+        bat_geometry(virtual_size, u64::from(block_size), logical_sector);
     let bat_bytes = entries.saturating_mul(8);
     // The BAT is read whole; its size must be bounded before it is allocated.
     check_metadata("VHDX BAT", bat_bytes, limits)?;
@@ -528,6 +525,30 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
     );
     findings.push(format!("{allocated} of {data_blocks} blocks allocated"));
     Ok((virtual_size, findings))
+}
+
+/// Refuses a block size the spec does not allow (powers of two from 1 MiB to 256 MiB): blocks
+/// and chunks are found by shifting and division, so a zero or absurd size must not get there.
+pub(super) fn check_block_size(block_size: u32) -> Result<(), FormatError> {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
+        return Err(FormatError::Corrupt(format!(
+            "block size {block_size} is not a power of two between 1 MiB and 256 MiB"
+        )));
+    }
+    Ok(())
+}
+
+/// The BAT of a disk of `virtual_size` bytes: its chunk ratio (one sector-bitmap entry follows
+/// every `chunk_ratio` payload entries), its payload block count and its entry count.
+pub(super) fn bat_geometry(
+    virtual_size: u64,
+    block_size: u64,
+    logical_sector: u32,
+) -> (u64, u64, u64) {
+    let chunk_ratio = ((1u64 << 23) * u64::from(logical_sector)) / block_size;
+    let data_blocks = virtual_size.div_ceil(block_size);
+    let entries = data_blocks + data_blocks.saturating_sub(1) / chunk_ratio;
+    (chunk_ratio, data_blocks, entries)
 }
 
 /// `offset + length`, or a Corrupt error naming `what` when it overflows.
@@ -650,79 +671,26 @@ fn crc32c_update(mut state: u32, data: &[u8]) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io;
+pub(super) mod tests {
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
-    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, ReadAt, inspect};
+    use super::super::tests_support::{
+        Patch, assert_matches, create as qemu_create, flips_never_panic, have_qemu,
+    };
+    use super::super::{DiskFormat, DiskInfo, FormatError, Limits, inspect};
     use super::{
         FILE_PARAMETERS, Guid, PAGE_83_DATA, PARENT_LOCATOR, VIRTUAL_DISK_SIZE, crc32c_update, guid,
     };
 
-    /// A named change to an image.
-    type Patch = Box<dyn Fn(&mut [u8])>;
-
-    /// An image held in memory, so that tests can patch and cut it freely.
-    struct Mem<'a>(&'a [u8]);
-
-    impl ReadAt for Mem<'_> {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-            let start = usize::try_from(offset)
-                .unwrap_or(usize::MAX)
-                .min(self.0.len());
-            let n = buf.len().min(self.0.len() - start);
-            buf[..n].copy_from_slice(&self.0[start..start + n]);
-            Ok(n)
-        }
-        fn size(&self) -> io::Result<u64> {
-            Ok(self.0.len() as u64)
-        }
-    }
-
-    fn have_qemu() -> bool {
-        let ok = Command::new("qemu-img")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("qemu-img is missing; skipping");
-        }
-        ok
-    }
-
-    fn run(program: &str, args: &[&str]) {
-        let out = Command::new(program).args(args).output().expect("spawn");
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
     /// Creates a 64 MiB vhdx image with some data written at 1 MiB.
     fn create(dir: &Path, name: &str, subformat: &str) -> PathBuf {
-        let path = dir.join(name);
-        let p = path.to_str().expect("utf-8 path");
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "vhdx",
-                "-o",
-                &format!("subformat={subformat}"),
-                p,
-                "64M",
-            ],
-        );
-        run("qemu-io", &["-f", "vhdx", "-c", "write -P 0xab 1M 64k", p]);
-        path
+        let opts = format!("subformat={subformat}");
+        let write = "write -P 0xab 1M 64k";
+        qemu_create(dir, name, "vhdx", &["-o", &opts], "64M", &[write])
     }
 
     fn check(data: &[u8]) -> Result<DiskInfo, FormatError> {
-        inspect(&Mem(data), DiskFormat::Vhdx, &Limits::default())
+        inspect(&data, DiskFormat::Vhdx, &Limits::default())
     }
 
     fn dynamic() -> (tempfile::TempDir, Vec<u8>) {
@@ -736,7 +704,7 @@ mod tests {
         u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
     }
 
-    fn u64_at(b: &[u8], at: usize) -> u64 {
+    pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
         u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
     }
 
@@ -764,7 +732,7 @@ mod tests {
     }
 
     /// Offset of the region with this GUID, from region table 1.
-    fn region(data: &[u8], g: &Guid) -> usize {
+    pub(crate) fn region(data: &[u8], g: &Guid) -> usize {
         let rt = 192 << 10;
         let n = u32_at(data, rt + 8) as usize;
         (0..n)
@@ -788,7 +756,7 @@ mod tests {
     }
 
     /// The offset of this metadata item's data.
-    fn meta_item(data: &[u8], g: &Guid) -> usize {
+    pub(crate) fn meta_item(data: &[u8], g: &Guid) -> usize {
         region(data, &METADATA) + u32_at(data, meta_entry(data, g) + 16) as usize
     }
 
@@ -824,11 +792,7 @@ mod tests {
         let (_dir, mut data) = dynamic();
         let at = meta_item(&data, &FILE_PARAMETERS);
         data[at + 4] |= 2;
-        assert!(
-            matches!(check(&data), Err(FormatError::Differencing)),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::Differencing));
     }
 
     #[test]
@@ -839,11 +803,7 @@ mod tests {
         let (_dir, mut data) = dynamic();
         let e = meta_entry(&data, &PAGE_83_DATA);
         data[e..e + 16].copy_from_slice(&PARENT_LOCATOR);
-        assert!(
-            matches!(check(&data), Err(FormatError::Differencing)),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::Differencing));
     }
 
     #[test]
@@ -856,11 +816,7 @@ mod tests {
         let e = meta_entry(&data, &PAGE_83_DATA);
         let mut bad = data.clone();
         bad[e..e + 16].copy_from_slice(&unknown);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Unsupported { .. })),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Unsupported { .. }));
         // The same item, not marked required, is ignored.
         bad[e + 24] &= !4;
         assert!(check(&bad).is_ok(), "{:?}", check(&bad));
@@ -874,19 +830,15 @@ mod tests {
         let (_dir, mut data) = dynamic();
         let at = meta_item(&data, &VIRTUAL_DISK_SIZE);
         data[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
-        assert!(
-            matches!(check(&data), Err(FormatError::TooLarge { .. })),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::TooLarge { .. }));
         // Past the format's own limit, with a limit that would allow it.
         data[at..at + 8].copy_from_slice(&(128u64 << 40).to_le_bytes());
         let limits = Limits {
             max_virtual_size: u64::MAX,
             ..Limits::default()
         };
-        let got = inspect(&Mem(&data), DiskFormat::Vhdx, &limits);
-        assert!(matches!(got, Err(FormatError::Corrupt(_))), "{got:?}");
+        let got = inspect(&data, DiskFormat::Vhdx, &limits);
+        assert_matches!(got, Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -899,20 +851,13 @@ mod tests {
         let mut bad = data.clone();
         let at = meta_item(&bad, &VIRTUAL_DISK_SIZE);
         bad[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         let limits = Limits {
             max_metadata_bytes: 32,
             ..Limits::default()
         };
-        let got = inspect(&Mem(&data), DiskFormat::Vhdx, &limits);
-        assert!(
-            matches!(got, Err(FormatError::MetadataTooLarge { .. })),
-            "{got:?}"
-        );
+        let got = inspect(&data, DiskFormat::Vhdx, &limits);
+        assert_matches!(got, Err(FormatError::MetadataTooLarge { .. }));
     }
 
     #[test]
@@ -925,29 +870,17 @@ mod tests {
         for block in [0u32, 3 << 20, 512 << 10, 512 << 20] {
             let mut bad = data.clone();
             bad[params..params + 4].copy_from_slice(&block.to_le_bytes());
-            assert!(
-                matches!(check(&bad), Err(FormatError::Corrupt(_))),
-                "block {block}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Corrupt(_)), "block {block}");
         }
         let sector = meta_item(&data, &super::LOGICAL_SECTOR_SIZE);
         let mut bad = data.clone();
         bad[sector..sector + 4].copy_from_slice(&1024u32.to_le_bytes());
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         // An item whose data lies outside the metadata region.
         let e = meta_entry(&data, &VIRTUAL_DISK_SIZE);
         let mut bad = data.clone();
         bad[e + 16..e + 20].copy_from_slice(&(2u32 << 20).to_le_bytes());
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -965,38 +898,22 @@ mod tests {
         let mut both = data.clone();
         both[(64 << 10) + 100] ^= 0xFF;
         both[(128 << 10) + 100] ^= 0xFF;
-        assert!(
-            matches!(check(&both), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&both)
-        );
+        assert_matches!(check(&both), Err(FormatError::Corrupt(_)));
         // Equal sequence numbers with different contents.
         let mut same = data.clone();
         patch_headers(&mut same, |h| h[8..16].copy_from_slice(&7u64.to_le_bytes()));
         same[(64 << 10) + 16] ^= 1;
         fix_crc(&mut same, 64 << 10, 4096);
-        assert!(
-            matches!(check(&same), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&same)
-        );
+        assert_matches!(check(&same), Err(FormatError::Corrupt(_)));
         // A damaged first region table.
         let mut bad = data.clone();
         bad[(192 << 10) + 40] ^= 1;
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
         // Two valid region tables that differ.
         let mut bad = data.clone();
         bad[(256 << 10) + 60000] ^= 1;
         fix_crc(&mut bad, 256 << 10, 64 << 10);
-        assert!(
-            matches!(check(&bad), Err(FormatError::Corrupt(_))),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Corrupt(_)));
     }
 
     #[test]
@@ -1006,11 +923,7 @@ mod tests {
         }
         let (_dir, mut data) = dynamic();
         patch_headers(&mut data, |h| h[48] = 1);
-        assert!(
-            matches!(check(&data), Err(FormatError::Unsupported { .. })),
-            "{:?}",
-            check(&data)
-        );
+        assert_matches!(check(&data), Err(FormatError::Unsupported { .. }));
     }
 
     #[test]
@@ -1045,11 +958,7 @@ mod tests {
         for (what, f) in cases {
             let mut bad = data.clone();
             patch_regions(&mut bad, f);
-            assert!(
-                matches!(check(&bad), Err(FormatError::Corrupt(_))),
-                "{what}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Corrupt(_)), "{what}");
         }
         // An unknown region marked required.
         let mut bad = data.clone();
@@ -1060,11 +969,7 @@ mod tests {
             rt[104..108].copy_from_slice(&(1u32 << 20).to_le_bytes());
             rt[108] = 1;
         });
-        assert!(
-            matches!(check(&bad), Err(FormatError::Unsupported { .. })),
-            "{:?}",
-            check(&bad)
-        );
+        assert_matches!(check(&bad), Err(FormatError::Unsupported { .. }));
     }
 
     #[test]
@@ -1086,11 +991,7 @@ mod tests {
         ] {
             let mut bad = data.clone();
             bad[bat + 8 * index..bat + 8 * index + 8].copy_from_slice(&entry.to_le_bytes());
-            assert!(
-                matches!(check(&bad), Err(FormatError::Corrupt(_))),
-                "{what}: {:?}",
-                check(&bad)
-            );
+            assert_matches!(check(&bad), Err(FormatError::Corrupt(_)), "{what}");
         }
     }
 
@@ -1112,13 +1013,10 @@ mod tests {
             9 << 20,
             data.len() - 1,
         ] {
-            let got = check(&data[..cut]);
-            assert!(
-                matches!(
-                    got,
-                    Err(FormatError::Truncated(_) | FormatError::Corrupt(_))
-                ),
-                "cut at {cut}: {got:?}"
+            assert_matches!(
+                check(&data[..cut]),
+                Err(FormatError::Truncated(_) | FormatError::Corrupt(_)),
+                "cut at {cut}"
             );
         }
     }
@@ -1130,65 +1028,47 @@ mod tests {
         }
         let (_dir, data) = dynamic();
         let n = data.len();
-        for cut in (0..2048).chain((2048..n).step_by(4093)) {
-            let _ = check(&data[..cut]);
-        }
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
         let meta = region(&data, &METADATA);
         let bat = region(&data, &BAT);
-        for i in 0..1500u32 {
-            let mut bad = data.clone();
-            for _ in 0..1 + next() % 4 {
-                let r = next() as usize;
-                let pos = match r % 5 {
-                    0 => (64 << 10) + r / 5 % 128,
-                    1 => (128 << 10) + r / 5 % 128,
-                    2 => (192 << 10) + r / 5 % 256,
-                    3 => meta + r / 5 % 256,
-                    _ => bat + r / 5 % 128,
-                };
-                bad[pos] ^= 1 << (next() % 8);
-            }
+        flips_never_panic(
+            &data,
+            DiskFormat::Vhdx,
+            (0..2048).chain((2048..n).step_by(4093)),
+            0x2545_F491_4F6C_DD1D,
+            1500,
+            |r| match r % 5 {
+                0 => (64 << 10) + r / 5 % 128,
+                1 => (128 << 10) + r / 5 % 128,
+                2 => (192 << 10) + r / 5 % 256,
+                3 => meta + r / 5 % 256,
+                _ => bat + r / 5 % 128,
+            },
             // Half the time, make the CRCs right so the flip reaches deeper checks.
-            if i.is_multiple_of(2) {
-                fix_crc(&mut bad, 64 << 10, 4096);
-                fix_crc(&mut bad, 128 << 10, 4096);
-                let rt = bad[192 << 10..256 << 10].to_vec();
-                bad[256 << 10..320 << 10].copy_from_slice(&rt);
-                fix_crc(&mut bad, 192 << 10, 64 << 10);
-                fix_crc(&mut bad, 256 << 10, 64 << 10);
-            }
-            let _ = check(&bad);
-        }
+            |i, bad| {
+                if i.is_multiple_of(2) {
+                    fix_crc(bad, 64 << 10, 4096);
+                    fix_crc(bad, 128 << 10, 4096);
+                    let rt = bad[192 << 10..256 << 10].to_vec();
+                    bad[256 << 10..320 << 10].copy_from_slice(&rt);
+                    fix_crc(bad, 192 << 10, 64 << 10);
+                    fix_crc(bad, 256 << 10, 64 << 10);
+                }
+            },
+        );
     }
 }
 
 #[cfg(test)]
 mod partial_last_block {
-    use super::super::tests_support::qemu_img;
+    use super::super::tests_support::create;
     use super::super::{DiskFormat, Limits, inspect};
 
     /// qemu ends a fixed VHDX at the disk's last byte, inside the last block.
     #[test]
     fn a_fixed_image_whose_size_is_not_a_whole_number_of_blocks_is_accepted() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("fixed.vhdx");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "subformat=fixed,block_state_zero=off,block_size=8M",
-            p.to_str().expect("p"),
-            "20M",
-        ]);
+        let opts = ["-o", "subformat=fixed,block_state_zero=off,block_size=8M"];
+        let p = create(dir.path(), "fixed.vhdx", "vhdx", &opts, "20M", &[]);
         let info = inspect(
             &std::fs::File::open(&p).expect("open"),
             DiskFormat::Vhdx,

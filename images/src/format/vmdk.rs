@@ -13,9 +13,11 @@ use super::{
     DiskFormat, FormatError, Limits, ReadAt, check_metadata, le32, le64, read_exact, read_some,
 };
 
-const MAGIC: &[u8; 4] = b"KDMV";
-const GD_AT_END: u64 = u64::MAX;
-const SECTOR: u64 = 512;
+pub(super) const MAGIC: &[u8; 4] = b"KDMV";
+pub(super) const GD_AT_END: u64 = u64::MAX;
+pub(super) const SECTOR: u64 = 512;
+/// Header flag: grains are deflate-compressed (streamOptimized).
+pub(super) const COMPRESSED: u32 = 1 << 16;
 /// Descriptors are small text; anything bigger is not a descriptor we want to parse.
 const MAX_DESCRIPTOR: u64 = 1 << 20;
 
@@ -36,18 +38,22 @@ fn is_text_descriptor(head: &[u8]) -> bool {
             .contains("createtype")
 }
 
-struct Header {
+/// The fields of a sparse header (or of a streamOptimized footer, laid out the same).
+pub(super) struct Header {
     version: u32,
-    flags: u32,
-    capacity: u64,
-    grain: u64,
+    pub(super) flags: u32,
+    /// In sectors.
+    pub(super) capacity: u64,
+    /// In sectors.
+    pub(super) grain: u64,
     desc_offset: u64,
     desc_size: u64,
-    gtes_per_gt: u32,
-    gd_offset: u64,
+    pub(super) gtes_per_gt: u32,
+    /// In sectors.
+    pub(super) gd_offset: u64,
 }
 
-fn parse_header(h: &[u8]) -> Header {
+pub(super) fn parse_header(h: &[u8]) -> Header {
     Header {
         version: le32(h, 4),
         flags: le32(h, 8),
@@ -139,7 +145,7 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
             h.gd_offset
         )));
     }
-    if h.flags & (1 << 16) != 0 {
+    if h.flags & COMPRESSED != 0 {
         findings.push("compressed grains".into());
     }
 
@@ -274,18 +280,12 @@ impl Descriptor {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests_support::{corrupt_everywhere, qemu_img, write};
+    use super::super::tests_support::{convert, corrupt_everywhere, create, write};
     use super::super::{DiskFormat, FormatError, Limits, inspect};
     use std::path::{Path, PathBuf};
 
     fn vmdk(dir: &Path, name: &str, opts: &[&str], size: &str) -> PathBuf {
-        let path = dir.join(name);
-        let mut args = vec!["create", "-q", "-f", "vmdk"];
-        args.extend_from_slice(opts);
-        args.push(path.to_str().expect("path"));
-        args.push(size);
-        qemu_img(&args);
-        path
+        create(dir, name, "vmdk", opts, size, &[])
     }
 
     fn check(path: &Path) -> Result<super::super::DiskInfo, FormatError> {
@@ -304,19 +304,12 @@ mod tests {
         // streamOptimized only comes from a conversion with data.
         let raw = dir.path().join("d.raw");
         write(&raw, &[vec![7u8; 1 << 20], vec![0u8; 3 << 20]].concat());
-        let stream = dir.path().join("so.vmdk");
-        qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
+        let stream = convert(
+            &raw,
+            dir.path().join("so.vmdk"),
             "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            raw.to_str().expect("p"),
-            stream.to_str().expect("p"),
-        ]);
+            &["-o", "subformat=streamOptimized"],
+        );
         let info = check(&stream).expect("streamOptimized");
         assert_eq!(info.virtual_size, 4 << 20);
         assert!(

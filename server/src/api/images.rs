@@ -22,7 +22,7 @@ use crate::catalog::images::{self as catalog_images, ImagePatch, ListQuery, NewI
 use crate::catalog::tenancy::Caller;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::{ingest, stream};
+use crate::ingest;
 
 /// Media type of a manifest bundle (see `kagami_images::manifest`).
 pub const MANIFEST_TYPE: &str = "application/vnd.kagami.manifest.v1";
@@ -147,7 +147,7 @@ async fn upload(
             claimed,
         )
         .await;
-        finish_upload(&app, caller, id, received.map(|(m, _)| m)).await
+        ingest::commit_or_fail(&app.catalog, caller, id, received.map(|(m, _)| m)).await
     })
     .await?;
     Ok(Json(image))
@@ -156,29 +156,87 @@ async fn upload(
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImportQuery {
-    /// The format the uploaded file is claimed to be.
+    /// The format the uploaded file is claimed to be (for a file in the body).
+    disk_format: Option<DiskFormat>,
+}
+
+/// A JSON body: import from a source URL, as a durable job.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportFromUrl {
+    source_url: String,
     disk_format: DiskFormat,
 }
 
-/// `POST /v1/images/{id}/import?disk_format=F`: an image file in any accepted format. The body
-/// is staged in the data directory, inspected as `F` (refused with the inspector's reason
-/// otherwise), read as its logical disk, and fed through the same ingest path as raw uploads —
-/// including the check that the resulting disk is itself raw. The staged file is deleted.
+/// `POST /v1/images/{id}/import`: either
+/// - a file in the body (`?disk_format=F`): staged, inspected as F (refused with the
+///   inspector's reason otherwise), read as its logical disk and ingested, in this request; or
+/// - JSON `{"source_url": "http://…", "disk_format": "F"}` (admin only: the server fetches the
+///   URL, so members must not point it at internal addresses): a durable job, answered `202`
+///   with the job to poll at `/v1/jobs/{id}`.
 async fn import(
     State(app): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<ImportQuery>,
+    headers: HeaderMap,
     body: Body,
-) -> Result<Json<Image>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if json {
+        let bytes = axum::body::to_bytes(body, app.config.limits.max_json_bytes)
+            .await
+            .map_err(|_| {
+                ApiError::TooLarge("the JSON body is larger than limits.max_json_bytes".into())
+            })?;
+        let req: ImportFromUrl = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad("invalid_body", e.to_string()))?;
+        caller.require_admin()?;
+        check_source(&req.source_url)?;
+        let job = app
+            .catalog
+            .run(move |c| {
+                crate::catalog::jobs::enqueue_import(
+                    c,
+                    &caller,
+                    id,
+                    &req.source_url,
+                    req.disk_format.as_str(),
+                )
+            })
+            .await?;
+        return Ok((StatusCode::ACCEPTED, Json(job)).into_response());
+    }
+    let claimed = q.disk_format.ok_or_else(|| {
+        ApiError::bad(
+            "invalid_query",
+            "say what the file is: ?disk_format=qcow2 (or send JSON with a source_url)",
+        )
+    })?;
     let image = run_to_end(async move {
         let image = begin_upload(&app, &caller, id).await?;
-        let received = import_file(&app, &image, q.disk_format, body).await;
-        finish_upload(&app, caller, id, received).await
+        let received = import_file(&app, &image, claimed, body).await;
+        ingest::commit_or_fail(&app.catalog, caller, id, received).await
     })
     .await?;
-    Ok(Json(image))
+    Ok(Json(image).into_response())
+}
+
+/// Source URLs: plain http for now, with a host; nothing else is fetched.
+fn check_source(url: &str) -> Result<(), ApiError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ApiError::bad("invalid_source", format!("'{url}' is not a URL: {e}")))?;
+    if parsed.scheme() != "http" || parsed.host_str().is_none() {
+        return Err(ApiError::bad(
+            "invalid_source",
+            "only http:// source URLs are fetched today (https and s3 come next); upload the file instead",
+        ));
+    }
+    Ok(())
 }
 
 async fn import_file(
@@ -187,52 +245,19 @@ async fn import_file(
     claimed: DiskFormat,
     body: Body,
 ) -> Result<Manifest, ApiError> {
-    // ISO images are for transitional boots only, and only ISOs may become them.
-    let disk = if image.kind == ImageKind::Iso {
-        DiskFormat::Iso
-    } else {
-        DiskFormat::Raw
-    };
-    if (claimed == DiskFormat::Iso) != (image.kind == ImageKind::Iso) {
-        return Err(ApiError::bad(
-            "format_mismatch",
-            format!(
-                "a {} image cannot be made from a {claimed} file; ISO files make kind=iso images only",
-                image.kind
-            ),
-        ));
-    }
+    ingest::check_kind(image, claimed)?;
     let staged = super::formats::stage(app, body).await?;
-    let limits = format::Limits {
-        max_virtual_size: app.config.limits.max_image_bytes,
-        ..Default::default()
-    };
-    let file = staged.reopen()?;
-    let reader = tokio::task::spawn_blocking(move || {
-        let info = format::inspect(&file, claimed, &limits)?;
-        format::read::open(file, &info, &limits)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
-    .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
-    let rx = stream::logical(reader);
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let limits = ingest::ReceiveLimits {
-        max_bytes: app.config.limits.max_image_bytes,
-        idle: Duration::from_secs(app.config.limits.upload_idle_secs),
-    };
-    let (manifest, _) = ingest::receive(
-        app.catalog.clone(),
-        app.store.clone(),
-        Box::pin(body),
-        limits,
-        disk,
+    let manifest = ingest::convert_file(
+        &app.catalog,
+        &app.store,
+        &app.config.limits,
+        image,
+        claimed,
+        staged.reopen()?,
     )
-    .await?;
+    .await;
     drop(staged);
-    Ok(manifest)
+    manifest
 }
 
 /// Runs an upload in its own task, so a client that hangs up at any point cannot leave its
@@ -251,30 +276,6 @@ async fn begin_upload(app: &AppState, caller: &Caller, id: Uuid) -> Result<Image
     app.catalog
         .run(move |c| catalog_images::begin_upload(c, &who, id))
         .await
-}
-
-/// Commits a received manifest, or records why the upload failed.
-async fn finish_upload(
-    app: &AppState,
-    caller: Caller,
-    id: Uuid,
-    received: Result<Manifest, ApiError>,
-) -> Result<Image, ApiError> {
-    let result = match received {
-        Ok(manifest) => {
-            app.catalog
-                .run(move |c| catalog_images::commit(c, &caller, id, &manifest))
-                .await
-        }
-        Err(e) => Err(e),
-    };
-    if let Err(e) = &result {
-        let reason = e.to_string();
-        app.catalog
-            .run(move |c| catalog_images::fail_upload(c, id, &reason))
-            .await?;
-    }
-    result
 }
 
 /// `PUT /v1/images/{id}/manifest`: makes an image from blocks already uploaded with
@@ -303,7 +304,7 @@ async fn commit_manifest(
     }
     let image = run_to_end(async move {
         begin_upload(&app, &caller, id).await?;
-        finish_upload(&app, caller, id, Ok(manifest)).await
+        ingest::commit_or_fail(&app.catalog, caller, id, Ok(manifest)).await
     })
     .await?;
     Ok(Json(image))

@@ -6,6 +6,7 @@ mod admin;
 mod blocks;
 mod formats;
 mod images;
+mod jobs;
 
 pub use admin::StoreStats;
 pub use images::DIGEST_HEADER;
@@ -49,7 +50,8 @@ pub fn router(state: AppState) -> Router {
             images::routes(&state.config)
                 .merge(blocks::routes(&state.config))
                 .merge(admin::routes(json_limit))
-                .merge(formats::routes()),
+                .merge(formats::routes())
+                .merge(jobs::routes()),
         )
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::NoRoute(uri.path().chars().take(200).collect())

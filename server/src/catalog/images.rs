@@ -627,12 +627,14 @@ pub fn manifest_index(
 }
 
 /// At start-up: uploads the previous run left in flight can never finish; mark them failed so
-/// they never turn active, and let GC reclaim their blocks.
+/// they never turn active, and let GC reclaim their blocks. Images fed by a durable job are
+/// left `saving`: their job runs again.
 pub fn fail_interrupted(conn: &Connection) -> Result<usize, ApiError> {
     Ok(conn.execute(
         "UPDATE images SET status = 'failed', status_reason = 'the server stopped during the upload; upload again',
              upload_started_at = NULL, updated_at = ?1
-         WHERE status = 'saving'",
+         WHERE status = 'saving'
+           AND id NOT IN (SELECT image_id FROM jobs WHERE state IN ('queued', 'running'))",
         [now_ms()],
     )?)
 }

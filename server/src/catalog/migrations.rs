@@ -75,6 +75,27 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX blocks_by_pack ON blocks(pack);
     CREATE INDEX blocks_unreferenced ON blocks(touched_at) WHERE refcount = 0;
     "#,
+    // 2: durable jobs (imports from a source URL today).
+    r#"
+    CREATE TABLE jobs (
+        id          TEXT PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        image_id    TEXT NOT NULL,
+        owner       TEXT NOT NULL REFERENCES projects(name),
+        source_url  TEXT,
+        disk_format TEXT NOT NULL,
+        state       TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+        phase       TEXT,
+        bytes_done  INTEGER NOT NULL DEFAULT 0,
+        bytes_total INTEGER,
+        error       TEXT,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE INDEX jobs_by_state ON jobs(state, created_at);
+    CREATE INDEX jobs_by_image ON jobs(image_id);
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -11,6 +11,7 @@
 
 pub mod blocks;
 pub mod images;
+pub mod jobs;
 mod migrations;
 pub mod tenancy;
 

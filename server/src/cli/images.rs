@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use super::client::Client;
 use super::{Output, human_bytes, print};
 use crate::api::DIGEST_HEADER;
+use crate::catalog::jobs::Job;
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
@@ -34,9 +35,14 @@ pub enum ImageCommand {
         #[arg(long)]
         format: Option<DiskFormat>,
     },
-    /// Create an image and upload FILE (raw, ISO, qcow2, …) into it, in one step.
+    /// Create an image and upload FILE (raw, ISO, qcow2, …) into it, in one step; or, with
+    /// --source, have the server fetch the file as a durable job and follow its progress.
     Import {
-        file: PathBuf,
+        #[arg(required_unless_present = "source")]
+        file: Option<PathBuf>,
+        /// An http:// URL the server fetches (admin; needs --format).
+        #[arg(long, conflicts_with = "file", requires = "format")]
+        source: Option<String>,
         /// The file's format [default: what its signature says, else raw].
         #[arg(long)]
         format: Option<DiskFormat>,
@@ -289,10 +295,32 @@ pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
             show(&image);
         }
         ImageCommand::Import {
-            file,
+            file: None,
+            source: Some(url),
+            format: Some(format),
+            meta,
+            output,
+        } => {
+            let created: Image = client
+                .call(Method::POST, "/v1/images", &meta.body())
+                .await?;
+            let id = created.id;
+            let body = serde_json::json!({ "source_url": url, "disk_format": format });
+            let job: Job = client
+                .call(Method::POST, &format!("/v1/images/{id}/import"), &body)
+                .await?;
+            let image = follow(client, &job).await?;
+            print(output, &image, show)?;
+        }
+        ImageCommand::Import { file: None, .. } => {
+            bail!("give a FILE, or --source URL with --format")
+        }
+        ImageCommand::Import {
+            file: Some(file),
             format,
             meta,
             output,
+            ..
         } => {
             if !file.is_file() {
                 bail!("{} is not a readable file", file.display());
@@ -389,6 +417,30 @@ pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
         } => download(client, &id, &output, format, !no_verify).await?,
     }
     Ok(())
+}
+
+/// Follows a job to its end with a progress bar; returns the image it made.
+async fn follow(client: &Client, job: &Job) -> anyhow::Result<Image> {
+    let pb = bar(0, "importing");
+    let path = format!("/v1/jobs/{}", job.id);
+    let outcome = loop {
+        let now: Job = client.get(&path).await?;
+        if let Some(total) = now.bytes_total {
+            pb.set_length(total);
+        }
+        pb.set_position(now.bytes_done);
+        pb.set_message(now.phase.clone().unwrap_or_default());
+        match now.state.as_str() {
+            "succeeded" => break Ok(()),
+            "failed" => break Err(now.error.unwrap_or_default()),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    };
+    pb.finish_and_clear();
+    if let Err(e) = outcome {
+        bail!("import job {} failed: {e}", job.id);
+    }
+    client.get(&format!("/v1/images/{}", job.image_id)).await
 }
 
 fn show(i: &Image) {

@@ -1,4 +1,5 @@
-//! Background work. Today: garbage collection. Durable import/export/copy jobs arrive with the
-//! formats and replication work.
+//! Background work: garbage collection, and durable jobs (imports from a source URL today;
+//! exports, copies and replication will join them).
 
 pub mod gc;
+pub mod import;

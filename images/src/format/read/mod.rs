@@ -33,11 +33,39 @@ enum Run {
     Zero { len: u64 },
 }
 
+/// Where a format's tables put each stretch of its logical disk.
+trait Locate: Send {
+    /// Where the stretch starting at `pos` lives (`r` is the file, for tables read lazily).
+    fn locate(&mut self, r: &dyn ReadAt, pos: u64) -> Result<Run, FormatError>;
+}
+
+/// An image whose map says where each stretch of its disk lives, read with [`read_runs`]: the
+/// VHD, VHDX, VDI and QED readers.
+struct Mapped<R, M> {
+    r: R,
+    size: u64,
+    /// Where the file's data area ends: no disk byte lies at or past it.
+    data_end: u64,
+    map: M,
+}
+
+impl<R: ReadAt + Send, M: Locate> Logical for Mapped<R, M> {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
+        let map = &mut self.map;
+        read_runs(&self.r, self.data_end, self.size, buf, offset, |r, pos| {
+            map.locate(r, pos)
+        })
+    }
+}
+
 /// Fills `buf` with the logical disk at `offset`: `locate(r, pos)` says where the stretch
 /// starting at `pos` lives (it may be longer than needed). Every stored stretch must end at or
 /// before `data_end` (where the file's data area ends), or the read fails as corrupt; stored
-/// stretches that follow each other in the file are read with one call. The read loop of the
-/// VHD, VHDX, VDI and QED readers.
+/// stretches that follow each other in the file are read with one call.
 fn read_runs(
     r: &dyn ReadAt,
     data_end: u64,

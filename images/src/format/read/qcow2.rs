@@ -190,15 +190,16 @@ impl<R: ReadAt + Send> Logical for Qcow2<R> {
     }
 
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        read_by_unit(buf, offset, self.cluster(), |index, out| self.read_cluster(index, out))
+        read_by_unit(buf, offset, self.cluster(), |index, out| {
+            self.read_cluster(index, out)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::tests_support::{qemu_img, write};
-    use super::super::super::{DiskFormat, Limits, inspect};
-    use super::super::open;
+    use super::super::super::DiskFormat;
+    use super::super::super::tests_support::{convert, open_file, read_in_pieces, write};
 
     /// Converts a raw disk to qcow2 with `opts`, reads it back logically, compares.
     #[test]
@@ -228,28 +229,10 @@ mod tests {
             ),
             ("v2", vec!["-o", "compat=0.10"]),
         ] {
-            let q = d.join(format!("{name}.qcow2"));
-            let mut args = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
-            args.extend_from_slice(&opts);
-            args.push(raw.to_str().expect("p"));
-            args.push(q.to_str().expect("p"));
-            qemu_img(&args);
-            let file = std::fs::File::open(&q).expect("open");
-            let info = inspect(&file, DiskFormat::Qcow2, &Limits::default()).expect("accepted");
-            let mut reader = open(file, &info, &Limits::default()).expect("opens");
-            let mut out = vec![0u8; disk.len()];
+            let q = convert(&raw, d.join(format!("{name}.qcow2")), "qcow2", &opts);
+            let (_, mut reader) = open_file(&q, DiskFormat::Qcow2);
             // Read in odd pieces to cross cluster boundaries.
-            let mut at = 0;
-            for piece in [1usize, 4095, 70_000, 1 << 20].iter().cycle() {
-                if at >= out.len() {
-                    break;
-                }
-                let n = (*piece).min(out.len() - at);
-                reader
-                    .read_logical(&mut out[at..at + n], at as u64)
-                    .expect("reads");
-                at += n;
-            }
+            let out = read_in_pieces(&mut *reader, &[1, 4095, 70_000, 1 << 20]).expect("reads");
             assert!(out == disk, "{name}: logical content differs");
         }
     }

@@ -6,16 +6,10 @@
 //! by the inspector and again here) and a few 64 KiB pieces of L2 tables, not whole tables
 //! (one table may be 16 clusters of 64 MiB).
 
-use super::super::{DiskInfo, FormatError, Limits, ReadAt, check_metadata, le32, le64, read_exact};
-use super::Logical;
-use super::vhd::{Run, read_runs, same_size};
+use super::super::qed::{self, F_BACKING_FILE, Header, check_geometry, read_header};
+use super::super::{DiskInfo, FormatError, Limits, ReadAt, check_metadata, le64, read_exact};
+use super::{Locate, Logical, Mapped, Run, same_size};
 
-const MAGIC: &[u8] = b"QED\0";
-const HEADER_LEN: usize = 64;
-const F_BACKING_FILE: u64 = 0x01;
-const MIN_CLUSTER: u32 = 4 << 10;
-const MAX_CLUSTER: u32 = 64 << 20;
-const MAX_TABLE: u32 = 16;
 /// An unallocated cluster (or L2 table).
 const UNALLOCATED: u64 = 0;
 /// qemu's zero-cluster marker (qed.h `qed_offset_is_zero_cluster`): reads as zeroes.
@@ -31,32 +25,22 @@ pub(super) fn open<R: ReadAt + Send + 'static>(
     limits: &Limits,
 ) -> Result<Box<dyn Logical>, FormatError> {
     let file_size = r.size()?;
-    let h = read_exact(&r, 0, HEADER_LEN, "the QED header")?;
-    if !h.starts_with(MAGIC) {
-        return Err(FormatError::Corrupt("no QED magic at offset 0".into()));
-    }
-    let cluster_size = le32(&h, 4);
-    let table_size = le32(&h, 8);
-    let header_size = le32(&h, 12);
-    let features = le64(&h, 16);
-    let l1_offset = le64(&h, 40);
-    let size = le64(&h, 48);
+    let Header {
+        cluster_size,
+        table_size,
+        header_size,
+        features,
+        l1_offset,
+        image_size: size,
+        ..
+    } = read_header(&r, "the QED header")?;
     same_size(size, info)?;
     // Unallocated clusters would have to be read from the backing file.
     if features & F_BACKING_FILE != 0 {
         return Err(FormatError::BackingFile("named in the QED header".into()));
     }
     // Clusters and tables are found by division; zero or absurd sizes must not get there.
-    if !cluster_size.is_power_of_two() || !(MIN_CLUSTER..=MAX_CLUSTER).contains(&cluster_size) {
-        return Err(FormatError::Corrupt(format!(
-            "cluster size {cluster_size} is not a power of two between 4 KiB and 64 MiB"
-        )));
-    }
-    if !table_size.is_power_of_two() || table_size > MAX_TABLE {
-        return Err(FormatError::Corrupt(format!(
-            "table size {table_size} is not a power of two between 1 and 16"
-        )));
-    }
+    check_geometry(cluster_size, table_size)?;
     let cluster = u64::from(cluster_size);
     let table_bytes = u64::from(table_size) * cluster;
     let entries = table_bytes / 8;
@@ -80,17 +64,12 @@ pub(super) fn open<R: ReadAt + Send + 'static>(
         .chunks_exact(8)
         .map(|e| le64(e, 0))
         .collect();
-    Ok(Box::new(Qed {
+    Ok(Box::new(Mapped {
         r,
         size,
+        data_end: file_size,
         map: Map { l1, ..map },
     }))
-}
-
-struct Qed<R> {
-    r: R,
-    size: u64,
-    map: Map,
 }
 
 struct Map {
@@ -104,22 +83,22 @@ struct Map {
 }
 
 impl Map {
-    /// A table must be cluster-aligned, after the header area and whole inside the file
-    /// (qemu's `qed_check_table_offset`).
+    /// A table must be cluster-aligned, after the header area and whole inside the file.
     fn check_table(&self, offset: u64, what: impl FnOnce() -> String) -> Result<(), FormatError> {
-        let inside = offset
-            .checked_add(self.table_bytes)
-            .is_some_and(|end| end <= self.file_size);
-        if !offset.is_multiple_of(self.cluster) || offset < self.header_bytes || !inside {
-            return Err(FormatError::Corrupt(format!(
-                "{} at offset {offset} is misaligned, inside the header or beyond the file ({} bytes)",
-                what(),
-                self.file_size
-            )));
-        }
+        let (table, cluster) = (self.table_bytes, self.cluster);
+        qed::check_table(
+            offset,
+            table,
+            cluster,
+            self.header_bytes,
+            self.file_size,
+            what,
+        )?;
         Ok(())
     }
+}
 
+impl Locate for Map {
     fn locate(&mut self, r: &dyn ReadAt, pos: u64) -> Result<Run, FormatError> {
         let entries = self.table_bytes / 8;
         let index = pos / self.cluster;
@@ -170,25 +149,13 @@ impl Map {
     }
 }
 
-impl<R: ReadAt + Send> Logical for Qed<R> {
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        let map = &mut self.map;
-        read_runs(&self.r, map.file_size, self.size, buf, offset, |r, pos| {
-            map.locate(r, pos)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::super::super::{DiskFormat, FormatError};
-    use super::super::vhd::testing::{
-        check_image, convert_to, open_file, qemu_raw, read_all, read_damaged, sample_raw,
+    use super::super::super::tests_support::{
+        assert_matches, check_conversions, convert, open_file, qemu_raw, read_all, read_damaged,
+        run, sample_raw, write,
     };
+    use super::super::super::{DiskFormat, FormatError};
 
     fn u64_at(b: &[u8], at: usize) -> usize {
         usize::try_from(u64::from_le_bytes(
@@ -200,18 +167,14 @@ mod tests {
     #[test]
     fn qed_reads_back_what_qemu_wrote() {
         let dir = tempfile::tempdir().expect("tmp");
-        let (raw, disk) = sample_raw(dir.path());
-        for (name, opts) in [
-            ("default", vec![]),
+        let cases: [(&str, &[&str]); 3] = [
+            ("default", &[]),
             // 4 KiB clusters, two-cluster tables: every 4 MiB has its own L2 table (qemu
             // cannot open what it makes with table_size=1 and 4 KiB clusters).
-            ("small", vec!["-o", "cluster_size=4096,table_size=2"]),
-            ("large", vec!["-o", "cluster_size=1M,table_size=16"]),
-        ] {
-            let image = dir.path().join(format!("{name}.qed"));
-            convert_to(&raw, &image, "qed", &opts);
-            check_image(&image, DiskFormat::Qed, "qed", &disk);
-        }
+            ("small", &["-o", "cluster_size=4096,table_size=2"]),
+            ("large", &["-o", "cluster_size=1M,table_size=16"]),
+        ];
+        check_conversions(dir.path(), DiskFormat::Qed, "qed", "qed", &cases);
     }
 
     /// Zero clusters, written by qemu and patched in, read as zeroes; a data cluster or an L2
@@ -220,20 +183,11 @@ mod tests {
     fn qed_zero_clusters_and_bad_tables() {
         let dir = tempfile::tempdir().expect("tmp");
         let (raw, disk) = sample_raw(dir.path());
-        let image = dir.path().join("d.qed");
-        convert_to(&raw, &image, "qed", &[]);
+        let image = convert(&raw, dir.path().join("d.qed"), "qed", &[]);
         // qemu writes the zero-cluster marker for an aligned write of zeroes over an
         // unallocated cluster (cluster 17, in the hole at 1 MiB).
-        let out = std::process::Command::new("qemu-io")
-            .args(["-f", "qed", "-c", "write -z 1088k 64k"])
-            .arg(&image)
-            .output()
-            .expect("qemu-io runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let p = image.to_str().expect("utf-8 path");
+        run("qemu-io", &["-f", "qed", "-c", "write -z 1088k 64k", p]);
         let (info, mut reader) = open_file(&image, DiskFormat::Qed);
         let got = read_all(&mut *reader).expect("reads");
         assert!(got == disk, "qemu's zero cluster reads as zeroes");
@@ -252,7 +206,7 @@ mod tests {
         let mut zeroed = data.clone();
         zeroed[l2 + 8..l2 + 16].copy_from_slice(&1u64.to_le_bytes());
         let path = dir.path().join("zeroed.qed");
-        std::fs::write(&path, &zeroed).expect("write");
+        write(&path, &zeroed);
         let (_, mut reader) = open_file(&path, DiskFormat::Qed);
         let got = read_all(&mut *reader).expect("reads");
         let mut want = disk.clone();
@@ -272,11 +226,10 @@ mod tests {
         ] {
             let mut bad = data.clone();
             bad[at..at + 8].copy_from_slice(&entry.to_le_bytes());
-            let got = read_damaged(dir.path(), &bad, &info);
-            assert!(
-                matches!(got, Err(FormatError::Corrupt(_))),
-                "{what}: {:?}",
-                got.map(|_| ())
+            assert_matches!(
+                read_damaged(dir.path(), &bad, &info),
+                Err(FormatError::Corrupt(_)),
+                "{what}"
             );
         }
     }

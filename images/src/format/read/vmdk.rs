@@ -1,12 +1,10 @@
 //! VMDK sparse extents as their logical disk: grain directory → grain tables → grains, plain
 //! (`monolithicSparse`) or deflate-compressed with grain markers (`streamOptimized`).
 
-use super::super::{DiskInfo, FormatError, Limits, ReadAt, check_metadata, le32, le64, read_exact};
+use super::super::vmdk::{COMPRESSED, GD_AT_END, SECTOR, parse_header};
+use super::super::{DiskInfo, FormatError, Limits, ReadAt, check_metadata, le32, read_exact};
 use super::{Logical, read_by_unit};
 
-const SECTOR: u64 = 512;
-const GD_AT_END: u64 = u64::MAX;
-const COMPRESSED: u32 = 1 << 16;
 /// Grain tables kept in memory (512 entries of 4 bytes each, usually).
 const GT_CACHE: usize = 8;
 
@@ -16,14 +14,19 @@ pub(super) fn open<R: ReadAt + Send + 'static>(
     limits: &Limits,
 ) -> Result<Box<dyn Logical>, FormatError> {
     let file_size = r.size()?;
-    let mut h = read_exact(&r, 0, 80, "the VMDK header")?;
-    if le64(&h, 56) == GD_AT_END {
+    let mut h = parse_header(&read_exact(&r, 0, 80, "the VMDK header")?);
+    if h.gd_offset == GD_AT_END {
         // streamOptimized as VMware writes it: the footer holds the real grain directory offset.
-        h = read_exact(&r, file_size.saturating_sub(1024), 80, "the VMDK footer")?;
+        h = parse_header(&read_exact(
+            &r,
+            file_size.saturating_sub(1024),
+            80,
+            "the VMDK footer",
+        )?);
     }
-    let grain_sectors = le64(&h, 20);
-    let gtes = le32(&h, 44) as u64;
-    let capacity = le64(&h, 12);
+    let grain_sectors = h.grain;
+    let gtes = h.gtes_per_gt as u64;
+    let capacity = h.capacity;
     if grain_sectors == 0 || gtes == 0 {
         return Err(FormatError::Corrupt(
             "grain size or grain table size is zero".into(),
@@ -34,13 +37,13 @@ pub(super) fn open<R: ReadAt + Send + 'static>(
     check_metadata("the grain directory", entries * 4, limits)?;
     let gd = read_exact(
         &r,
-        le64(&h, 56).saturating_mul(SECTOR),
+        h.gd_offset.saturating_mul(SECTOR),
         (entries * 4) as usize,
         "the grain directory",
     )?;
     Ok(Box::new(Vmdk {
         gd: gd.chunks_exact(4).map(|c| le32(c, 0)).collect(),
-        compressed: le32(&h, 8) & COMPRESSED != 0,
+        compressed: h.flags & COMPRESSED != 0,
         file_size,
         size: info.virtual_size,
         grain,
@@ -140,15 +143,16 @@ impl<R: ReadAt + Send> Logical for Vmdk<R> {
     }
 
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        read_by_unit(buf, offset, self.grain, |index, out| self.read_grain(index, out))
+        read_by_unit(buf, offset, self.grain, |index, out| {
+            self.read_grain(index, out)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::tests_support::{qemu_img, write};
-    use super::super::super::{DiskFormat, Limits, inspect};
-    use super::super::open;
+    use super::super::super::DiskFormat;
+    use super::super::super::tests_support::{convert, open_file, read_in_pieces, write};
 
     #[test]
     fn vmdk_reads_back_what_qemu_wrote() {
@@ -166,35 +170,10 @@ mod tests {
         let raw = d.join("disk.raw");
         write(&raw, &disk);
         for sub in ["monolithicSparse", "streamOptimized"] {
-            let v = d.join(format!("{sub}.vmdk"));
             let opt = format!("subformat={sub}");
-            qemu_img(&[
-                "convert",
-                "-q",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                &opt,
-                raw.to_str().expect("p"),
-                v.to_str().expect("p"),
-            ]);
-            let file = std::fs::File::open(&v).expect("open");
-            let info = inspect(&file, DiskFormat::Vmdk, &Limits::default()).expect("accepted");
-            let mut reader = open(file, &info, &Limits::default()).expect("opens");
-            let mut out = vec![0u8; disk.len()];
-            let mut at = 0;
-            for piece in [3usize, 65_533, 1 << 20, 12_345].iter().cycle() {
-                if at >= out.len() {
-                    break;
-                }
-                let n = (*piece).min(out.len() - at);
-                reader
-                    .read_logical(&mut out[at..at + n], at as u64)
-                    .expect("reads");
-                at += n;
-            }
+            let v = convert(&raw, d.join(format!("{sub}.vmdk")), "vmdk", &["-o", &opt]);
+            let (_, mut reader) = open_file(&v, DiskFormat::Vmdk);
+            let out = read_in_pieces(&mut *reader, &[3, 65_533, 1 << 20, 12_345]).expect("reads");
             assert!(out == disk, "{sub}: logical content differs");
         }
     }

@@ -12,6 +12,7 @@
 //! Every cluster is referenced once, so the COPIED flag is set on every L1/L2 entry, and
 //! `qemu-img check` finds no leaks and no errors.
 
+use super::super::qcow2::MAGIC;
 use super::{BLOCK, Export, Piece};
 
 const CLUSTER: u64 = BLOCK;
@@ -105,7 +106,7 @@ impl Qcow2Export {
     fn head(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.l2_offset() as usize];
         let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
-        put(0, b"QFI\xfb");
+        put(0, MAGIC);
         put(4, &3u32.to_be_bytes());
         put(20, &16u32.to_be_bytes()); // cluster_bits: 64 KiB
         // qemu reads the size in whole 512-byte sectors; a disk whose size is not a multiple of
@@ -213,7 +214,7 @@ impl Export for Qcow2Export {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::super::super::tests_support::{qemu_img, write};
+    use super::super::super::tests_support::{qemu_compare, qemu_img, write};
     use super::super::{BLOCK, Piece, export};
     use crate::format::DiskFormat;
     use crate::split::split_bytes;
@@ -275,16 +276,7 @@ pub(super) mod tests {
             let q = dir.path().join(format!("{name}.qcow2"));
             let len = materialise(DiskFormat::Qcow2, &disk, &q);
             qemu_img(&["check", "-q", "-f", "qcow2", q.to_str().expect("p")]);
-            qemu_img(&[
-                "compare",
-                "-q",
-                "-f",
-                "raw",
-                "-F",
-                "qcow2",
-                raw.to_str().expect("p"),
-                q.to_str().expect("p"),
-            ]);
+            qemu_compare(&raw, &q, "qcow2");
             // Holes stay holes: the file holds little more than the data.
             let data_bytes: usize = data.iter().map(|(_, l)| *l).sum();
             assert!(

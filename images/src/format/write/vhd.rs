@@ -7,9 +7,9 @@
 //! exported disk is rounded *up* to a whole CHS geometry, so both readings give the same disk:
 //! the image's bytes followed, at most, by a few zero sectors.
 
+use super::super::vhd::{COOKIE, D_CHECKSUM, DYN_COOKIE, F_CHECKSUM, SECTOR, checksum};
 use super::{BLOCK, Export, Piece};
 
-const SECTOR: u64 = 512;
 const VHD_BLOCK: u64 = 2 << 20;
 const PER_VHD_BLOCK: u64 = VHD_BLOCK / BLOCK;
 /// One bitmap sector covers a 2 MiB block's 4096 sectors.
@@ -119,7 +119,7 @@ impl DynamicVhd {
 
     fn make_footer(&self) -> Vec<u8> {
         let mut f = vec![0u8; SECTOR as usize];
-        f[0..8].copy_from_slice(b"conectix");
+        f[0..8].copy_from_slice(COOKIE);
         f[8..12].copy_from_slice(&2u32.to_be_bytes()); // features: reserved bit always set
         f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes());
         f[16..24].copy_from_slice(&HEADER_AT.to_be_bytes());
@@ -137,21 +137,21 @@ impl DynamicVhd {
         f[59] = self.spt;
         f[60..64].copy_from_slice(&3u32.to_be_bytes()); // dynamic
         f[68..84].copy_from_slice(&uuid::Uuid::new_v4().into_bytes());
-        let sum = checksum(&f);
-        f[64..68].copy_from_slice(&sum.to_be_bytes());
+        let sum = checksum(&f, F_CHECKSUM);
+        f[F_CHECKSUM..F_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
         f
     }
 
     fn dynamic_header(&self) -> Vec<u8> {
         let mut h = vec![0u8; 1024];
-        h[0..8].copy_from_slice(b"cxsparse");
+        h[0..8].copy_from_slice(DYN_COOKIE);
         h[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
         h[16..24].copy_from_slice(&BAT_AT.to_be_bytes());
         h[24..28].copy_from_slice(&0x0001_0000u32.to_be_bytes());
         h[28..32].copy_from_slice(&(self.allocated.len() as u32).to_be_bytes());
         h[32..36].copy_from_slice(&(VHD_BLOCK as u32).to_be_bytes());
-        let sum = checksum(&h);
-        h[36..40].copy_from_slice(&sum.to_be_bytes());
+        let sum = checksum(&h, D_CHECKSUM);
+        h[D_CHECKSUM..D_CHECKSUM + 4].copy_from_slice(&sum.to_be_bytes());
         h
     }
 
@@ -166,11 +166,6 @@ impl DynamicVhd {
         }
         bat
     }
-}
-
-/// One's complement of the byte sum (the checksum field must be zero when summing).
-fn checksum(bytes: &[u8]) -> u32 {
-    !bytes.iter().fold(0u32, |s, b| s.wrapping_add(*b as u32))
 }
 
 impl Export for DynamicVhd {
@@ -220,7 +215,7 @@ impl Export for DynamicVhd {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::tests_support::{qemu_img, write};
+    use super::super::super::tests_support::{qemu_compare, write};
     use super::super::qcow2::tests::materialise;
     use crate::format::{DiskFormat, Limits, inspect};
 
@@ -238,16 +233,7 @@ mod tests {
             let v = dir.path().join(format!("{name}.vhd"));
             materialise(DiskFormat::Vhd, &disk, &v);
             // (qemu-img check does not support vpc; compare reads every sector through qemu.)
-            qemu_img(&[
-                "compare",
-                "-q",
-                "-f",
-                "raw",
-                "-F",
-                "vpc",
-                raw.to_str().expect("p"),
-                v.to_str().expect("p"),
-            ]);
+            qemu_compare(&raw, &v, "vpc");
             let f = std::fs::File::open(&v).expect("open");
             let info = inspect(&f, DiskFormat::Vhd, &Limits::default()).expect("inspects");
             assert!(

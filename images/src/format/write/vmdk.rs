@@ -10,15 +10,14 @@
 use flate2::Compression;
 use flate2::write::ZlibEncoder;
 
+use super::super::vmdk::{COMPRESSED, GD_AT_END, MAGIC, SECTOR};
 use super::{BLOCK, Export, Piece};
 use crate::split::parallel_map;
 
-const SECTOR: u64 = 512;
 const GRAIN_SECTORS: u64 = BLOCK / SECTOR;
 const GTES: u64 = 512;
-const GD_AT_END: u64 = u64::MAX;
 const DESCRIPTOR_SECTORS: u64 = 2;
-const FLAGS: u32 = 1 | (1 << 16) | (1 << 17); // newline detection, compressed grains, markers
+const FLAGS: u32 = 1 | COMPRESSED | (1 << 17); // newline detection, compressed grains, markers
 const MARKER_EOS: u32 = 0;
 const MARKER_GT: u32 = 1;
 const MARKER_GD: u32 = 2;
@@ -63,7 +62,7 @@ impl StreamOptimized {
 
     fn header(&self, gd_offset: u64) -> Vec<u8> {
         let mut h = vec![0u8; SECTOR as usize];
-        h[0..4].copy_from_slice(b"KDMV");
+        h[0..4].copy_from_slice(MAGIC);
         h[4..8].copy_from_slice(&3u32.to_le_bytes());
         h[8..12].copy_from_slice(&FLAGS.to_le_bytes());
         h[12..20].copy_from_slice(&self.capacity.to_le_bytes());
@@ -211,7 +210,7 @@ impl Export for StreamOptimized {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::tests_support::{qemu_img, write};
+    use super::super::super::tests_support::{qemu_compare, qemu_img, write};
     use super::super::qcow2::tests::materialise;
     use crate::format::{DiskFormat, Limits, inspect, read};
 
@@ -245,16 +244,7 @@ mod tests {
             let v = dir.path().join(format!("{name}.vmdk"));
             materialise(DiskFormat::Vmdk, &disk, &v);
             qemu_img(&["check", "-q", "-f", "vmdk", v.to_str().expect("p")]);
-            qemu_img(&[
-                "compare",
-                "-q",
-                "-f",
-                "raw",
-                "-F",
-                "vmdk",
-                raw.to_str().expect("p"),
-                v.to_str().expect("p"),
-            ]);
+            qemu_compare(&raw, &v, "vmdk");
             let f = std::fs::File::open(&v).expect("open");
             let info = inspect(&f, DiskFormat::Vmdk, &Limits::default()).expect("inspects");
             let mut r = read::open(f, &info, &Limits::default()).expect("opens");

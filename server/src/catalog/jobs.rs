@@ -1,0 +1,146 @@
+//! Durable jobs: a row per job, enqueued in the same transaction as the state change that asks
+//! for it, claimed by a worker, with progress, and re-queued after a restart.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::catalog::images;
+use crate::catalog::tenancy::Caller;
+use crate::catalog::{now_ms, rfc3339};
+use crate::error::ApiError;
+
+/// A job as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: String,
+    pub image_id: Uuid,
+    pub owner: String,
+    pub source_url: Option<String>,
+    pub disk_format: String,
+    /// queued → running → succeeded | failed.
+    pub state: String,
+    /// What a running job is doing: `downloading` or `converting`.
+    pub phase: Option<String>,
+    pub bytes_done: u64,
+    pub bytes_total: Option<u64>,
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const COLUMNS: &str = "id, kind, image_id, owner, source_url, disk_format, state, phase, bytes_done, bytes_total, \
+    error, attempts, created_at, updated_at";
+
+fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
+    let id: String = r.get(0)?;
+    let image: String = r.get(2)?;
+    Ok(Job {
+        id: id.parse().unwrap_or_default(),
+        kind: r.get(1)?,
+        image_id: image.parse().unwrap_or_default(),
+        owner: r.get(3)?,
+        source_url: r.get(4)?,
+        disk_format: r.get(5)?,
+        state: r.get(6)?,
+        phase: r.get(7)?,
+        bytes_done: r.get::<_, i64>(8)? as u64,
+        bytes_total: r.get::<_, Option<i64>>(9)?.map(|n| n as u64),
+        error: r.get(10)?,
+        attempts: r.get(11)?,
+        created_at: rfc3339(r.get(12)?),
+        updated_at: rfc3339(r.get(13)?),
+    })
+}
+
+/// Puts the image in `saving` and enqueues its import, in one transaction.
+pub fn enqueue_import(
+    conn: &mut Connection,
+    caller: &Caller,
+    image: Uuid,
+    source_url: &str,
+    disk_format: &str,
+) -> Result<Job, ApiError> {
+    let tx = conn.transaction()?;
+    let started = images::begin_upload(&tx, caller, image)?;
+    let id = Uuid::new_v4();
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO jobs (id, kind, image_id, owner, source_url, disk_format, state, created_at, updated_at)
+         VALUES (?1, 'import', ?2, ?3, ?4, ?5, 'queued', ?6, ?6)",
+        params![id.to_string(), image.to_string(), started.owner, source_url, disk_format, now],
+    )?;
+    tx.commit()?;
+    get(conn, caller, id)
+}
+
+/// A job the caller may see (its project's, or any for an admin).
+pub fn get(conn: &Connection, caller: &Caller, id: Uuid) -> Result<Job, ApiError> {
+    let job = conn
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+            [id.to_string()],
+            row_to_job,
+        )
+        .optional()?;
+    match job {
+        Some(j) if caller.is_admin() || j.owner == caller.project => Ok(j),
+        _ => Err(ApiError::NotFound(format!("job {id} not found"))),
+    }
+}
+
+/// The caller's jobs, newest first (at most 100).
+pub fn list(conn: &Connection, caller: &Caller) -> Result<Vec<Job>, ApiError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {COLUMNS} FROM jobs WHERE ?1 OR owner = ?2 ORDER BY created_at DESC LIMIT 100"
+    ))?;
+    let rows = stmt.query_map(params![caller.is_admin(), caller.project], row_to_job)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Claims the oldest queued job, if any.
+pub fn claim(conn: &Connection) -> Result<Option<Job>, ApiError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'running', attempts = attempts + 1, bytes_done = 0, phase = NULL, updated_at = ?1
+         WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1)
+         RETURNING {COLUMNS}"
+    );
+    Ok(conn.query_row(&sql, [now_ms()], row_to_job).optional()?)
+}
+
+pub fn progress(
+    conn: &Connection,
+    id: Uuid,
+    phase: &str,
+    done: u64,
+    total: Option<u64>,
+) -> Result<(), ApiError> {
+    conn.execute(
+        "UPDATE jobs SET phase = ?2, bytes_done = ?3, bytes_total = ?4, updated_at = ?5 WHERE id = ?1",
+        params![id.to_string(), phase, done as i64, total.map(|t| t as i64), now_ms()],
+    )?;
+    Ok(())
+}
+
+pub fn finish(conn: &Connection, id: Uuid, error: Option<&str>) -> Result<(), ApiError> {
+    let state = if error.is_some() {
+        "failed"
+    } else {
+        "succeeded"
+    };
+    conn.execute(
+        "UPDATE jobs SET state = ?2, error = ?3, phase = NULL, updated_at = ?4 WHERE id = ?1",
+        params![id.to_string(), state, error, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// At start-up: jobs the last run was working on start again from the beginning.
+pub fn requeue_running(conn: &Connection) -> Result<usize, ApiError> {
+    Ok(conn.execute(
+        "UPDATE jobs SET state = 'queued', phase = NULL, bytes_done = 0, updated_at = ?1 WHERE state = 'running'",
+        [now_ms()],
+    )?)
+}

@@ -1,0 +1,197 @@
+//! The import worker: claims queued import jobs, downloads the source into the staging folder
+//! (resuming with `Range` after a broken connection), and converts it through
+//! [`ingest::convert_file`] — the same path an uploaded file takes. A job interrupted by a
+//! restart is queued again and starts over; its image stays `saving` until the job ends.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use kagami_images::format::DiskFormat;
+use reqwest::StatusCode;
+
+use crate::api::AppState;
+use crate::catalog::images;
+use crate::catalog::jobs::{self, Job};
+use crate::catalog::tenancy::{Caller, Role};
+use crate::error::ApiError;
+use crate::ingest;
+
+/// Attempts at fetching a source before the job fails.
+const FETCH_ATTEMPTS: u32 = 4;
+
+/// Runs forever: one job at a time (imports are disk- and CPU-bound already).
+pub async fn worker(app: AppState) {
+    loop {
+        match app.catalog.run(|c| jobs::claim(c)).await {
+            Ok(Some(job)) => {
+                let id = job.id;
+                tracing::info!(job = %id, image = %job.image_id, source = ?job.source_url, "import started");
+                let outcome = run(&app, job).await;
+                let error = outcome.as_ref().err().map(ToString::to_string);
+                match &error {
+                    None => tracing::info!(job = %id, "import done"),
+                    Some(e) => tracing::warn!(job = %id, "import failed: {e}"),
+                }
+                if let Err(e) = app
+                    .catalog
+                    .run(move |c| jobs::finish(c, id, error.as_deref()))
+                    .await
+                {
+                    tracing::error!(job = %id, "cannot record the job's end: {e}");
+                }
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(300)).await,
+            Err(e) => {
+                tracing::error!("cannot claim a job: {e}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
+    // The job acts for the project that asked for it.
+    let caller = Caller {
+        project: job.owner.clone(),
+        role: Role::Member,
+    };
+    let image_id = job.image_id;
+    let who = caller.clone();
+    let image = app
+        .catalog
+        .run(move |c| images::get(c, &who, image_id))
+        .await?;
+    let received = async {
+        let claimed: DiskFormat = job
+            .disk_format
+            .parse()
+            .map_err(|e: String| ApiError::bad("invalid_format", e))?;
+        ingest::check_kind(&image, claimed)?;
+        let url = job.source_url.clone().unwrap_or_default();
+        let (staged, fetched) = fetch(app, &job, &url).await?;
+        let id = job.id;
+        app.catalog
+            .run(move |c| jobs::progress(c, id, "converting", fetched, Some(fetched)))
+            .await?;
+        let file = staged.reopen()?;
+        ingest::convert_file(
+            &app.catalog,
+            &app.store,
+            &app.config.limits,
+            &image,
+            claimed,
+            file,
+        )
+        .await
+    }
+    .await;
+    ingest::commit_or_fail(&app.catalog, caller, image_id, received)
+        .await
+        .map(|_| ())
+}
+
+/// Downloads `url` into a staged file, reporting progress and resuming after failures; returns
+/// the file and its length.
+async fn fetch(
+    app: &AppState,
+    job: &Job,
+    url: &str,
+) -> Result<(tempfile::NamedTempFile, u64), ApiError> {
+    let dir = app.config.server.data_dir.join("staging");
+    tokio::fs::create_dir_all(&dir).await?;
+    let staged = tempfile::NamedTempFile::new_in(&dir)?;
+    let mut out = staged.reopen()?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .user_agent(concat!("kagami/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ApiError::Internal(format!("http client: {e}")))?;
+    let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
+    let max = app.config.limits.max_image_bytes;
+    let mut done = 0u64;
+    let mut total: Option<u64> = None;
+    let mut last_error = String::new();
+    for attempt in 0..FETCH_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+        }
+        let mut req = client.get(url);
+        if done > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={done}-"));
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                last_error = format!("cannot fetch {url}: {e}");
+                continue;
+            }
+        };
+        match resp.status() {
+            StatusCode::OK if done > 0 => {
+                // The source ignored the range: start over.
+                done = 0;
+                out.set_len(0)?;
+            }
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
+            s if s.is_server_error() => {
+                last_error = format!("{url} answered {s}");
+                continue;
+            }
+            s => {
+                return Err(ApiError::bad(
+                    "source_unavailable",
+                    format!("{url} answered {s}; nothing was imported"),
+                ));
+            }
+        }
+        total = total.or(resp.content_length().map(|len| len + done));
+        out.seek(SeekFrom::Start(done))?;
+        let mut body = resp.bytes_stream();
+        let mut reported = Instant::now();
+        let broke = loop {
+            let chunk = match tokio::time::timeout(idle, body.next()).await {
+                Err(_) => break Some(format!("no data from {url} for {} s", idle.as_secs())),
+                Ok(None) => break None,
+                Ok(Some(Err(e))) => {
+                    break Some(format!(
+                        "the download of {url} broke after {done} bytes: {e}"
+                    ));
+                }
+                Ok(Some(Ok(c))) => c,
+            };
+            done += chunk.len() as u64;
+            if done > max {
+                return Err(ApiError::TooLarge(format!(
+                    "{url} is larger than limits.max_image_bytes ({max} bytes)"
+                )));
+            }
+            out.write_all(&chunk)?;
+            if reported.elapsed() > Duration::from_millis(500) {
+                reported = Instant::now();
+                let id = job.id;
+                app.catalog
+                    .run(move |c| jobs::progress(c, id, "downloading", done, total))
+                    .await?;
+            }
+        };
+        match broke {
+            None if total.is_none_or(|t| t == done) => {
+                out.flush()?;
+                let id = job.id;
+                app.catalog
+                    .run(move |c| jobs::progress(c, id, "downloading", done, total))
+                    .await?;
+                return Ok((staged, done));
+            }
+            None => {
+                last_error = format!("{url} ended after {done} of {} bytes", total.unwrap_or(0))
+            }
+            Some(e) => last_error = e,
+        }
+    }
+    Err(ApiError::bad(
+        "source_unavailable",
+        format!("{last_error} (after {FETCH_ATTEMPTS} attempts)"),
+    ))
+}

@@ -1,0 +1,208 @@
+//! Durable import jobs from a source URL, served by a real HTTP server in the test.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// A static file server that sends `chunk` bytes every `delay` seconds (0: full speed).
+struct FileServer {
+    child: Child,
+    port: u16,
+}
+
+impl FileServer {
+    fn start(dir: &Path, chunk: usize, delay: f64) -> FileServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let script = format!(
+            "import http.server, functools, time\n\
+             class H(http.server.SimpleHTTPRequestHandler):\n\
+             \x20   def log_message(self, *a): pass\n\
+             \x20   def copyfile(self, src, dst):\n\
+             \x20       while True:\n\
+             \x20           b = src.read({chunk})\n\
+             \x20           if not b: break\n\
+             \x20           dst.write(b); time.sleep({delay})\n\
+             http.server.ThreadingHTTPServer(('127.0.0.1', {port}), functools.partial(H, directory='{}')).serve_forever()\n",
+            dir.display()
+        );
+        let child = Command::new("python3")
+            .args(["-c", &script])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "file server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        FileServer { child, port }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qcow2_of(dir: &Path, name: &str, disk: &[u8]) {
+    let raw = dir.join(format!("{name}.raw"));
+    std::fs::write(&raw, disk).expect("write");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(dir.join(name))
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success());
+}
+
+fn wait_job(s: &common::Server, id: &str, until: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = s.admin("GET", &format!("/v1/jobs/{id}"), &[]).json();
+        if until(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job never got there: {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_image_imports_from_a_url_and_a_bad_source_fails_cleanly() {
+    let s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    let mut disk = vec![0u8; 12 << 20];
+    disk[..5 << 20].copy_from_slice(&common::noise(7, 5 << 20));
+    qcow2_of(files.path(), "disk.qcow2", &disk);
+    let web = FileServer::start(files.path(), 1 << 20, 0.0);
+
+    // The CLI creates the image, starts the job and follows it to the end.
+    let image = s.cli_json(&[
+        "image",
+        "import",
+        "--source",
+        &web.url("disk.qcow2"),
+        "--format",
+        "qcow2",
+        "--name",
+        "web",
+    ]);
+    assert_eq!(image["status"], "active");
+    assert_eq!(image["virtual_size"], disk.len() as u64);
+    let raw = s.import(&files.path().join("disk.qcow2.raw"), "local");
+    assert_eq!(image["digest"], raw["digest"]);
+    let jobs = s.admin("GET", "/v1/jobs", &[]).json();
+    assert_eq!(jobs[0]["state"], "succeeded");
+    assert_eq!(jobs[0]["bytes_done"], jobs[0]["bytes_total"]);
+
+    // A missing source: the job fails with the reason, the image fails, nothing is kept.
+    let img = s.cli_json(&["image", "create", "--name", "missing"]);
+    let id = img["id"].as_str().expect("id");
+    let body = json!({"source_url": web.url("nope.qcow2"), "disk_format": "qcow2"}).to_string();
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{id}/import"),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = wait_job(&s, r.json()["id"].as_str().expect("job id"), |j| {
+        j["state"] == "failed"
+    });
+    assert!(
+        job["error"].as_str().expect("error").contains("404"),
+        "{job}"
+    );
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "failed"
+    );
+
+    // Only admins make the server fetch URLs, and only http:// ones.
+    let member = s.member_of("team");
+    let out = s.cli_as(
+        &member,
+        &["image", "create", "--name", "mine", "--output", "json"],
+    );
+    let mine: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let r = s.curl(
+        Some(&member),
+        "POST",
+        &format!("/v1/images/{}/import", mine["id"].as_str().expect("id")),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    assert_eq!(r.status, 403);
+    let img = s.cli_json(&["image", "create", "--name", "file-url"]);
+    let file_url = json!({"source_url": "file:///etc/passwd", "disk_format": "raw"}).to_string();
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{}/import", img["id"].as_str().expect("id")),
+        &["-H", "content-type: application/json", "-d", &file_url],
+    );
+    assert_eq!((r.status, r.code()), (400, "invalid_source".to_string()));
+}
+
+#[test]
+fn a_job_interrupted_by_a_restart_runs_again_to_the_end() {
+    let mut s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    let disk = common::noise(9, 16 << 20);
+    qcow2_of(files.path(), "slow.qcow2", &disk);
+    // ~16 MiB at 2 MiB/s: the first attempt is still downloading when the server dies.
+    let web = FileServer::start(files.path(), 256 << 10, 0.125);
+    let img = s.cli_json(&["image", "create", "--name", "slow"]);
+    let id = img["id"].as_str().expect("id").to_string();
+    let body = json!({"source_url": web.url("slow.qcow2"), "disk_format": "qcow2"}).to_string();
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{id}/import"),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job_id = r.json()["id"].as_str().expect("job").to_string();
+    wait_job(&s, &job_id, |j| j["bytes_done"].as_u64().unwrap_or(0) > 0);
+    s.kill();
+    s.restart();
+    // Still saving (its job will finish it), not failed like an interrupted upload.
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "saving"
+    );
+    let job = wait_job(&s, &job_id, |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["attempts"].as_u64().expect("attempts") >= 2);
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["status"], "active");
+    let out = files.path().join("out.raw");
+    s.cli(&["image", "download", &id, "-o", out.to_str().expect("p")]);
+    assert!(common::same_bytes(
+        &files.path().join("slow.qcow2.raw"),
+        &out
+    ));
+    // The first attempt's staged file was cleared at start-up, the second's with its job.
+    assert_eq!(
+        std::fs::read_dir(s.data_dir().join("staging"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
+    s.gc_now();
+    assert_eq!(s.store_stats()["unreferenced_blocks"], 0);
+}
