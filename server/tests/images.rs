@@ -38,9 +38,11 @@ fn sparse_gigabyte_round_trips_and_stores_only_its_data() {
         "every data block stored once, no hole stored"
     );
     assert_eq!(stats["block_bytes"], bytes);
+    // Packs hold the data plus a 4 KiB header per batch (one per 4 MiB segment): under 1 %.
+    let packed = stats["pack_bytes"].as_u64().expect("pack bytes");
     assert!(
-        stats["pack_bytes"].as_u64().expect("pack bytes") < bytes + blocks * 64,
-        "packs hold little beyond the data"
+        packed >= bytes && packed < bytes + bytes / 100,
+        "packs hold {packed} bytes for {bytes} of data"
     );
 
     // Download with curl: byte-identical, with the digest in a header that the CLI also checks.

@@ -61,7 +61,7 @@ pub fn collect(
 
     let live: HashMap<u64, u64> = catalog.run_blocking(|c| {
         let mut stmt =
-            c.prepare("SELECT pack, SUM(len) + 40 * COUNT(*) FROM blocks GROUP BY pack")?;
+            c.prepare("SELECT pack, SUM((len + 4095) / 4096 * 4096) + 64 * COUNT(*) FROM blocks GROUP BY pack")?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
         })?;
