@@ -38,6 +38,7 @@ pub enum ImageCommand {
     /// Create an image and upload FILE (raw, ISO, qcow2, …) into it, in one step; or, with
     /// --source, have the server fetch the file as a durable job and follow its progress.
     Import {
+        /// The image file to upload.
         #[arg(required_unless_present = "source")]
         file: Option<PathBuf>,
         /// An http:// URL the server fetches (admin; needs --format).
@@ -120,20 +121,28 @@ pub enum ImageCommand {
 /// Metadata given at creation.
 #[derive(Debug, Args)]
 pub struct NewMeta {
+    /// The image's name (up to 255 characters; names need not be unique).
     #[arg(long)]
     name: String,
+    /// Free text shown with the image.
     #[arg(long, default_value = "")]
     description: String,
+    /// system, data, whole (all of a host's disks) or iso (transitional boots only).
     #[arg(long, default_value = "system")]
     kind: ImageKind,
+    /// private, shared, public or marketplace.
     #[arg(long, default_value = "private")]
     visibility: Visibility,
+    /// Least memory a host needs to boot the image, in MiB.
     #[arg(long)]
     min_ram_mb: Option<u64>,
+    /// Least disk the image needs, in GiB.
     #[arg(long)]
     min_disk_gb: Option<u64>,
+    /// Firmware the image boots with: bios or uefi.
     #[arg(long)]
     boot_mode: Option<BootMode>,
+    /// CPU architecture, e.g. x86_64 or aarch64.
     #[arg(long)]
     architecture: Option<String>,
     /// A tag; repeat for several.
@@ -142,6 +151,7 @@ pub struct NewMeta {
     /// A property KEY=VALUE; repeat for several.
     #[arg(long = "property", value_parser = parse_property)]
     properties: Vec<(String, String)>,
+    /// Refuse deletion until protection is turned off.
     #[arg(long)]
     protected: bool,
 }
