@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kagami_images::format::read::Logical;
 use kagami_images::format::write::{Export, Piece};
 use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_BLOCKS, SEGMENT_SIZE};
@@ -194,11 +194,6 @@ impl Reader {
                         return;
                     }
                 };
-                // A segment with data goes out as one buffer, so this thread reads the next
-                // segment while the connection sends this one (two segments of read-ahead).
-                // A segment of holes goes out as static zeroes, block by block, at no cost.
-                let mut whole =
-                    BytesMut::with_capacity(if wanted.is_empty() { 0 } else { SEGMENT_SIZE });
                 for b in slots {
                     let bytes = if b.id.is_hole() {
                         Bytes::from_static(&ZEROS[..b.len])
@@ -214,16 +209,9 @@ impl Reader {
                     }
                     let from = start.saturating_sub(b.offset) as usize;
                     let to = (end - b.offset).min(b.len as u64) as usize;
-                    if wanted.is_empty() {
-                        if tx.blocking_send(Ok(bytes.slice(from..to))).is_err() {
-                            return; // the client went away
-                        }
-                    } else {
-                        whole.extend_from_slice(&bytes[from..to]);
+                    if tx.blocking_send(Ok(bytes.slice(from..to))).is_err() {
+                        return; // the client went away
                     }
-                }
-                if !whole.is_empty() && tx.blocking_send(Ok(whole.freeze())).is_err() {
-                    return;
                 }
             }
         });
