@@ -20,6 +20,11 @@ fn qemu_img(args: &[&str]) {
     );
 }
 
+/// qemu's verdict that `image` (of qemu format `fmt`) is the same disk as the raw file.
+fn qemu_compare(raw: &str, fmt: &str, image: &str) {
+    qemu_img(&["compare", "-q", "-f", "raw", "-F", fmt, raw, image]);
+}
+
 /// Runs `kagami image inspect` with no server and no token; returns (exit ok, JSON verdict).
 fn inspect(file: &Path, format: Option<&str>) -> (bool, Value) {
     let mut cmd = Command::new(common::KAGAMI);
@@ -185,16 +190,7 @@ fn qcow2_imports_become_the_same_disk_and_hostile_ones_leave_nothing() {
             "{name}: imported disk differs"
         );
         // qemu agrees the download is the same disk as its qcow2.
-        qemu_img(&[
-            "compare",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &dst,
-            out.to_str().expect("p"),
-        ]);
+        qemu_compare(out.to_str().expect("p"), "qcow2", &dst);
     }
     let raw_image = s.import(&d.join("disk.raw"), "raw");
     // Every other format qemu makes imports to the very same content.
@@ -318,16 +314,7 @@ fn exports_stream_as_qcow2_that_qemu_checks_and_compares_equal() {
         r.body.len()
     );
     qemu_img(&["check", "-q", "-f", "qcow2", &p("out.qcow2")]);
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        &p("disk.raw"),
-        &p("out.qcow2"),
-    ]);
+    qemu_compare(&p("disk.raw"), "qcow2", &p("out.qcow2"));
     // The CLI verifies the qcow2 it wrote by reading it back as a disk.
     s.cli(&[
         "image",
@@ -338,16 +325,7 @@ fn exports_stream_as_qcow2_that_qemu_checks_and_compares_equal() {
         "-o",
         &p("cli.qcow2"),
     ]);
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        &p("disk.raw"),
-        &p("cli.qcow2"),
-    ]);
+    qemu_compare(&p("disk.raw"), "qcow2", &p("cli.qcow2"));
     // A round trip: the export imports back to the same content.
     let again = s.import(&d.join("cli.qcow2"), "round-trip");
     assert_eq!(again["digest"], image["digest"]);
@@ -365,16 +343,7 @@ fn exports_stream_as_qcow2_that_qemu_checks_and_compares_equal() {
             .and_then(|l| l.parse::<u64>().ok()),
         Some(r.body.len() as u64)
     );
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "raw",
-        "-F",
-        "vpc",
-        &p("disk.raw"),
-        &p("out.vhd"),
-    ]);
+    qemu_compare(&p("disk.raw"), "vpc", &p("out.vhd"));
     let r = s.admin("GET", &format!("/v1/images/{id}/file?format=vhdx"), &[]);
     assert_eq!(
         (r.status, r.code()),
