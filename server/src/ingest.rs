@@ -185,6 +185,15 @@ impl Ends {
         }
         self.recent.push_back(chunk.clone());
         self.recent_bytes += chunk.len();
+        // Many tiny chunks would pin many receive buffers: fold them into one copy.
+        if self.recent.len() > 64 {
+            let joined: Vec<u8> = self.recent.iter().flat_map(|b| b.iter().copied()).collect();
+            let keep = joined.len().saturating_sub(StreamEnds::TAIL);
+            self.recent.clear();
+            self.recent
+                .push_back(Bytes::copy_from_slice(&joined[keep..]));
+            self.recent_bytes = joined.len() - keep;
+        }
         while self
             .recent
             .front()

@@ -133,6 +133,24 @@ fn an_image_imports_from_a_url_and_a_bad_source_fails_cleanly() {
         "failed"
     );
 
+    // Redirects are not followed (they could lead anywhere the source check never saw): the
+    // file server answers a directory without its slash with a 301.
+    std::fs::create_dir(files.path().join("dir")).expect("mkdir");
+    let img = s.cli_json(&["image", "create", "--name", "redirected"]);
+    let moved = json!({"source_url": web.url("dir"), "disk_format": "qcow2"}).to_string();
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{}/import", img["id"].as_str().expect("id")),
+        &["-H", "content-type: application/json", "-d", &moved],
+    );
+    let job = wait_job(&s, r.json()["id"].as_str().expect("job id"), |j| {
+        j["state"] == "failed"
+    });
+    assert!(
+        job["error"].as_str().expect("error").contains("301"),
+        "{job}"
+    );
+
     // Only admins make the server fetch URLs, and only http:// ones.
     let member = s.member_of("team");
     let out = s.cli_as(

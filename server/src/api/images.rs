@@ -462,12 +462,8 @@ fn export(
     format: DiskFormat,
 ) -> Result<Response, ApiError> {
     let data: Vec<bool> = manifest.blocks().map(|b| !b.id.is_hole()).collect();
-    let Some(export) = format::write::export(format, manifest.virtual_size(), data) else {
-        return Err(ApiError::bad(
-            "unsupported_format",
-            format!("export as {format} is not available yet; use raw, qcow2, vmdk or vhd"),
-        ));
-    };
+    let export = format::write::export(format, manifest.virtual_size(), data)
+        .map_err(|reason| ApiError::bad("unsupported_format", reason))?;
     let mut headers = digest_headers(image, "application/octet-stream");
     if let Some(len) = export.output_len() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));

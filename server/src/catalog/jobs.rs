@@ -100,14 +100,25 @@ pub fn list(conn: &Connection, caller: &Caller) -> Result<Vec<Job>, ApiError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Claims the oldest queued job, if any.
-pub fn claim(conn: &Connection) -> Result<Option<Job>, ApiError> {
+/// Claims the oldest queued job, if any. Its image's upload clock starts now, not at enqueue
+/// time, so a long queue does not hold back garbage collection.
+pub fn claim(conn: &mut Connection) -> Result<Option<Job>, ApiError> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
     let sql = format!(
         "UPDATE jobs SET state = 'running', attempts = attempts + 1, bytes_done = 0, phase = NULL, updated_at = ?1
          WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1)
          RETURNING {COLUMNS}"
     );
-    Ok(conn.query_row(&sql, [now_ms()], row_to_job).optional()?)
+    let job = tx.query_row(&sql, [now], row_to_job).optional()?;
+    if let Some(job) = &job {
+        tx.execute(
+            "UPDATE images SET upload_started_at = ?2 WHERE id = ?1 AND status = 'saving'",
+            params![job.image_id.to_string(), now],
+        )?;
+    }
+    tx.commit()?;
+    Ok(job)
 }
 
 pub fn progress(

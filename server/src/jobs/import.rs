@@ -3,12 +3,14 @@
 //! [`ingest::convert_file`] — the same path an uploaded file takes. A job interrupted by a
 //! restart is queued again and starts over; its image stays `saving` until the job ends.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::SeekFrom;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use kagami_images::format::DiskFormat;
+use kagami_images::model::ImageStatus;
 use reqwest::StatusCode;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::api::AppState;
 use crate::catalog::images;
@@ -23,7 +25,7 @@ const FETCH_ATTEMPTS: u32 = 4;
 /// Runs forever: one job at a time (imports are disk- and CPU-bound already).
 pub async fn worker(app: AppState) {
     loop {
-        match app.catalog.run(|c| jobs::claim(c)).await {
+        match app.catalog.run(jobs::claim).await {
             Ok(Some(job)) => {
                 let id = job.id;
                 tracing::info!(job = %id, image = %job.image_id, source = ?job.source_url, "import started");
@@ -61,8 +63,15 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
     let image = app
         .catalog
         .run(move |c| images::get(c, &who, image_id))
-        .await?;
+        .await;
+    // A crash between the image's commit and the job's end: the work is done.
+    if let Ok(image) = &image
+        && image.status == ImageStatus::Active
+    {
+        return Ok(());
+    }
     let received = async {
+        let image = image?;
         let claimed: DiskFormat = job
             .disk_format
             .parse()
@@ -86,6 +95,7 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
         .await
     }
     .await;
+    // Every outcome goes through here, so the image never stays `saving` after its job ends.
     ingest::commit_or_fail(&app.catalog, caller, image_id, received)
         .await
         .map(|_| ())
@@ -101,9 +111,11 @@ async fn fetch(
     let dir = app.config.server.data_dir.join("staging");
     tokio::fs::create_dir_all(&dir).await?;
     let staged = tempfile::NamedTempFile::new_in(&dir)?;
-    let mut out = staged.reopen()?;
+    let mut out = tokio::fs::File::from_std(staged.reopen()?);
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(15))
+        // A redirect could lead anywhere the source check never saw: follow none.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("kagami/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| ApiError::Internal(format!("http client: {e}")))?;
@@ -111,6 +123,8 @@ async fn fetch(
     let max = app.config.limits.max_image_bytes;
     let mut done = 0u64;
     let mut total: Option<u64> = None;
+    // What identifies the source's version, so a resumed range comes from the same file.
+    let mut validator: Option<String> = None;
     let mut last_error = String::new();
     for attempt in 0..FETCH_ATTEMPTS {
         if attempt > 0 {
@@ -119,6 +133,9 @@ async fn fetch(
         let mut req = client.get(url);
         if done > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={done}-"));
+            if let Some(v) = &validator {
+                req = req.header(reqwest::header::IF_RANGE, v);
+            }
         }
         let resp = match req.send().await {
             Ok(r) => r,
@@ -127,11 +144,28 @@ async fn fetch(
                 continue;
             }
         };
+        let resumed_at = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|v| v.parse::<u64>().ok());
         match resp.status() {
+            // The source sent the whole file (it ignored the range, or the file changed and
+            // If-Range said so): start over.
             StatusCode::OK if done > 0 => {
-                // The source ignored the range: start over.
                 done = 0;
-                out.set_len(0)?;
+                total = None;
+                out.set_len(0).await?;
+            }
+            StatusCode::PARTIAL_CONTENT if resumed_at != Some(done) => {
+                last_error = format!("{url} resumed at the wrong offset; starting over");
+                done = 0;
+                total = None;
+                validator = None;
+                out.set_len(0).await?;
+                continue;
             }
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
             s if s.is_server_error() => {
@@ -145,8 +179,16 @@ async fn fetch(
                 ));
             }
         }
+        if done == 0 {
+            let h = resp.headers();
+            validator = h
+                .get(reqwest::header::ETAG)
+                .or_else(|| h.get(reqwest::header::LAST_MODIFIED))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
         total = total.or(resp.content_length().map(|len| len + done));
-        out.seek(SeekFrom::Start(done))?;
+        out.seek(SeekFrom::Start(done)).await?;
         let mut body = resp.bytes_stream();
         let mut reported = Instant::now();
         let broke = loop {
@@ -166,7 +208,7 @@ async fn fetch(
                     "{url} is larger than limits.max_image_bytes ({max} bytes)"
                 )));
             }
-            out.write_all(&chunk)?;
+            out.write_all(&chunk).await?;
             if reported.elapsed() > Duration::from_millis(500) {
                 reported = Instant::now();
                 let id = job.id;
@@ -176,8 +218,9 @@ async fn fetch(
             }
         };
         match broke {
-            None if total.is_none_or(|t| t == done) => {
-                out.flush()?;
+            // Complete — even if the connection broke after the last byte.
+            _ if total == Some(done) || (broke.is_none() && total.is_none()) => {
+                out.flush().await?;
                 let id = job.id;
                 app.catalog
                     .run(move |c| jobs::progress(c, id, "downloading", done, total))

@@ -62,7 +62,10 @@ pub struct PackStore {
 #[derive(Debug)]
 struct Writer {
     id: u64,
+    path: PathBuf,
     file: File,
+    /// Whether `file` was opened with O_DIRECT.
+    direct: bool,
     len: u64,
     /// Reused for every batch (no fresh allocation, no page faults per write).
     buf: Vec<u8>,
@@ -76,8 +79,13 @@ impl Writer {
         if self.buf.len() < need {
             self.buf.resize(need, 0);
         }
-        // O_DIRECT wants the memory aligned too; find the aligned window in the buffer.
-        let start = self.buf.as_ptr().align_offset(ALIGN as usize);
+        // O_DIRECT wants the memory aligned too; find the aligned window in the buffer (a
+        // Vec<u8> of at least ALIGN spare bytes always has one; 0 if the platform declines).
+        let start = self
+            .buf
+            .as_ptr()
+            .align_offset(ALIGN as usize)
+            .min(ALIGN as usize);
         let out = &mut self.buf[start..start + bytes as usize];
         out[..ALIGN as usize].fill(0);
         out[..4].copy_from_slice(BATCH_MAGIC);
@@ -98,7 +106,17 @@ impl Writer {
             });
             at += slot;
         }
-        self.file.write_all_at(out, self.len)?;
+        match self.file.write_all_at(out, self.len) {
+            // The filesystem took O_DIRECT at open but refuses the write: go through the page
+            // cache from now on (same layout), and write this batch again.
+            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(pack = %self.path.display(), "O_DIRECT writes refused; using the page cache");
+                self.file = OpenOptions::new().write(true).open(&self.path)?;
+                self.direct = false;
+                self.file.write_all_at(out, self.len)?;
+            }
+            other => other?,
+        }
         self.len += bytes;
         Ok(locations)
     }
@@ -184,14 +202,19 @@ impl PackStore {
         // The new file's directory entry must be durable before any index row names the pack.
         File::open(&self.dir)?.sync_all()?;
         // Write around the page cache where the filesystem allows it.
-        let file = OpenOptions::new()
+        let (file, direct) = match OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(&path)
-            .unwrap_or(file);
+        {
+            Ok(direct) => (direct, true),
+            Err(_) => (file, false),
+        };
         Ok(Writer {
             id,
+            path,
             file,
+            direct,
             len: 0,
             buf: Vec::new(),
         })

@@ -35,13 +35,34 @@ pub trait Export: Send {
     }
 }
 
-/// Starts an export of a disk of `virtual_size` bytes whose block `i` holds data iff `data[i]`.
-pub fn export(format: DiskFormat, virtual_size: u64, data: Vec<bool>) -> Option<Box<dyn Export>> {
+/// VHD and VMDK address their files in 32-bit sector numbers: 2 TiB.
+const MAX_SECTOR_ADDRESSED: u64 = (u32::MAX as u64) * 512;
+
+/// Starts an export of a disk of `virtual_size` bytes whose block `i` holds data iff `data[i]`,
+/// or says why the format cannot carry it.
+pub fn export(
+    format: DiskFormat,
+    virtual_size: u64,
+    data: Vec<bool>,
+) -> Result<Box<dyn Export>, String> {
+    // Worst case for VMDK: incompressible grains, each with a marker sector, plus tables.
+    let data_bytes = data.iter().filter(|d| **d).count() as u64 * (BLOCK + 512);
     match format {
-        DiskFormat::Qcow2 => Some(Box::new(qcow2::Qcow2Export::new(virtual_size, data))),
-        DiskFormat::Vmdk => Some(Box::new(vmdk::StreamOptimized::new(virtual_size, data))),
-        DiskFormat::Vhd => Some(Box::new(vhd::DynamicVhd::new(virtual_size, data))),
-        _ => None,
+        DiskFormat::Qcow2 => Ok(Box::new(qcow2::Qcow2Export::new(virtual_size, data))),
+        DiskFormat::Vmdk
+            if data_bytes + data.len() as u64 / 128 + (1 << 20) > MAX_SECTOR_ADDRESSED =>
+        {
+            Err("a streamOptimized VMDK addresses at most 2 TiB of file; export as qcow2".into())
+        }
+        DiskFormat::Vmdk => Ok(Box::new(vmdk::StreamOptimized::new(virtual_size, data))),
+        // The VHD format's own limit is 2040 GiB.
+        DiskFormat::Vhd if virtual_size > 2040 << 30 => {
+            Err("a VHD holds at most 2040 GiB; export as qcow2 or vmdk".into())
+        }
+        DiskFormat::Vhd => Ok(Box::new(vhd::DynamicVhd::new(virtual_size, data))),
+        other => Err(format!(
+            "export as {other} is not available yet; use raw, qcow2, vmdk or vhd"
+        )),
     }
 }
 

@@ -136,7 +136,7 @@ impl Export for StreamOptimized {
                 head.extend_from_slice(&self.descriptor());
                 Some(self.emit(head))
             }
-            Stage::Grains => {
+            Stage::Grains => loop {
                 // The next run: data blocks of the current grain table only, up to 64 of them.
                 let table_end = ((self.table + 1) * GTES) as usize;
                 let run: Vec<u64> = (self.next_block..table_end.min(self.data.len()))
@@ -148,7 +148,8 @@ impl Export for StreamOptimized {
                     self.next_block = last as usize + 1;
                     return Some(Piece::Blocks(run));
                 }
-                // This table is done: write it if it maps anything, then move on.
+                // This table is done: write it if it maps anything, then move on (a loop, not
+                // recursion: a terabyte of holes is tens of thousands of empty tables).
                 let had_data = self.gt.iter().any(|e| *e != 0);
                 let table = if had_data {
                     self.flush_table()
@@ -161,11 +162,12 @@ impl Export for StreamOptimized {
                     self.stage = Stage::Tail;
                 }
                 if had_data {
-                    Some(self.emit(table))
-                } else {
-                    self.next_piece()
+                    return Some(self.emit(table));
                 }
-            }
+                if self.stage == Stage::Tail {
+                    return self.next_piece();
+                }
+            },
             Stage::Tail => {
                 self.stage = Stage::Done;
                 let gd_bytes = (self.gd.len() * 4).next_multiple_of(SECTOR as usize);
@@ -252,5 +254,31 @@ mod tests {
             r.read_logical(&mut out, 0).expect("reads");
             assert!(out[..size] == disk[..], "{name}");
         }
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    use super::super::{Piece, export};
+    use crate::format::DiskFormat;
+
+    /// A terabyte-class sparse disk: tens of thousands of empty grain tables, walked in a loop.
+    #[test]
+    fn huge_holes_do_not_recurse_and_oversized_exports_are_refused() {
+        let blocks = 1usize << 22; // 256 GiB of 64 KiB blocks
+        let mut data = vec![false; blocks];
+        data[blocks - 1] = true;
+        let mut e = export(DiskFormat::Vmdk, (blocks as u64) << 16, data).expect("exportable");
+        let mut pieces = 0;
+        while let Some(p) = e.next_piece() {
+            if let Piece::Blocks(ids) = p {
+                let _ = e.encode(&ids, vec![1u8; ids.len() << 16]);
+            }
+            pieces += 1;
+        }
+        assert!(pieces < 10, "{pieces} pieces");
+        assert!(export(DiskFormat::Vhd, 3 << 40, vec![false; 16]).is_err());
+        assert!(export(DiskFormat::Vmdk, 3 << 40, vec![true; 3 << 24]).is_err());
+        assert!(export(DiskFormat::Vhdx, 1 << 20, vec![true; 16]).is_err());
     }
 }
