@@ -40,6 +40,7 @@ pub(super) struct Qcow2Export {
 
 enum Stage {
     Head,
+    Refcounts(u64),
     L2(usize),
     Data(usize),
     Done,
@@ -102,9 +103,10 @@ impl Qcow2Export {
         self.data_offset() / CLUSTER + self.data_blocks
     }
 
-    /// Header, L1 table, refcount table and refcount blocks.
+    /// Header, L1 table and refcount table (the refcount blocks follow one cluster at a time,
+    /// so memory stays one cluster whatever the disk's size).
     fn head(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.l2_offset() as usize];
+        let mut out = vec![0u8; self.rb_offset() as usize];
         let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
         put(0, MAGIC);
         put(4, &3u32.to_be_bytes());
@@ -132,9 +134,19 @@ impl Qcow2Export {
                 &(self.rb_offset() + i * CLUSTER).to_be_bytes(),
             );
         }
-        let rb = self.rb_offset() as usize;
-        for c in 0..self.clusters() as usize {
-            put(rb + c * 2, &1u16.to_be_bytes());
+        out
+    }
+
+    /// Refcount block `i`: a 1 for every cluster of the file it covers.
+    fn refcount_block(&self, i: u64) -> Vec<u8> {
+        let mut out = vec![0u8; CLUSTER as usize];
+        let first = i * REFCOUNTS_PER_BLOCK;
+        let count = self
+            .clusters()
+            .saturating_sub(first)
+            .min(REFCOUNTS_PER_BLOCK) as usize;
+        for c in 0..count {
+            out[c * 2..c * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
         }
         out
     }
@@ -168,8 +180,16 @@ impl Export for Qcow2Export {
     fn next_piece(&mut self) -> Option<Piece> {
         match self.stage {
             Stage::Head => {
-                self.stage = Stage::L2(0);
+                self.stage = Stage::Refcounts(0);
                 Some(Piece::Meta(self.head()))
+            }
+            Stage::Refcounts(i) => {
+                self.stage = if i + 1 < self.rb_clusters {
+                    Stage::Refcounts(i + 1)
+                } else {
+                    Stage::L2(0)
+                };
+                Some(Piece::Meta(self.refcount_block(i)))
             }
             Stage::L2(rank) => match self.regions.get(rank).copied() {
                 Some(region) => {
