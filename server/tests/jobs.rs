@@ -133,6 +133,30 @@ fn an_image_imports_from_a_url_and_a_bad_source_fails_cleanly() {
         "failed"
     );
 
+    // Credentials in a source URL are used, never shown.
+    let img = s.cli_json(&["image", "create", "--name", "with-password"]);
+    let secret_url = web
+        .url("missing.qcow2")
+        .replace("http://", "http://user:s3cr3t@");
+    let body = json!({"source_url": secret_url, "disk_format": "qcow2"}).to_string();
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{}/import", img["id"].as_str().expect("id")),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    assert!(!r.text().contains("s3cr3t"), "{}", r.text());
+    let job = wait_job(&s, r.json()["id"].as_str().expect("job id"), |j| {
+        j["state"] == "failed"
+    });
+    assert!(!job.to_string().contains("s3cr3t"), "{job}");
+    assert!(
+        job["source_url"]
+            .as_str()
+            .expect("url")
+            .contains("redacted"),
+        "{job}"
+    );
+
     // Redirects are not followed (they could lead anywhere the source check never saw): the
     // file server answers a directory without its slash with a 301.
     std::fs::create_dir(files.path().join("dir")).expect("mkdir");

@@ -42,7 +42,7 @@ fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
         kind: r.get(1)?,
         image_id: image.parse().unwrap_or_default(),
         owner: r.get(3)?,
-        source_url: r.get(4)?,
+        source_url: r.get::<_, Option<String>>(4)?.map(|u| redact(&u)),
         disk_format: r.get(5)?,
         state: r.get(6)?,
         phase: r.get(7)?,
@@ -53,6 +53,18 @@ fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
         created_at: rfc3339(r.get(12)?),
         updated_at: rfc3339(r.get(13)?),
     })
+}
+
+/// A URL as shown to people: any password in it replaced, so job listings and logs never
+/// carry a source's credentials. (The worker reads the stored URL, not this.)
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Puts the image in `saving` and enqueues its import, in one transaction.
@@ -98,6 +110,16 @@ pub fn list(conn: &Connection, caller: &Caller) -> Result<Vec<Job>, ApiError> {
     ))?;
     let rows = stmt.query_map(params![caller.is_admin(), caller.project], row_to_job)?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A job's source URL as stored (credentials included), for the worker only.
+pub fn source(conn: &Connection, id: Uuid) -> Result<String, ApiError> {
+    let url: Option<String> = conn.query_row(
+        "SELECT source_url FROM jobs WHERE id = ?1",
+        [id.to_string()],
+        |r| r.get(0),
+    )?;
+    url.ok_or_else(|| ApiError::bad("invalid_source", "the job has no source URL"))
 }
 
 /// Claims the oldest queued job, if any. Its image's upload clock starts now, not at enqueue

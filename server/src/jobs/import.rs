@@ -77,7 +77,8 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
             .parse()
             .map_err(|e: String| ApiError::bad("invalid_format", e))?;
         ingest::check_kind(&image, claimed)?;
-        let url = job.source_url.clone().unwrap_or_default();
+        let id = job.id;
+        let url = app.catalog.run(move |c| jobs::source(c, id)).await?;
         let (staged, fetched) = fetch(app, &job, &url).await?;
         let id = job.id;
         app.catalog
@@ -106,8 +107,10 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
 async fn fetch(
     app: &AppState,
     job: &Job,
-    url: &str,
+    source: &str,
 ) -> Result<(tempfile::NamedTempFile, u64), ApiError> {
+    // Messages (stored in the job, shown to people) name the URL without its credentials.
+    let url = &jobs::redact(source);
     let dir = app.config.server.data_dir.join("staging");
     tokio::fs::create_dir_all(&dir).await?;
     let staged = tempfile::NamedTempFile::new_in(&dir)?;
@@ -130,7 +133,7 @@ async fn fetch(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
         }
-        let mut req = client.get(url);
+        let mut req = client.get(source);
         if done > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={done}-"));
             if let Some(v) = &validator {
