@@ -126,6 +126,8 @@ pub enum ManifestError {
     Truncated { expected: usize, got: usize },
     #[error("not a Kagami manifest (bad magic)")]
     BadMagic,
+    #[error("manifest header has non-zero reserved fields")]
+    Reserved,
     #[error("manifest version {0} is not supported (this build reads version {VERSION})")]
     Version(u16),
     #[error(
@@ -371,6 +373,11 @@ impl Manifest {
         if version != VERSION {
             return Err(ManifestError::Version(version));
         }
+        // Reserved fields must be zero: one manifest, one encoding (found by fuzzing — a
+        // decoder that ignored them accepted bytes that re-encode differently).
+        if bytes[10..12] != [0, 0] || bytes[20..24] != [0, 0, 0, 0] {
+            return Err(ManifestError::Reserved);
+        }
         let block_size = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         let segment_blocks = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
         if block_size as usize != BLOCK_SIZE || segment_blocks as usize != SEGMENT_BLOCKS {
@@ -541,6 +548,12 @@ mod tests {
             Manifest::decode_bundle(&bundle, 10),
             Err(ManifestError::TooLarge { .. })
         ));
+        let mut reserved = bundle.clone();
+        reserved[10] = 0x80;
+        assert_eq!(
+            Manifest::decode_bundle(&reserved, u64::MAX),
+            Err(ManifestError::Reserved)
+        );
         let mut magic = bundle;
         magic[0] = b'X';
         assert_eq!(
