@@ -16,6 +16,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    // The catalog holds token hashes and every image's metadata: the owner only.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {} to its owner", dir.display()))?;
     let catalog = Catalog::open(&dir.join("catalog.db"))
         .with_context(|| format!("cannot open the catalog in {}", dir.display()))?;
 

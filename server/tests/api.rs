@@ -731,4 +731,9 @@ fn auth_follows_the_rfc_and_a_lost_admin_token_comes_back() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o600
     );
+    let dir = std::fs::metadata(s.data_dir()).expect("data dir");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&dir.permissions()) & 0o777,
+        0o700
+    );
 }
