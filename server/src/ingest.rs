@@ -273,6 +273,23 @@ impl SegmentTask {
     }
 }
 
+/// Where imports stage files: under the data directory (never in memory, never in /tmp).
+/// Nothing in it outlives the request or job that made it; start-up clears it.
+pub fn staging_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("staging")
+}
+
+/// A new staged file, deleted when dropped, and an async handle to write it.
+pub async fn staged_file(
+    data_dir: &std::path::Path,
+) -> Result<(tempfile::NamedTempFile, tokio::fs::File), ApiError> {
+    let dir = staging_dir(data_dir);
+    tokio::fs::create_dir_all(&dir).await?;
+    let staged = tempfile::NamedTempFile::new_in(&dir)?;
+    let out = tokio::fs::File::from_std(staged.reopen()?);
+    Ok((staged, out))
+}
+
 /// Commits a received manifest (the image turns active), or records why it could not be
 /// (the image turns failed). Every way of making an image ends here.
 pub async fn commit_or_fail(
@@ -335,9 +352,7 @@ pub async fn convert_file(
     .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
     .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
     let rx = crate::stream::logical(reader);
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
+    let body = crate::stream::body(rx);
     let disk = if image.kind == ImageKind::Iso {
         DiskFormat::Iso
     } else {

@@ -37,7 +37,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     // Staged files belong to requests and jobs of the last run: none can be in use now.
-    let staging = dir.join("staging");
+    let staging = crate::ingest::staging_dir(&dir);
     if staging.is_dir() {
         std::fs::remove_dir_all(&staging)
             .with_context(|| format!("cannot clear {}", staging.display()))?;

@@ -53,10 +53,7 @@ async fn inspect(
 /// Writes a request body to a temporary file under `<data_dir>/staging`, deleted when dropped.
 /// Bounded by `limits.max_image_bytes` and the upload idle timeout.
 pub async fn stage(app: &AppState, body: Body) -> Result<tempfile::NamedTempFile, ApiError> {
-    let dir = app.config.server.data_dir.join("staging");
-    tokio::fs::create_dir_all(&dir).await?;
-    let staged = tempfile::NamedTempFile::new_in(&dir)?;
-    let mut out = tokio::fs::File::from_std(staged.reopen()?);
+    let (staged, mut out) = crate::ingest::staged_file(&app.config.server.data_dir).await?;
     let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
     let max = app.config.limits.max_image_bytes;
     let mut stream = body.into_data_stream();

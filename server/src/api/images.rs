@@ -22,7 +22,7 @@ use crate::catalog::images::{self as catalog_images, ImagePatch, ListQuery, NewI
 use crate::catalog::tenancy::Caller;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::ingest;
+use crate::{ingest, stream};
 
 /// Media type of a manifest bundle (see `kagami_images::manifest`).
 pub const MANIFEST_TYPE: &str = "application/vnd.kagami.manifest.v1";
@@ -437,9 +437,7 @@ async fn download(
     };
     let (start, end) = range.unwrap_or((0, size));
     let rx = app.reader.stream_range(manifest, start, end);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
+    let stream = stream::body(rx);
     let mut headers = digest_headers(&image, "application/octet-stream");
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
@@ -481,9 +479,7 @@ fn export(
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
     let rx = app.reader.stream_export(manifest, export);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
+    let stream = stream::body(rx);
     Ok((StatusCode::OK, headers, Body::from_stream(stream)).into_response())
 }
 

@@ -111,10 +111,7 @@ async fn fetch(
 ) -> Result<(tempfile::NamedTempFile, u64), ApiError> {
     // Messages (stored in the job, shown to people) name the URL without its credentials.
     let url = &jobs::redact(source);
-    let dir = app.config.server.data_dir.join("staging");
-    tokio::fs::create_dir_all(&dir).await?;
-    let staged = tempfile::NamedTempFile::new_in(&dir)?;
-    let mut out = tokio::fs::File::from_std(staged.reopen()?);
+    let (staged, mut out) = ingest::staged_file(&app.config.server.data_dir).await?;
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(15))
         // A redirect could lead anywhere the source check never saw: follow none.

@@ -25,6 +25,16 @@ pub struct Reader {
 
 static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
 
+/// A producer's channel as a stream of body chunks (what axum and [`crate::ingest::receive`]
+/// consume).
+pub fn body(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
 /// Streams an image's logical disk, 4 MiB at a time, from a blocking thread (import: a qcow2
 /// or other format read as the raw disk it describes).
 pub fn logical(
