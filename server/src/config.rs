@@ -16,6 +16,7 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub gc: GcConfig,
+    pub import: ImportConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -60,6 +61,21 @@ pub struct GcConfig {
     pub interval_secs: u64,
     /// A sealed pack whose live bytes fall below this fraction of its size is rewritten.
     pub rewrite_below_live_fraction: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportConfig {
+    /// A PEM file of CA certificates trusted for https source URLs, besides the system's
+    /// roots; empty for the system's roots only.
+    pub ca_file: PathBuf,
+}
+
+impl ImportConfig {
+    /// The operator's CA file, if one is set.
+    pub fn ca_file(&self) -> Option<&Path> {
+        (!self.ca_file.as_os_str().is_empty()).then_some(self.ca_file.as_path())
+    }
 }
 
 impl Default for ServerConfig {

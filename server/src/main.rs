@@ -10,6 +10,7 @@ mod jobs;
 mod serve;
 mod store;
 mod stream;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +102,8 @@ impl Remote {
 }
 
 fn main() -> ExitCode {
+    // Before any HTTP client exists (import sources, the CLI's client): see `tls`.
+    tls::install_provider();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -19,6 +19,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // The catalog holds token hashes and every image's metadata: the owner only.
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .with_context(|| format!("cannot restrict {} to its owner", dir.display()))?;
+    // A CA file that cannot be used stops start-up, rather than failing every https import.
+    crate::jobs::import::source_client(&config.import)
+        .context("cannot build the client for import sources")?;
     let catalog = Catalog::open(&dir.join("catalog.db"))
         .with_context(|| format!("cannot open the catalog in {}", dir.display()))?;
 

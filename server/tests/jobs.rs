@@ -1,4 +1,4 @@
-//! Durable import jobs from a source URL, served by a real HTTP server in the test.
+//! Durable import jobs from a source URL, served by a real HTTP(S) server in the test.
 
 mod common;
 
@@ -13,10 +13,20 @@ use serde_json::{Value, json};
 struct FileServer {
     child: Child,
     port: u16,
+    scheme: &'static str,
 }
 
 impl FileServer {
     fn start(dir: &Path, chunk: usize, delay: f64) -> FileServer {
+        FileServer::launch(dir, chunk, delay, None)
+    }
+
+    /// Serves https with `cert` and `key` (PEM files).
+    fn start_tls(dir: &Path, cert: &Path, key: &Path) -> FileServer {
+        FileServer::launch(dir, 1 << 20, 0.0, Some((cert, key)))
+    }
+
+    fn launch(dir: &Path, chunk: usize, delay: f64, tls: Option<(&Path, &Path)>) -> FileServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -31,8 +41,21 @@ impl FileServer {
              \x20           b = src.read({chunk})\n\
              \x20           if not b: break\n\
              \x20           dst.write(b); time.sleep({delay})\n\
-             http.server.ThreadingHTTPServer(('127.0.0.1', {port}), functools.partial(H, directory='{}')).serve_forever()\n",
-            dir.display()
+             srv = http.server.ThreadingHTTPServer(('127.0.0.1', {port}), functools.partial(H, directory='{}'))\n\
+             {}\
+             srv.serve_forever()\n",
+            dir.display(),
+            match tls {
+                None => String::new(),
+                Some((cert, key)) => format!(
+                    "import ssl\n\
+                     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+                     ctx.load_cert_chain('{}', '{}')\n\
+                     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)\n",
+                    cert.display(),
+                    key.display()
+                ),
+            }
         );
         let child = Command::new("python3")
             .args(["-c", &script])
@@ -44,11 +67,16 @@ impl FileServer {
             assert!(Instant::now() < deadline, "file server did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        FileServer { child, port }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        FileServer {
+            child,
+            port,
+            scheme,
+        }
     }
 
     fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("{}://127.0.0.1:{}/{name}", self.scheme, self.port)
     }
 }
 
@@ -247,4 +275,148 @@ fn a_job_interrupted_by_a_restart_runs_again_to_the_end() {
     );
     s.gc_now();
     assert_eq!(s.store_stats()["unreferenced_blocks"], 0);
+}
+
+/// A test CA (`ca.pem`) and a certificate it signed for 127.0.0.1 (`server.pem`, `server.key`),
+/// made with the openssl CLI.
+fn make_ca_and_cert(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=Kagami test CA"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    run(&csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-days",
+        "2",
+        "-set_serial",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+#[test]
+fn https_sources_are_trusted_through_the_configured_ca_and_refused_without_it() {
+    let pki = tempfile::tempdir().expect("tmp");
+    make_ca_and_cert(pki.path());
+    let files = tempfile::tempdir().expect("tmp");
+    let mut disk = vec![0u8; 12 << 20];
+    disk[3 << 20..7 << 20].copy_from_slice(&common::noise(21, 4 << 20));
+    qcow2_of(files.path(), "disk.qcow2", &disk);
+    let web = FileServer::start_tls(
+        files.path(),
+        &pki.path().join("server.pem"),
+        &pki.path().join("server.key"),
+    );
+    let url = web.url("disk.qcow2");
+    assert!(url.starts_with("https://"), "{url}");
+
+    // With the site CA configured, the https import is the same image as a local import.
+    let ca = pki.path().join("ca.pem");
+    let s = common::Server::start_with(&[("KAGAMI__IMPORT__CA_FILE", ca.to_str().expect("p"))]);
+    let image = s.cli_json(&[
+        "image", "import", "--source", &url, "--format", "qcow2", "--name", "tls",
+    ]);
+    assert_eq!(image["status"], "active", "{image}");
+    let local = s.import(&files.path().join("disk.qcow2.raw"), "local");
+    assert_eq!(image["digest"], local["digest"]);
+
+    // s3:// is not fetched yet, and says so.
+    let img = s.cli_json(&["image", "create", "--name", "s3"]);
+    let body = json!({"source_url": "s3://bucket/disk.qcow2", "disk_format": "qcow2"}).to_string();
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{}/import", img["id"].as_str().expect("id")),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    assert_eq!((r.status, r.code()), (400, "invalid_source".to_string()));
+    assert!(r.text().contains("later"), "{}", r.text());
+
+    // Without it, the certificate is refused at once (no retries), and the job says why.
+    let plain = common::Server::start();
+    let img = plain.cli_json(&["image", "create", "--name", "untrusted"]);
+    let id = img["id"].as_str().expect("id");
+    let body = json!({"source_url": url, "disk_format": "qcow2"}).to_string();
+    let r = plain.admin(
+        "POST",
+        &format!("/v1/images/{id}/import"),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let started = Instant::now();
+    let job = wait_job(&plain, r.json()["id"].as_str().expect("job id"), |j| {
+        j["state"] == "failed" || j["state"] == "succeeded"
+    });
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().expect("error");
+    assert!(
+        error.contains("certificate") && error.contains("import.ca_file"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "retried: {error}"
+    );
+    assert_eq!(
+        plain.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "failed"
+    );
+
+    // A CA file that cannot be used stops start-up with its name.
+    let data = tempfile::tempdir().expect("tmp");
+    let out = Command::new(common::KAGAMI)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("KAGAMI__IMPORT__CA_FILE", files.path().join("disk.qcow2"))
+        .output()
+        .expect("kagami serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("import.ca_file"), "{stderr}");
 }

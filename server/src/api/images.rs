@@ -171,7 +171,7 @@ struct ImportFromUrl {
 /// `POST /v1/images/{id}/import`: either
 /// - a file in the body (`?disk_format=F`): staged, inspected as F (refused with the
 ///   inspector's reason otherwise), read as its logical disk and ingested, in this request; or
-/// - JSON `{"source_url": "http://…", "disk_format": "F"}` (admin only: the server fetches the
+/// - JSON `{"source_url": "https://…", "disk_format": "F"}` (admin only: the server fetches the
 ///   URL, so members must not point it at internal addresses): a durable job, answered `202`
 ///   with the job to poll at `/v1/jobs/{id}`.
 async fn import(
@@ -226,17 +226,27 @@ async fn import(
     Ok(Json(image).into_response())
 }
 
-/// Source URLs: plain http for now, with a host; nothing else is fetched.
+/// Source URLs: http or https, with a host; nothing else is fetched.
 fn check_source(url: &str) -> Result<(), ApiError> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| ApiError::bad("invalid_source", format!("'{url}' is not a URL: {e}")))?;
-    if parsed.scheme() != "http" || parsed.host_str().is_none() {
-        return Err(ApiError::bad(
+    match parsed.scheme() {
+        "http" | "https" if parsed.host_str().is_some() => Ok(()),
+        "http" | "https" => Err(ApiError::bad(
             "invalid_source",
-            "only http:// source URLs are fetched today (https and s3 come next); upload the file instead",
-        ));
+            "the source URL names no host",
+        )),
+        "s3" => Err(ApiError::bad(
+            "invalid_source",
+            "s3:// sources come later; use an https:// URL (a presigned one for a private bucket) or upload the file",
+        )),
+        other => Err(ApiError::bad(
+            "invalid_source",
+            format!(
+                "{other}: source URLs are fetched over http:// or https:// only; upload the file instead"
+            ),
+        )),
     }
-    Ok(())
 }
 
 async fn import_file(

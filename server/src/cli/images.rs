@@ -41,7 +41,7 @@ pub enum ImageCommand {
         /// The image file to upload.
         #[arg(required_unless_present = "source")]
         file: Option<PathBuf>,
-        /// An http:// URL the server fetches (admin; needs --format).
+        /// An http:// or https:// URL the server fetches (admin; needs --format).
         #[arg(long, conflicts_with = "file", requires = "format")]
         source: Option<String>,
         /// The file's format [default: what its signature says, else raw].

@@ -1,7 +1,7 @@
-//! The import worker: claims queued import jobs, downloads the source into the staging folder
-//! (resuming with `Range` after a broken connection), and converts it through
-//! [`ingest::convert_file`] — the same path an uploaded file takes. A job interrupted by a
-//! restart is queued again and starts over; its image stays `saving` until the job ends.
+//! The import worker: claims queued import jobs, downloads the source (http or https) into the
+//! staging folder (resuming with `Range` after a broken connection), and converts it through
+//! [`ingest::convert_file`] — the same path an uploaded file takes. A job interrupted by a restart
+//! is queued again and starts over; its image stays `saving` until the job ends.
 
 use std::io::SeekFrom;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use crate::api::AppState;
 use crate::catalog::images;
 use crate::catalog::jobs::{self, Job};
 use crate::catalog::tenancy::{Caller, Role};
+use crate::config::ImportConfig;
 use crate::error::ApiError;
 use crate::ingest;
 
@@ -102,6 +103,20 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
         .map(|_| ())
 }
 
+/// The client that fetches sources: http or https (the system's roots plus `import.ca_file`),
+/// and no redirects — one could lead anywhere the source check never saw. `serve` builds one at
+/// start-up, so a bad CA file stops the server instead of failing every job.
+pub fn source_client(config: &ImportConfig) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("kagami/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = config.ca_file() {
+        builder = builder.tls_certs_merge(crate::tls::load_ca_file(path)?);
+    }
+    Ok(builder.build()?)
+}
+
 /// Downloads `url` into a staged file, reporting progress and resuming after failures; returns
 /// the file and its length.
 async fn fetch(
@@ -112,13 +127,8 @@ async fn fetch(
     // Messages (stored in the job, shown to people) name the URL without its credentials.
     let url = &jobs::redact(source);
     let (staged, mut out) = ingest::staged_file(&app.config.server.data_dir).await?;
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(15))
-        // A redirect could lead anywhere the source check never saw: follow none.
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("kagami/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| ApiError::Internal(format!("http client: {e}")))?;
+    let client = source_client(&app.config.import)
+        .map_err(|e| ApiError::Internal(format!("http client: {e:#}")))?;
     let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
     let max = app.config.limits.max_image_bytes;
     let mut done = 0u64;
@@ -139,8 +149,15 @@ async fn fetch(
         }
         let resp = match req.send().await {
             Ok(r) => r,
+            // A refused certificate stays refused: fail now, not after every retry.
+            Err(e) if crate::tls::is_certificate_error(&e) => {
+                return Err(ApiError::bad(
+                    "source_untrusted",
+                    format!("cannot fetch {url}: {}", crate::tls::describe(e)),
+                ));
+            }
             Err(e) => {
-                last_error = format!("cannot fetch {url}: {e}");
+                last_error = format!("cannot fetch {url}: {}", crate::tls::describe(e));
                 continue;
             }
         };
