@@ -1,19 +1,31 @@
-//! `kagami-agent`: runs on the machine being provisioned.
+//! `kagami-agent`: runs on the machine being provisioned, booted from Kagami's ramdisk.
 //!
-//! Today it can print the manifest of what is on a disk or file (`hash`), which is how capture
-//! and differential writes see a disk. Writing images with io_uring, inventory and capture arrive
-//! with their issues.
+//! - `write`: puts an image onto a disk — verified, hole-aware, differential, resumable
+//!   ([`write`]);
+//! - `hash`: prints the manifest digest of what is on a disk or file, which is how capture and
+//!   differential writes see a disk.
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kagami_images::split::split_reader;
 
+mod client;
+mod disk;
+mod io;
+mod progress;
+mod write;
+
 #[derive(Debug, Parser)]
-#[command(name = "kagami-agent", version)]
+#[command(
+    name = "kagami-agent",
+    version,
+    about = "Kagami's agent: writes images onto this machine's disks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +33,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Write an image onto a disk: every block verified before it is written, holes discarded
+    /// or zeroed, only changed blocks in differential mode, retried and resumed after network
+    /// or server failures.
+    Write(WriteArgs),
     /// Hash a disk (or image file) into 64 KiB blocks and print its digest and block counts.
     Hash {
         /// The block device or file to read.
@@ -32,7 +48,55 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct WriteArgs {
+    /// The Kagami server, e.g. http://10.0.0.1:8080.
+    #[arg(long, env = "KAGAMI_URL")]
+    server: String,
+    /// A token that may read the image.
+    #[arg(long, env = "KAGAMI_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The image's id.
+    #[arg(long)]
+    image: String,
+    /// The disk to write: a block device (e.g. /dev/nvme0n1) or a plain file.
+    #[arg(long)]
+    disk: PathBuf,
+    /// full: write every block; differential: read the disk first, write only what differs.
+    #[arg(long, value_enum, default_value = "full")]
+    mode: write::Mode,
+    /// zero: make the image's holes read as zeroes (discard where the disk guarantees zeroes);
+    /// skip: leave them, for a disk known to be zeroed.
+    #[arg(long, value_enum, default_value = "zero")]
+    holes: write::Holes,
+    /// Read back every block written, after the final flush, and check it.
+    #[arg(long)]
+    verify: bool,
+    /// Segment requests in flight (each up to 4 MiB).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+    /// Disk operations in flight (io_uring queue depth).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    queue_depth: u16,
+    /// How long to keep retrying when the server or network is away, e.g. 10m.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
+    /// Write even if the disk is in use (mounted, swap, held) or holds the running root.
+    #[arg(long)]
+    force: bool,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KAGAMI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -44,6 +108,50 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Write(args) => {
+            // reqwest is built with rustls and no default provider (never aws-lc): pick ring.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let json = args.json;
+            let opts = write::Options {
+                server: args.server,
+                token: args.token,
+                image: args.image,
+                disk: args.disk,
+                mode: args.mode,
+                holes: args.holes,
+                verify: args.verify,
+                jobs: args.jobs.into(),
+                queue_depth: args.queue_depth.into(),
+                force: args.force,
+                patience: args.retry_for,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            let report = runtime.block_on(write::run(opts))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let c = &report.counters;
+                let mib = |b: u64| b as f64 / 1048576.0;
+                println!(
+                    "{}: image {} written in {:.1} s ({}): {:.1} MiB written, {:.1} MiB zeroed, \
+                     {:.1} MiB unchanged, {} blocks fetched, {:.1} MiB verified, {} retries",
+                    report.disk.display(),
+                    report.digest,
+                    report.seconds,
+                    report.engine,
+                    mib(c.written_bytes),
+                    mib(c.zeroed_bytes),
+                    mib(c.unchanged_bytes),
+                    c.fetched_blocks,
+                    mib(c.verified_bytes),
+                    c.retries
+                );
+            }
+            Ok(())
+        }
         Command::Hash { disk, json } => {
             let file =
                 File::open(&disk).with_context(|| format!("cannot open {}", disk.display()))?;

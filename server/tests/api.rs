@@ -618,6 +618,33 @@ fn blocks_move_in_batches_and_lies_are_refused() {
         4 + 4,
         "segment 0 holds every data block of this small disk"
     );
+    // A mask asks for some blocks only: the data blocks among them, in disk order.
+    let data_blocks: Vec<u64> = manifest
+        .segment_blocks(0)
+        .filter(|b| !b.id.is_hole())
+        .map(|b| b.index)
+        .collect();
+    let mask = (1u64 << data_blocks[1]) | (1u64 << data_blocks[5]) | 1 << 63;
+    let r = s.admin(
+        "GET",
+        &format!("/v1/images/{id}/segments/0?blocks={mask:016x}"),
+        &[],
+    );
+    let masked = wire::decode_frames(&r.body).expect("frames");
+    assert_eq!(
+        masked.iter().map(|f| f.0).collect::<Vec<_>>(),
+        vec![frames[1].0, frames[5].0],
+        "only the asked-for data blocks come back (a hole asked for is not sent)"
+    );
+    for bad in ["zz", "123", "00000000000000000g"] {
+        let r = s.admin(
+            "GET",
+            &format!("/v1/images/{id}/segments/0?blocks={bad}"),
+            &[],
+        );
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.json()["error"]["code"], "invalid_query");
+    }
     assert_eq!(
         s.admin("GET", &format!("/v1/images/{id}/segments/1"), &[])
             .status,

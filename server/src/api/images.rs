@@ -363,20 +363,35 @@ async fn manifest(
         .into_response())
 }
 
-/// `GET /v1/images/{id}/segments/{index}`: the data blocks of one 4 MiB segment as block frames,
-/// in disk order (holes are not sent).
+/// `?blocks=` of a segment read: which of its 64 blocks to send, as 16 hex digits (bit `j` is
+/// block `j`). An agent rewriting only what changed on a disk fetches just those blocks, through
+/// the image it may read (the raw block API is admin-only).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SegmentQuery {
+    blocks: Option<String>,
+}
+
+/// `GET /v1/images/{id}/segments/{index}[?blocks=MASK]`: the data blocks of one 4 MiB segment
+/// (or those in `MASK`) as block frames, in disk order; holes are never sent.
 async fn segment(
     State(app): State<AppState>,
     caller: Caller,
     Path((id, index)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<SegmentQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let index: usize = index
         .parse()
         .map_err(|_| ApiError::bad("invalid_segment", "the segment index must be a number"))?;
+    let mask = match q.blocks.as_deref() {
+        None => u64::MAX,
+        Some(hex) if hex.len() == 16 => u64::from_str_radix(hex, 16).map_err(|_| bad_mask())?,
+        Some(_) => return Err(bad_mask()),
+    };
     let (image, blocks) = app
         .catalog
-        .run(move |c| segment_blocks(c, &caller, id, index))
+        .run(move |c| segment_blocks(c, &caller, id, index, mask))
         .await?;
     let reader = app.reader.clone();
     let body = tokio::task::spawn_blocking(move || reader.read_frames(&blocks))
@@ -385,12 +400,21 @@ async fn segment(
     Ok((digest_headers(&image, FRAMES_TYPE), body).into_response())
 }
 
-/// The data blocks of segment `index` of an image, reading only that segment's body.
+fn bad_mask() -> ApiError {
+    ApiError::bad(
+        "invalid_query",
+        "blocks= is a 64-bit mask of the segment's blocks as 16 hex digits (bit j = block j)",
+    )
+}
+
+/// The data blocks of segment `index` of an image that are in `mask`, reading only that
+/// segment's body.
 fn segment_blocks(
     c: &rusqlite::Connection,
     caller: &Caller,
     id: Uuid,
     index: usize,
+    mask: u64,
 ) -> Result<(Image, Vec<BlockId>), ApiError> {
     let (image, stored) = catalog_images::manifest_index(c, caller, id)?;
     let (_, ids) =
@@ -415,7 +439,9 @@ fn segment_blocks(
         segment
             .blocks
             .into_iter()
-            .filter(|b| !b.is_hole())
+            .enumerate()
+            .filter(|(j, b)| mask & (1 << j) != 0 && !b.is_hole())
+            .map(|(_, b)| b)
             .collect(),
     ))
 }

@@ -1,0 +1,805 @@
+//! `kagami-agent write`: puts an image onto a disk.
+//!
+//! 1. Fetch the manifest (its digest checked against the server's) and open the disk (safety
+//!    checks, size at least the image's).
+//! 2. Plan, per 4 MiB segment, which blocks to fetch and which to zero. Full mode: every data
+//!    block, every hole zeroed (or skipped with `--holes skip` on a disk known to be zeroed).
+//!    Differential mode: read and hash the disk's copy of every data segment first (pipelined
+//!    direct reads, hashing on every core) and keep only the blocks that differ; hole segments
+//!    are discarded when the disk can do that cheaply and compared like the rest otherwise.
+//! 3. Fetch segments (`--jobs` requests in flight, asking only for the planned blocks), verify
+//!    every block's sha256 against the manifest before it is copied into an aligned buffer, and
+//!    hand the buffer to the I/O engine (io_uring, `O_DIRECT`). A fetch that fails for a
+//!    network or server reason is retried with backoff; segments already written are never
+//!    fetched again, so a restarted server costs only what was in flight.
+//! 4. Flush, then with `--verify` read back every segment touched and compare it with the
+//!    manifest.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use kagami_images::manifest::{BLOCK_SIZE, SEGMENT_SIZE, blocks_in_segment};
+use kagami_images::{BlockId, Manifest};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::client::{Client, FetchError, with_retry};
+use crate::disk::Target;
+use crate::io::{self, AlignedBuf, Files, Finished, Job, Op, OpKind};
+use crate::progress::{Counters, Phase, Progress};
+
+/// How the disk's current content is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Write every data block and zero every hole.
+    Full,
+    /// Read and hash the disk first; fetch and write only the blocks that differ.
+    Differential,
+}
+
+/// What to do with the image's holes (all-zero blocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Holes {
+    /// Make them read back as zeroes: discard/punch where the disk guarantees zeroes,
+    /// otherwise zero-out or write zeroes.
+    Zero,
+    /// Leave them alone: only for a disk known to be zeroed already.
+    Skip,
+}
+
+#[derive(Debug)]
+pub struct Options {
+    pub server: String,
+    pub token: String,
+    pub image: String,
+    pub disk: PathBuf,
+    pub mode: Mode,
+    pub holes: Holes,
+    pub verify: bool,
+    pub jobs: usize,
+    pub queue_depth: usize,
+    pub force: bool,
+    /// How long a failing fetch is retried before the write gives up.
+    pub patience: Duration,
+}
+
+/// What a write did, for the terminal and for scripts (`--json`).
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub image: String,
+    pub disk: PathBuf,
+    pub digest: String,
+    pub virtual_size: u64,
+    pub mode: Mode,
+    pub engine: &'static str,
+    pub block_device: bool,
+    pub direct_io: bool,
+    #[serde(flatten)]
+    pub counters: crate::progress::Totals,
+    pub seconds: f64,
+}
+
+/// Tags of bufferless jobs that zero whole hole segments (segment jobs use their index).
+const RANGE_TAG: u64 = 1 << 63;
+/// Largest zeroing handed to the disk in one op.
+const MAX_ZERO_RANGE: u64 = 256 << 20;
+
+/// What to do in one segment: blocks to fetch and write, blocks to zero (bit `j` = block `j`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SegmentPlan {
+    index: usize,
+    fetch: u64,
+    zero: u64,
+}
+
+struct Ctx {
+    client: Client,
+    image: String,
+    manifest: Arc<Manifest>,
+    files: Arc<Files>,
+    pool: Pool,
+    counters: Arc<Counters>,
+    patience: Duration,
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::UnboundedReceiver<Finished>,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let client = Client::new(&opts.server, &opts.token)?;
+    let counters = Arc::new(Counters::default());
+    let manifest = with_retry(
+        "fetching the manifest",
+        opts.patience,
+        &counters.retries,
+        || client.manifest(&opts.image),
+    )
+    .await?;
+    let target = Target::open(&opts.disk, opts.force)?;
+    if target.size < manifest.virtual_size() {
+        bail!(
+            "{} holds {} bytes; image {} needs {} — nothing was written",
+            opts.disk.display(),
+            target.size,
+            opts.image,
+            manifest.virtual_size()
+        );
+    }
+    let direct_io = target.direct.is_some();
+    let block_device = target.block_device;
+    let files = Arc::new(Files::new(target.direct, target.buffered));
+    let engine = io::engine(files.clone(), opts.queue_depth, opts.jobs.max(2));
+    let engine_name = engine.name();
+    tracing::info!(
+        "writing image {} ({} bytes) to {} with {engine_name}{}",
+        opts.image,
+        manifest.virtual_size(),
+        opts.disk.display(),
+        if direct_io { ", O_DIRECT" } else { "" }
+    );
+    let (jobs_tx, jobs_rx) = mpsc::channel(opts.queue_depth.max(4));
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let io_thread = std::thread::Builder::new()
+        .name("kagami-io".into())
+        .spawn(move || io::serve(engine, jobs_rx, done_tx))?;
+    let manifest = Arc::new(manifest);
+    let mut ctx = Ctx {
+        client,
+        image: opts.image.clone(),
+        manifest: manifest.clone(),
+        files: files.clone(),
+        pool: Pool::new(opts.jobs + 2),
+        counters: counters.clone(),
+        patience: opts.patience,
+        jobs: jobs_tx,
+        done: done_rx,
+    };
+    let progress = Progress::start(counters.clone());
+
+    let (plans, ranges) = match opts.mode {
+        Mode::Full => plan_full(&manifest, opts.holes),
+        Mode::Differential => {
+            progress.phase(Phase::Reading, scan_bytes(&manifest, opts.holes));
+            plan_differential(&mut ctx, opts.holes).await?
+        }
+    };
+    let to_write: u64 = plans
+        .iter()
+        .map(|p| planned_bytes(&manifest, p))
+        .sum::<u64>()
+        + ranges.iter().map(|r| r.1).sum::<u64>();
+    progress.phase(Phase::Writing, to_write);
+    write_all(&mut ctx, &plans, &ranges, opts.jobs).await?;
+    let sync_files = files.clone();
+    tokio::task::spawn_blocking(move || sync_files.sync())
+        .await?
+        .context("flushing the disk")?;
+
+    if opts.verify {
+        let mut touched: Vec<usize> = plans.iter().map(|p| p.index).collect();
+        for &(offset, len) in &ranges {
+            let first = (offset / SEGMENT_SIZE as u64) as usize;
+            let end = (offset + len).div_ceil(SEGMENT_SIZE as u64) as usize;
+            touched.extend(first..end);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let bytes = touched.iter().map(|&i| segment_len(&manifest, i)).sum();
+        progress.phase(Phase::Verifying, bytes);
+        verify(&mut ctx, touched).await?;
+    }
+    progress.finish();
+    drop(ctx);
+    match io_thread.join() {
+        Ok(r) => r.context("the I/O engine failed")?,
+        Err(_) => bail!("the I/O thread panicked"),
+    }
+    Ok(Report {
+        image: opts.image,
+        disk: opts.disk,
+        digest: format!("sha256:{}", manifest.digest()),
+        virtual_size: manifest.virtual_size(),
+        mode: opts.mode,
+        engine: engine_name,
+        block_device,
+        direct_io,
+        counters: counters.totals(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Reusable aligned segment buffers; their number bounds the agent's memory.
+#[derive(Clone)]
+struct Pool {
+    free: Arc<Mutex<Vec<AlignedBuf>>>,
+    available: Arc<Semaphore>,
+}
+
+impl Pool {
+    fn new(n: usize) -> Self {
+        Pool {
+            free: Arc::new(Mutex::new(
+                (0..n).map(|_| AlignedBuf::new(SEGMENT_SIZE)).collect(),
+            )),
+            available: Arc::new(Semaphore::new(n)),
+        }
+    }
+
+    async fn take(&self) -> anyhow::Result<AlignedBuf> {
+        self.available.acquire().await?.forget();
+        self.pop()
+    }
+
+    fn try_take(&self) -> Option<AlignedBuf> {
+        self.available.try_acquire().ok()?.forget();
+        self.pop().ok()
+    }
+
+    fn pop(&self) -> anyhow::Result<AlignedBuf> {
+        self.free
+            .lock()
+            .map_err(|_| anyhow!("buffer pool poisoned"))?
+            .pop()
+            .ok_or_else(|| anyhow!("buffer pool empty"))
+    }
+
+    fn put(&self, buf: AlignedBuf) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push(buf);
+            self.available.add_permits(1);
+        }
+    }
+}
+
+fn segment_len(manifest: &Manifest, index: usize) -> u64 {
+    let start = index as u64 * SEGMENT_SIZE as u64;
+    (manifest.virtual_size() - start).min(SEGMENT_SIZE as u64)
+}
+
+fn block_len(manifest: &Manifest, index: usize, j: usize) -> usize {
+    let offset = (index * SEGMENT_SIZE + j * BLOCK_SIZE) as u64;
+    (manifest.virtual_size() - offset).min(BLOCK_SIZE as u64) as usize
+}
+
+fn planned_bytes(manifest: &Manifest, plan: &SegmentPlan) -> u64 {
+    (0..blocks_in_segment(manifest.virtual_size(), plan.index))
+        .filter(|j| (plan.fetch | plan.zero) & (1 << j) != 0)
+        .map(|j| block_len(manifest, plan.index, j) as u64)
+        .sum()
+}
+
+/// Every data block, and the holes unless skipped: whole hole segments as coalesced ranges.
+fn plan_full(manifest: &Manifest, holes: Holes) -> (Vec<SegmentPlan>, Vec<(u64, u64)>) {
+    let mut plans = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (index, segment) in manifest.segments().iter().enumerate() {
+        if segment.is_hole() {
+            if holes == Holes::Zero {
+                add_range(
+                    &mut ranges,
+                    index as u64 * SEGMENT_SIZE as u64,
+                    segment_len(manifest, index),
+                );
+            }
+            continue;
+        }
+        let mut plan = SegmentPlan {
+            index,
+            fetch: 0,
+            zero: 0,
+        };
+        for (j, id) in segment.blocks.iter().enumerate() {
+            if !id.is_hole() {
+                plan.fetch |= 1 << j;
+            } else if holes == Holes::Zero {
+                plan.zero |= 1 << j;
+            }
+        }
+        plans.push(plan);
+    }
+    (plans, ranges)
+}
+
+fn add_range(ranges: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.0 + last.1 == offset && last.1 + len <= MAX_ZERO_RANGE => last.1 += len,
+        _ => ranges.push((offset, len)),
+    }
+}
+
+/// Bytes a differential scan reads (data segments, and hole segments if zeroed).
+fn scan_bytes(manifest: &Manifest, holes: Holes) -> u64 {
+    manifest
+        .segments()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_hole() || holes == Holes::Zero)
+        .map(|(i, _)| segment_len(manifest, i))
+        .sum()
+}
+
+/// Reads and hashes the disk where the image has data, and plans only the differences.
+/// Hole segments are discarded outright when the disk discards cheaply (a punched hole or an
+/// unmap that reads back as zeroes), and otherwise read and compared like the rest.
+async fn plan_differential(
+    ctx: &mut Ctx,
+    holes: Holes,
+) -> anyhow::Result<(Vec<SegmentPlan>, Vec<(u64, u64)>)> {
+    let manifest = ctx.manifest.clone();
+    let mut to_scan = Vec::new();
+    let mut hole_segments = Vec::new();
+    for (index, segment) in manifest.segments().iter().enumerate() {
+        if !segment.is_hole() {
+            to_scan.push(index);
+        } else if holes == Holes::Zero {
+            hole_segments.push(index);
+        }
+    }
+    let mut ranges = Vec::new();
+    if let Some(&first) = hole_segments.first() {
+        let files = ctx.files.clone();
+        let (offset, len) = (
+            first as u64 * SEGMENT_SIZE as u64,
+            segment_len(&manifest, first),
+        );
+        let cheap = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+            let zeroes = AlignedBuf::new(io::ZEROES_CHUNK);
+            io::zero_range(&files, offset, len, &zeroes)?;
+            Ok(files.zero_method() == io::ZeroStep::PunchHole)
+        });
+        if cheap.await?.context("discarding a hole segment")? {
+            for &index in &hole_segments {
+                add_range(
+                    &mut ranges,
+                    index as u64 * SEGMENT_SIZE as u64,
+                    segment_len(&manifest, index),
+                );
+            }
+            tracing::info!(
+                "{} hole segments are discarded without reading (the disk discards to zeroes)",
+                hole_segments.len()
+            );
+        } else {
+            to_scan.extend(hole_segments);
+            to_scan.sort_unstable();
+        }
+    }
+    let mut plans = Vec::new();
+    let counters = ctx.counters.clone();
+    scan(ctx, to_scan, |index, found| {
+        let want = manifest.segment_blocks(index);
+        let mut plan = SegmentPlan {
+            index,
+            fetch: 0,
+            zero: 0,
+        };
+        counters
+            .scanned_bytes
+            .fetch_add(segment_len(&manifest, index), Ordering::Relaxed);
+        for (j, (w, have)) in want.zip(found).enumerate() {
+            if w.id == have {
+                counters
+                    .unchanged_bytes
+                    .fetch_add(w.len as u64, Ordering::Relaxed);
+            } else if w.id.is_hole() {
+                plan.zero |= 1 << j;
+            } else {
+                plan.fetch |= 1 << j;
+            }
+        }
+        if plan.fetch | plan.zero != 0 {
+            plans.push(plan);
+        }
+        Ok(())
+    })
+    .await?;
+    plans.sort_unstable_by_key(|p| p.index);
+    Ok((plans, ranges))
+}
+
+/// Reads segments `indices` from the disk (direct reads, as many in flight as there are
+/// buffers), hashes their blocks on the blocking pool, and calls `each` with every segment's
+/// block ids (holes for zero blocks) in completion order.
+async fn scan(
+    ctx: &mut Ctx,
+    indices: Vec<usize>,
+    mut each: impl FnMut(usize, Vec<BlockId>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut next = indices.into_iter().peekable();
+    let mut reading = 0usize;
+    let mut hashing: JoinSet<(usize, Vec<BlockId>, AlignedBuf)> = JoinSet::new();
+    loop {
+        while let Some(&index) = next.peek() {
+            let Some(buf) = ctx.pool.try_take() else {
+                break;
+            };
+            next.next();
+            let len = segment_len(&ctx.manifest, index) as usize;
+            let job = Job {
+                tag: index as u64,
+                buf: Some(buf),
+                ops: vec![Op {
+                    kind: OpKind::Read,
+                    disk_offset: index as u64 * SEGMENT_SIZE as u64,
+                    buf_offset: 0,
+                    len,
+                }],
+            };
+            ctx.jobs
+                .send(job)
+                .await
+                .map_err(|_| anyhow!("the I/O thread stopped"))?;
+            reading += 1;
+        }
+        if reading == 0 && hashing.is_empty() && next.peek().is_none() {
+            return Ok(());
+        }
+        tokio::select! {
+            finished = ctx.done.recv(), if reading > 0 => {
+                let (job, result) = finished.ok_or_else(|| anyhow!("the I/O thread stopped"))?;
+                reading -= 1;
+                let index = job.tag as usize;
+                result.with_context(|| format!(
+                    "reading segment {index} (bytes {}…) of the disk",
+                    index as u64 * SEGMENT_SIZE as u64
+                ))?;
+                let buf = job.buf.ok_or_else(|| anyhow!("a read came back without its buffer"))?;
+                let len = job.ops.first().map_or(0, |op| op.len);
+                hashing.spawn_blocking(move || {
+                    let ids = buf.as_slice()[..len].chunks(BLOCK_SIZE).map(BlockId::of).collect();
+                    (index, ids, buf)
+                });
+            }
+            Some(hashed) = hashing.join_next(), if !hashing.is_empty() => {
+                let (index, ids, buf) = hashed?;
+                ctx.pool.put(buf);
+                each(index, ids)?;
+            }
+        }
+    }
+}
+
+/// Reads back every segment in `indices` and checks each block against the manifest.
+async fn verify(ctx: &mut Ctx, indices: Vec<usize>) -> anyhow::Result<()> {
+    let manifest = ctx.manifest.clone();
+    let counters = ctx.counters.clone();
+    let mut bad = Vec::new();
+    scan(ctx, indices, |index, found| {
+        for (w, have) in manifest.segment_blocks(index).zip(found) {
+            if w.id != have {
+                bad.push((w.index, w.offset, w.id, have));
+            }
+        }
+        counters
+            .verified_bytes
+            .fetch_add(segment_len(&manifest, index), Ordering::Relaxed);
+        Ok(())
+    })
+    .await?;
+    if let Some((index, offset, want, have)) = bad.iter().min_by_key(|b| b.0) {
+        bail!(
+            "verification failed: {} block(s) differ after the flush; the first is block \
+             {index} (byte {offset}): the manifest says {want}, the disk holds {have}",
+            bad.len()
+        );
+    }
+    Ok(())
+}
+
+/// Zeroes `ranges`, then fetches, verifies and writes every planned segment.
+async fn write_all(
+    ctx: &mut Ctx,
+    plans: &[SegmentPlan],
+    ranges: &[(u64, u64)],
+    jobs: usize,
+) -> anyhow::Result<()> {
+    let mut expected = 0usize;
+    for (i, &(offset, len)) in ranges.iter().enumerate() {
+        let job = Job {
+            tag: RANGE_TAG | i as u64,
+            buf: None,
+            ops: vec![Op {
+                kind: OpKind::Zero,
+                disk_offset: offset,
+                buf_offset: 0,
+                len: len as usize,
+            }],
+        };
+        ctx.jobs
+            .send(job)
+            .await
+            .map_err(|_| anyhow!("the I/O thread stopped"))?;
+        expected += 1;
+    }
+    let queue = Arc::new(Mutex::new(plans.iter().copied().collect::<VecDeque<_>>()));
+    let mut fetchers = JoinSet::new();
+    for _ in 0..jobs.max(1) {
+        let fetcher = Fetcher {
+            client: ctx.client.clone(),
+            image: ctx.image.clone(),
+            manifest: ctx.manifest.clone(),
+            pool: ctx.pool.clone(),
+            counters: ctx.counters.clone(),
+            patience: ctx.patience,
+            jobs: ctx.jobs.clone(),
+        };
+        let queue = queue.clone();
+        fetchers.spawn(async move { fetcher.run(queue).await });
+    }
+    expected += plans.len();
+    let mut finished = 0usize;
+    while finished < expected {
+        tokio::select! {
+            joined = fetchers.join_next(), if !fetchers.is_empty() => {
+                if let Some(outcome) = joined {
+                    outcome??;
+                }
+            }
+            done = ctx.done.recv() => {
+                let (job, result) = done.ok_or_else(|| anyhow!("the I/O thread stopped"))?;
+                let what = if job.tag & RANGE_TAG != 0 {
+                    let op = job.ops.first().copied();
+                    format!("zeroing bytes {}…", op.map_or(0, |o| o.disk_offset))
+                } else {
+                    format!("writing segment {}", job.tag)
+                };
+                result.with_context(|| format!("{what} of the disk"))?;
+                for op in &job.ops {
+                    let counter = match op.kind {
+                        OpKind::Write => &ctx.counters.written_bytes,
+                        _ => &ctx.counters.zeroed_bytes,
+                    };
+                    counter.fetch_add(op.len as u64, Ordering::Relaxed);
+                }
+                if let Some(buf) = job.buf {
+                    ctx.pool.put(buf);
+                }
+                finished += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One of the concurrent segment fetchers.
+struct Fetcher {
+    client: Client,
+    image: String,
+    manifest: Arc<Manifest>,
+    pool: Pool,
+    counters: Arc<Counters>,
+    patience: Duration,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Corrupt answers for one segment tolerated before the write stops.
+const CORRUPT_ATTEMPTS: usize = 3;
+
+impl Fetcher {
+    async fn run(self, queue: Arc<Mutex<VecDeque<SegmentPlan>>>) -> anyhow::Result<()> {
+        loop {
+            let next = queue
+                .lock()
+                .map_err(|_| anyhow!("queue poisoned"))?
+                .pop_front();
+            let Some(plan) = next else { return Ok(()) };
+            let job = if plan.fetch == 0 {
+                Job {
+                    tag: plan.index as u64,
+                    buf: None,
+                    ops: ops_for(&self.manifest, &plan),
+                }
+            } else {
+                let buf = self.pool.take().await?;
+                self.fetch(plan, buf).await?
+            };
+            self.jobs
+                .send(job)
+                .await
+                .map_err(|_| anyhow!("the I/O thread stopped"))?;
+        }
+    }
+
+    /// Fetches the planned blocks of one segment into `buf`, verified.
+    async fn fetch(&self, plan: SegmentPlan, mut buf: AlignedBuf) -> anyhow::Result<Job> {
+        let what = format!("fetching segment {}", plan.index);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let body = with_retry(&what, self.patience, &self.counters.retries, || {
+                self.client.segment(&self.image, plan.index, plan.fetch)
+            })
+            .await?;
+            let manifest = self.manifest.clone();
+            let received = body.len() as u64;
+            let (back, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = fill(&manifest, &plan, &body, &mut buf);
+                (buf, outcome)
+            })
+            .await?;
+            buf = back;
+            self.counters
+                .received_bytes
+                .fetch_add(received, Ordering::Relaxed);
+            match outcome {
+                Ok(blocks) => {
+                    self.counters
+                        .fetched_blocks
+                        .fetch_add(blocks, Ordering::Relaxed);
+                    return Ok(Job {
+                        tag: plan.index as u64,
+                        buf: Some(buf),
+                        ops: ops_for(&self.manifest, &plan),
+                    });
+                }
+                Err(e) if attempt < CORRUPT_ATTEMPTS => {
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("{what}: {e}; fetching it again");
+                }
+                Err(e) => {
+                    self.pool.put(buf);
+                    return Err(FetchError::Fatal(format!(
+                        "{e} ({attempt} times; nothing of it was written)"
+                    ))
+                    .into());
+                }
+            }
+        }
+    }
+}
+
+/// Checks a segment answer against the manifest and copies each planned block to its place
+/// in `buf`. Returns how many blocks it placed; refuses any frame that is not exactly the next
+/// expected block with exactly its bytes.
+fn fill(
+    manifest: &Manifest,
+    plan: &SegmentPlan,
+    body: &[u8],
+    buf: &mut AlignedBuf,
+) -> Result<u64, String> {
+    let frames = kagami_images::wire::decode_frames(body)
+        .map_err(|e| format!("segment {} came back corrupt: {e}", plan.index))?;
+    let wanted: Vec<_> = manifest
+        .segment_blocks(plan.index)
+        .enumerate()
+        .filter(|(j, b)| plan.fetch & (1 << j) != 0 && !b.id.is_hole())
+        .collect();
+    if frames.len() != wanted.len() {
+        return Err(format!(
+            "segment {} came back with {} blocks; {} were asked for",
+            plan.index,
+            frames.len(),
+            wanted.len()
+        ));
+    }
+    let out = buf.as_mut_slice();
+    for ((j, block), (id, data)) in wanted.iter().zip(frames) {
+        if id != block.id || data.len() != block.len {
+            return Err(format!(
+                "block {} (byte {}) came back as {id} ({} bytes); the manifest says {} ({} bytes)",
+                block.index,
+                block.offset,
+                data.len(),
+                block.id,
+                block.len
+            ));
+        }
+        out[j * BLOCK_SIZE..j * BLOCK_SIZE + data.len()].copy_from_slice(data);
+    }
+    Ok(wanted.len() as u64)
+}
+
+/// The disk ops for a segment plan: one write per run of fetched blocks, one zeroing per run
+/// of blocks to zero.
+fn ops_for(manifest: &Manifest, plan: &SegmentPlan) -> Vec<Op> {
+    let base = plan.index as u64 * SEGMENT_SIZE as u64;
+    let count = blocks_in_segment(manifest.virtual_size(), plan.index);
+    let mut ops: Vec<Op> = Vec::new();
+    for j in 0..count {
+        let kind = if plan.fetch & (1 << j) != 0 {
+            OpKind::Write
+        } else if plan.zero & (1 << j) != 0 {
+            OpKind::Zero
+        } else {
+            continue;
+        };
+        let len = block_len(manifest, plan.index, j);
+        let offset = j * BLOCK_SIZE;
+        match ops.last_mut() {
+            Some(last) if last.kind == kind && last.buf_offset + last.len == offset => {
+                last.len += len;
+            }
+            _ => ops.push(Op {
+                kind,
+                disk_offset: base + offset as u64,
+                buf_offset: offset,
+                len,
+            }),
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kagami_images::split::split_bytes;
+
+    fn disk() -> Vec<u8> {
+        // Segment 0: data, hole, data, data, rest holes; segment 1 all holes; segment 2 a short
+        // tail of data.
+        let mut d = vec![0u8; 2 * SEGMENT_SIZE + BLOCK_SIZE + 100];
+        for j in [0usize, 2, 3] {
+            d[j * BLOCK_SIZE] = 1 + j as u8;
+        }
+        d[2 * SEGMENT_SIZE + 5] = 9;
+        d[2 * SEGMENT_SIZE + BLOCK_SIZE + 50] = 7;
+        d
+    }
+
+    #[test]
+    fn full_plans_write_runs_and_zero_the_rest() {
+        let m = split_bytes(&disk());
+        let (plans, ranges) = plan_full(&m, Holes::Zero);
+        assert_eq!(ranges, vec![(SEGMENT_SIZE as u64, SEGMENT_SIZE as u64)]);
+        assert_eq!(plans.len(), 2);
+        assert_eq!(plans[0].fetch, 0b1101);
+        let ops = ops_for(&m, &plans[0]);
+        assert_eq!(ops[0].kind, OpKind::Write);
+        assert_eq!((ops[0].disk_offset, ops[0].len), (0, BLOCK_SIZE));
+        assert_eq!(ops[1].kind, OpKind::Zero);
+        assert_eq!(ops[2].kind, OpKind::Write);
+        assert_eq!(
+            (ops[2].buf_offset, ops[2].len),
+            (2 * BLOCK_SIZE, 2 * BLOCK_SIZE)
+        );
+        assert_eq!(ops[3].kind, OpKind::Zero);
+        assert_eq!(ops[3].len, 60 * BLOCK_SIZE, "blocks 4..64 zeroed in one op");
+        let tail = ops_for(&m, &plans[1]);
+        assert_eq!(tail.len(), 1);
+        assert_eq!(
+            tail[0].len,
+            BLOCK_SIZE + 100,
+            "the short last block is written as is"
+        );
+        let (_, skipped) = plan_full(&m, Holes::Skip);
+        assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn fill_refuses_a_block_that_is_not_the_manifests() {
+        let data = disk();
+        let m = split_bytes(&data);
+        let (plans, _) = plan_full(&m, Holes::Zero);
+        let plan = SegmentPlan {
+            fetch: 0b1100,
+            ..plans[0]
+        };
+        let block = |j: usize| &data[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE];
+        let mut body = Vec::new();
+        kagami_images::wire::encode_frame(&mut body, &BlockId::of(block(2)), block(2));
+        kagami_images::wire::encode_frame(&mut body, &BlockId::of(block(3)), block(3));
+        let mut buf = AlignedBuf::new(SEGMENT_SIZE);
+        assert_eq!(fill(&m, &plan, &body, &mut buf), Ok(2));
+        assert_eq!(
+            &buf.as_slice()[2 * BLOCK_SIZE..4 * BLOCK_SIZE],
+            &data[2 * BLOCK_SIZE..4 * BLOCK_SIZE]
+        );
+        // Valid frames, but in the wrong order: refused.
+        let mut swapped = Vec::new();
+        kagami_images::wire::encode_frame(&mut swapped, &BlockId::of(block(3)), block(3));
+        kagami_images::wire::encode_frame(&mut swapped, &BlockId::of(block(2)), block(2));
+        let e = fill(&m, &plan, &swapped, &mut buf).expect_err("order");
+        assert!(e.contains("block 2"), "{e}");
+        // A flipped byte: refused by its hash.
+        let mut corrupt = body.clone();
+        corrupt[40] ^= 1;
+        assert!(fill(&m, &plan, &corrupt, &mut buf).is_err());
+    }
+}
