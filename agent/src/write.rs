@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use kagami_images::manifest::{BLOCK_SIZE, SEGMENT_SIZE, blocks_in_segment};
+use kagami_images::wire::FrameError;
 use kagami_images::{BlockId, Manifest};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -663,13 +664,22 @@ fn fill(
     body: &[u8],
     buf: &mut AlignedBuf,
 ) -> Result<u64, String> {
-    let frames = kagami_images::wire::decode_frames(body)
-        .map_err(|e| format!("segment {} came back corrupt: {e}", plan.index))?;
     let wanted: Vec<_> = manifest
         .segment_blocks(plan.index)
         .enumerate()
         .filter(|(j, b)| plan.fetch & (1 << j) != 0 && !b.id.is_hole())
         .collect();
+    let frames = kagami_images::wire::decode_frames(body).map_err(|e| match e {
+        FrameError::Mismatch { index, actual, .. } if index < wanted.len() => {
+            let block = wanted[index].1;
+            format!(
+                "block {} (byte {}) came back corrupt: its bytes hash to {actual}; the manifest \
+                 says {}",
+                block.index, block.offset, block.id
+            )
+        }
+        other => format!("segment {} came back corrupt: {other}", plan.index),
+    })?;
     if frames.len() != wanted.len() {
         return Err(format!(
             "segment {} came back with {} blocks; {} were asked for",
@@ -800,6 +810,10 @@ mod tests {
         // A flipped byte: refused by its hash.
         let mut corrupt = body.clone();
         corrupt[40] ^= 1;
-        assert!(fill(&m, &plan, &corrupt, &mut buf).is_err());
+        let e = fill(&m, &plan, &corrupt, &mut buf).expect_err("corrupt");
+        assert!(
+            e.starts_with("block 2 (byte 131072) came back corrupt"),
+            "{e}"
+        );
     }
 }

@@ -667,7 +667,7 @@ fn a_mistyped_config_key_stops_start_up_and_names_the_key() {
     let dir = tempfile::tempdir().expect("tmp");
     let config = dir.path().join("kagami.toml");
     common::write_file(&config, b"[server]\nlisten_address = \"127.0.0.1:1\"\n");
-    let out = std::process::Command::new(common::KAGAMI)
+    let out = std::process::Command::new(common::kagami())
         .args(["serve", "--config"])
         .arg(&config)
         .arg("--data-dir")

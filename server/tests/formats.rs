@@ -27,7 +27,7 @@ fn qemu_compare(raw: &str, fmt: &str, image: &str) {
 
 /// Runs `kagami image inspect` with no server and no token; returns (exit ok, JSON verdict).
 fn inspect(file: &Path, format: Option<&str>) -> (bool, Value) {
-    let mut cmd = Command::new(common::KAGAMI);
+    let mut cmd = Command::new(common::kagami());
     cmd.args(["image", "inspect"])
         .arg(file)
         .args(["--output", "json"]);

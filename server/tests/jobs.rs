@@ -410,7 +410,7 @@ fn https_sources_are_trusted_through_the_configured_ca_and_refused_without_it() 
 
     // A CA file that cannot be used stops start-up with its name.
     let data = tempfile::tempdir().expect("tmp");
-    let out = Command::new(common::KAGAMI)
+    let out = Command::new(common::kagami())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
         .env("KAGAMI__IMPORT__CA_FILE", files.path().join("disk.qcow2"))

@@ -14,7 +14,26 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const KAGAMI: &str = env!("CARGO_BIN_EXE_kagami");
+/// The `kagami` binary. Cargo names it to the server's own tests; other packages' tests (the
+/// agent's) find it beside their test executable, in `target/<profile>/`, where the same
+/// `cargo test --workspace` built it.
+pub fn kagami() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_kagami") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test executable");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("kagami");
+    assert!(
+        path.exists(),
+        "{} is missing: build the server first (`cargo build --workspace`; scripts/test does)",
+        path.display()
+    );
+    path
+}
 
 pub struct Server {
     child: Option<Child>,
@@ -73,7 +92,7 @@ impl Server {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(KAGAMI)
+        let child = Command::new(kagami())
             .args([
                 "serve",
                 "--listen",
@@ -130,7 +149,7 @@ impl Server {
 
     /// Runs the `kagami` CLI against this server with `token`.
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(KAGAMI)
+        Command::new(kagami())
             .args(args)
             .env("KAGAMI_URL", &self.url)
             .env("KAGAMI_TOKEN", token)
