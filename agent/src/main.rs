@@ -78,6 +78,9 @@ struct WriteArgs {
     /// Disk operations in flight (io_uring queue depth).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     queue_depth: u16,
+    /// The disk I/O engine: io_uring, falling back to a thread pool where it is refused.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: io::Choice,
     /// How long to keep retrying when the server or network is away, e.g. 10m.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     retry_for: Duration,
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 verify: args.verify,
                 jobs: args.jobs.into(),
                 queue_depth: args.queue_depth.into(),
+                engine: args.engine,
                 force: args.force,
                 patience: args.retry_for,
             };

@@ -65,6 +65,7 @@ pub struct Options {
     pub verify: bool,
     pub jobs: usize,
     pub queue_depth: usize,
+    pub engine: io::Choice,
     pub force: bool,
     /// How long a failing fetch is retried before the write gives up.
     pub patience: Duration,
@@ -135,7 +136,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let direct_io = target.direct.is_some();
     let block_device = target.block_device;
     let files = Arc::new(Files::new(target.direct, target.buffered));
-    let engine = io::engine(files.clone(), opts.queue_depth, opts.jobs.max(2));
+    let engine = io::engine(
+        files.clone(),
+        opts.engine,
+        opts.queue_depth,
+        opts.jobs.max(2),
+    )?;
     let engine_name = engine.name();
     tracing::info!(
         "writing image {} ({} bytes) to {} with {engine_name}{}",

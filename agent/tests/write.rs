@@ -182,13 +182,15 @@ fn a_differential_rewrite_fetches_and_writes_only_the_changed_blocks() {
     for offset in [10 * BLOCK as u64, 12 * MIB + 20 * BLOCK as u64] {
         write_at(&disk, offset, b"dirty hole");
     }
+    // Through the fallback engine (pread/pwrite threads), which must behave the same.
     let r = report(&agent(
         &s,
         &s.url,
         id,
         disk_str,
-        &["--mode", "differential", "--verify"],
+        &["--mode", "differential", "--verify", "--engine", "threads"],
     ));
+    assert_eq!(r["engine"], "threads");
     assert_eq!(r["fetched_blocks"], 4, "{r}");
     assert_eq!(r["written_bytes"].as_u64(), Some(4 * BLOCK as u64));
     let received = r["received_bytes"].as_u64().expect("received");

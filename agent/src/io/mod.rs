@@ -211,17 +211,40 @@ impl ZeroMethod {
 /// Bytes of zeroes written at a time when the target cannot zero a range itself.
 pub const ZEROES_CHUNK: usize = 1 << 20;
 
-/// Opens the best engine for `files`: io_uring with `depth` ops in flight, or, when the kernel
-/// refuses io_uring, a pool of `threads` threads (said in the log).
-pub fn engine(files: Arc<Files>, depth: usize, threads: usize) -> Box<dyn Engine> {
+/// Which engine to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Choice {
+    /// io_uring, or the thread pool where the kernel refuses io_uring.
+    Auto,
+    /// io_uring only: fail where it is refused.
+    IoUring,
+    /// The thread pool with pread/pwrite (for comparison, or a kernel whose io_uring misbehaves).
+    Threads,
+}
+
+/// Opens the engine for `files`: io_uring with `depth` ops in flight, or a pool of `threads`
+/// threads — chosen, or (with `Auto`) taken when the kernel refuses io_uring, as the log says.
+pub fn engine(
+    files: Arc<Files>,
+    choice: Choice,
+    depth: usize,
+    threads: usize,
+) -> io::Result<Box<dyn Engine>> {
+    if choice == Choice::Threads {
+        return Ok(Box::new(Threads::new(files, threads)));
+    }
     match uring::Uring::new(files.clone(), depth) {
-        Ok(ring) => Box::new(ring),
-        Err(e) => {
+        Ok(ring) => Ok(Box::new(ring)),
+        Err(e) if choice == Choice::Auto => {
             tracing::warn!(
                 "io_uring is unavailable ({e}); writing with {threads} threads and pwrite instead"
             );
-            Box::new(Threads::new(files, threads))
+            Ok(Box::new(Threads::new(files, threads)))
         }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("io_uring is unavailable: {e}"),
+        )),
     }
 }
 
