@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -290,6 +291,54 @@ pub async fn staged_file(
     Ok((staged, out))
 }
 
+/// Writes a request body to `out`, bounded by `max` bytes and `idle` seconds between chunks;
+/// returns its length. A body that breaks (the client went away) is an error.
+pub async fn write_body(
+    body: axum::body::Body,
+    out: &mut tokio::fs::File,
+    idle: Duration,
+    max: u64,
+) -> Result<u64, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    loop {
+        let chunk = match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => {
+                return Err(ApiError::bad(
+                    "upload_stalled",
+                    format!("no data for {} s after {total} bytes", idle.as_secs()),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad(
+                    "upload_interrupted",
+                    format!("the upload broke after {total} bytes: {e}"),
+                ));
+            }
+            Ok(Some(Ok(c))) => c,
+        };
+        total += chunk.len() as u64;
+        if total > max {
+            return Err(ApiError::TooLarge(format!(
+                "the file is larger than limits.max_image_bytes ({max} bytes)"
+            )));
+        }
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    Ok(total)
+}
+
+/// How far a conversion has read its logical disk (for a job's progress).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    /// The logical disk's size, once the file is inspected.
+    pub total: AtomicU64,
+}
+
 /// Commits a received manifest (the image turns active), or records why it could not be
 /// (the image turns failed). Every way of making an image ends here.
 pub async fn commit_or_fail(
@@ -339,6 +388,7 @@ pub async fn convert_file(
     image: &Image,
     claimed: DiskFormat,
     file: std::fs::File,
+    progress: &Arc<Progress>,
 ) -> Result<Manifest, ApiError> {
     let limits = format::Limits {
         max_virtual_size: config.max_image_bytes,
@@ -351,8 +401,16 @@ pub async fn convert_file(
     .await
     .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
     .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
+    progress
+        .total
+        .store(reader.virtual_size(), Ordering::Relaxed);
     let rx = crate::stream::logical(reader);
-    let body = crate::stream::body(rx);
+    let counter = progress.clone();
+    let body = crate::stream::body(rx).inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            counter.done.fetch_add(c.len() as u64, Ordering::Relaxed);
+        }
+    });
     let disk = if image.kind == ImageKind::Iso {
         DiskFormat::Iso
     } else {

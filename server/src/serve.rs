@@ -53,6 +53,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "jobs interrupted by the last stop were queued again"
         );
     }
+    // Folders of jobs that ended, or of uploads the stop cut short before their job existed.
+    let unfinished = catalog.run(|c| jobs::unfinished(c)).await?;
+    let orphans = crate::jobs::import::remove_orphans(&dir, &unfinished)
+        .context("cannot clear the folders of ended jobs")?;
+    if orphans > 0 {
+        tracing::info!(orphans, "folders of ended jobs were removed");
+    }
     // Uploads cut short by the last stop can never finish: they turn failed, never active.
     let interrupted = catalog.run(|c| images::fail_interrupted(c)).await?;
     if interrupted > 0 {
@@ -85,6 +92,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         catalog: catalog.clone(),
         store: store.clone(),
         reader,
+        job_queued: Arc::default(),
     };
 
     tokio::spawn(crate::jobs::import::worker(state.clone()));

@@ -1,7 +1,9 @@
-//! Durable import jobs from a source URL, served by a real HTTP(S) server in the test.
+//! Durable import jobs: from a source URL (served by a real HTTP(S) server in the test), and of
+//! files uploaded with the request.
 
 mod common;
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -156,6 +158,7 @@ fn an_image_imports_from_a_url_and_a_bad_source_fails_cleanly() {
         job["error"].as_str().expect("error").contains("404"),
         "{job}"
     );
+    assert_eq!(job["error_code"], "source_unavailable");
     assert_eq!(
         s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
         "failed"
@@ -394,6 +397,7 @@ fn https_sources_are_trusted_through_the_configured_ca_and_refused_without_it() 
         j["state"] == "failed" || j["state"] == "succeeded"
     });
     assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error_code"], "source_untrusted");
     let error = job["error"].as_str().expect("error");
     assert!(
         error.contains("certificate") && error.contains("import.ca_file"),
@@ -419,4 +423,184 @@ fn https_sources_are_trusted_through_the_configured_ca_and_refused_without_it() 
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("import.ca_file"), "{stderr}");
+}
+
+/// Folders of jobs under the data directory (uploads staged for their jobs).
+fn job_folders(s: &common::Server) -> Vec<String> {
+    std::fs::read_dir(s.data_dir().join("jobs"))
+        .map(|d| {
+            d.map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
+    let s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    let mut disk = vec![0u8; 20 << 20];
+    disk[1 << 20..6 << 20].copy_from_slice(&common::noise(31, 5 << 20));
+    qcow2_of(files.path(), "disk.qcow2", &disk);
+    let qcow2 = files.path().join("disk.qcow2");
+
+    // A member imports a file into its project's image: 202 and a job, which ends active.
+    let member = s.member_of("team");
+    let out = s.cli_as(
+        &member,
+        &["image", "create", "--name", "up", "--output", "json"],
+    );
+    let image: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = image["id"].as_str().expect("id");
+    let r = s.curl(
+        Some(&member),
+        "POST",
+        &format!("/v1/images/{id}/import?disk_format=qcow2"),
+        &["--data-binary", &format!("@{}", qcow2.display())],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = r.json();
+    assert_eq!(job["image_id"], id);
+    assert_eq!(job["source_url"], Value::Null);
+    assert_eq!(job["disk_format"], "qcow2");
+    let job = wait_job(&s, job["id"].as_str().expect("job id"), |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["bytes_done"], disk.len() as u64, "{job}");
+    assert_eq!(job["bytes_total"], disk.len() as u64, "{job}");
+    let done = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(done["status"], "active");
+    let raw = s.import(&files.path().join("disk.qcow2.raw"), "raw");
+    assert_eq!(done["digest"], raw["digest"]);
+    assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
+
+    // The CLI follows the job to the end.
+    let image = s.cli_json(&[
+        "image",
+        "import",
+        qcow2.to_str().expect("p"),
+        "--format",
+        "qcow2",
+        "--name",
+        "by-cli",
+    ]);
+    assert_eq!(image["status"], "active");
+    assert_eq!(image["digest"], raw["digest"]);
+
+    // An upload cut off half way: the image fails with the reason; no job, no file.
+    let img = s.cli_json(&["image", "create", "--name", "cut"]);
+    let id = img["id"].as_str().expect("id");
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    let head = format!(
+        "POST /v1/images/{id}/import?disk_format=qcow2 HTTP/1.1\r\nHost: kagami\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        s.token,
+        20 << 20
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&std::fs::read(&qcow2).expect("read")[..1 << 20])
+        .expect("body");
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let image = loop {
+        let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+        if image["status"] == "failed" {
+            break image;
+        }
+        assert!(Instant::now() < deadline, "never failed: {image}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        image["status_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("upload broke"),
+        "{image}"
+    );
+    let jobs = s.admin("GET", "/v1/jobs", &[]).json();
+    assert!(
+        !jobs
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .any(|j| j["image_id"] == id),
+        "{jobs}"
+    );
+    assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
+}
+
+#[test]
+fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
+    let mut s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    // 8 GiB of logical disk, data at both ends: reading it takes long enough to be killed in.
+    let size: u64 = 8 << 30;
+    let raw = common::sparse_file(
+        files.path(),
+        "big.raw",
+        size,
+        &[(0, 3 << 20), (size - (2 << 20), 2 << 20)],
+        41,
+    );
+    let qcow2 = files.path().join("big.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success());
+    let img = s.cli_json(&["image", "create", "--name", "big"]);
+    let id = img["id"].as_str().expect("id").to_string();
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{id}/import?disk_format=qcow2"),
+        &["--data-binary", &format!("@{}", qcow2.display())],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job_id = r.json()["id"].as_str().expect("job").to_string();
+    let job = wait_job(&s, &job_id, |j| {
+        j["phase"] == "converting" && j["bytes_done"].as_u64().unwrap_or(0) > 0
+            || j["state"] != "running" && j["state"] != "queued"
+    });
+    assert_eq!(job["state"], "running", "converted before the kill: {job}");
+    assert!(job["bytes_done"].as_u64() < Some(size), "{job}");
+    assert_eq!(job["bytes_total"], size, "{job}");
+    s.kill();
+    assert_eq!(
+        job_folders(&s),
+        vec![job_id.clone()],
+        "the staged file survives"
+    );
+    s.restart();
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "saving"
+    );
+    let job = wait_job(&s, &job_id, |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["attempts"].as_u64().expect("attempts") >= 2, "{job}");
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["status"], "active");
+    assert_eq!(image["virtual_size"], size);
+    // Both ends of the disk came through (a range each: the whole disk is 8 GiB).
+    for (start, len) in [(0u64, 3u64 << 20), (size - (2 << 20), 2 << 20)] {
+        let r = s.admin(
+            "GET",
+            &format!("/v1/images/{id}/file"),
+            &["-H", &format!("Range: bytes={start}-{}", start + len - 1)],
+        );
+        assert_eq!(r.status, 206);
+        let f = std::fs::File::open(&raw).expect("raw");
+        let mut expected = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut expected, start).expect("read");
+        assert!(r.body == expected, "bytes {start}+{len} differ");
+    }
+    assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
+    s.gc_now();
+    assert_eq!(s.store_stats()["unreferenced_blocks"], 0);
 }

@@ -8,10 +8,8 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use axum::{Json, Router};
-use futures_util::StreamExt;
 use kagami_images::format::{self, DiskFormat, Verdict};
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
 
 use super::{ApiQuery, AppState};
 use crate::catalog::tenancy::Caller;
@@ -52,37 +50,9 @@ async fn inspect(
 
 /// Writes a request body to a temporary file under `<data_dir>/staging`, deleted when dropped.
 /// Bounded by `limits.max_image_bytes` and the upload idle timeout.
-pub async fn stage(app: &AppState, body: Body) -> Result<tempfile::NamedTempFile, ApiError> {
+async fn stage(app: &AppState, body: Body) -> Result<tempfile::NamedTempFile, ApiError> {
     let (staged, mut out) = crate::ingest::staged_file(&app.config.server.data_dir).await?;
     let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
-    let max = app.config.limits.max_image_bytes;
-    let mut stream = body.into_data_stream();
-    let mut total = 0u64;
-    loop {
-        let chunk = match tokio::time::timeout(idle, stream.next()).await {
-            Err(_) => {
-                return Err(ApiError::bad(
-                    "upload_stalled",
-                    format!("no data for {} s after {total} bytes", idle.as_secs()),
-                ));
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return Err(ApiError::bad(
-                    "upload_interrupted",
-                    format!("the upload broke after {total} bytes: {e}"),
-                ));
-            }
-            Ok(Some(Ok(c))) => c,
-        };
-        total += chunk.len() as u64;
-        if total > max {
-            return Err(ApiError::TooLarge(format!(
-                "the file is larger than limits.max_image_bytes ({max} bytes)"
-            )));
-        }
-        out.write_all(&chunk).await?;
-    }
-    out.flush().await?;
+    crate::ingest::write_body(body, &mut out, idle, app.config.limits.max_image_bytes).await?;
     Ok(staged)
 }

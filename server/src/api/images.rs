@@ -169,8 +169,9 @@ struct ImportFromUrl {
 }
 
 /// `POST /v1/images/{id}/import`: either
-/// - a file in the body (`?disk_format=F`): staged, inspected as F (refused with the
-///   inspector's reason otherwise), read as its logical disk and ingested, in this request; or
+/// - a file in the body (`?disk_format=F`): staged durably and inspected as F in this request
+///   (refused with the inspector's reason otherwise), then read as its logical disk and
+///   ingested by a durable job, answered `202`; members may do this for their images; or
 /// - JSON `{"source_url": "https://…", "disk_format": "F"}` (admin only: the server fetches the
 ///   URL, so members must not point it at internal addresses): a durable job, answered `202`
 ///   with the job to poll at `/v1/jobs/{id}`.
@@ -209,6 +210,7 @@ async fn import(
                 )
             })
             .await?;
+        app.job_queued.notify_one();
         return Ok((StatusCode::ACCEPTED, Json(job)).into_response());
     }
     let claimed = q.disk_format.ok_or_else(|| {
@@ -217,13 +219,11 @@ async fn import(
             "say what the file is: ?disk_format=qcow2 (or send JSON with a source_url)",
         )
     })?;
-    let image = run_to_end(async move {
-        let image = begin_upload(&app, &caller, id).await?;
-        let received = import_file(&app, &image, claimed, body).await;
-        ingest::commit_or_fail(&app.catalog, caller, id, received).await
+    let job = run_to_end(async move {
+        crate::jobs::import::accept_upload(&app, caller, id, claimed, body).await
     })
     .await?;
-    Ok(Json(image).into_response())
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
 /// Source URLs: http or https, with a host; nothing else is fetched.
@@ -249,32 +249,12 @@ fn check_source(url: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn import_file(
-    app: &AppState,
-    image: &Image,
-    claimed: DiskFormat,
-    body: Body,
-) -> Result<Manifest, ApiError> {
-    ingest::check_kind(image, claimed)?;
-    let staged = super::formats::stage(app, body).await?;
-    let manifest = ingest::convert_file(
-        &app.catalog,
-        &app.store,
-        &app.config.limits,
-        image,
-        claimed,
-        staged.reopen()?,
-    )
-    .await;
-    drop(staged);
-    manifest
-}
-
 /// Runs an upload in its own task, so a client that hangs up at any point cannot leave its
-/// image `saving`: the task always reaches `active` or `failed`.
-async fn run_to_end<F>(work: F) -> Result<Image, ApiError>
+/// image `saving` (or a staged file behind): the task always reaches its end.
+async fn run_to_end<T, F>(work: F) -> Result<T, ApiError>
 where
-    F: Future<Output = Result<Image, ApiError>> + Send + 'static,
+    T: Send + 'static,
+    F: Future<Output = Result<T, ApiError>> + Send + 'static,
 {
     tokio::spawn(work)
         .await

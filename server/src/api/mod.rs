@@ -36,6 +36,8 @@ pub struct AppState {
     pub catalog: Catalog,
     pub store: Arc<PackStore>,
     pub reader: Reader,
+    /// Wakes the import worker when a job is queued (it also polls, for jobs queued elsewhere).
+    pub job_queued: Arc<tokio::sync::Notify>,
 }
 
 pub fn router(state: AppState) -> Router {

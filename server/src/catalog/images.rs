@@ -550,6 +550,33 @@ pub fn begin_upload(conn: &Connection, caller: &Caller, id: Uuid) -> Result<Imag
     get(conn, caller, id)
 }
 
+/// The image, if `caller` may upload into it now (it is queued or failed): checked before an
+/// upload is staged, so a body is not received for nothing. [`begin_upload`] checks again.
+pub fn check_uploadable(conn: &Connection, caller: &Caller, id: Uuid) -> Result<Image, ApiError> {
+    let image = get_owned(conn, caller, id)?;
+    if !matches!(image.status, ImageStatus::Queued | ImageStatus::Failed) {
+        return Err(ApiError::conflict(
+            "wrong_state",
+            format!(
+                "image {id} is {}; data can be uploaded only to a queued or failed image (create a new image to change content)",
+                image.status
+            ),
+        ));
+    }
+    Ok(image)
+}
+
+/// queued | failed → failed, with the reason: an upload that broke before its image started
+/// saving (a staged import). An image another upload is saving is left alone.
+pub fn refuse_upload(conn: &Connection, id: Uuid, reason: &str) -> Result<(), ApiError> {
+    conn.execute(
+        "UPDATE images SET status = 'failed', status_reason = ?2, updated_at = ?3
+         WHERE id = ?1 AND status IN ('queued', 'failed')",
+        params![id.to_string(), reason, now_ms()],
+    )?;
+    Ok(())
+}
+
 /// saving → failed, with the reason shown to the operator.
 pub fn fail_upload(conn: &Connection, id: Uuid, reason: &str) -> Result<(), ApiError> {
     conn.execute(

@@ -1,5 +1,6 @@
-//! Durable jobs: a row per job, enqueued in the same transaction as the state change that asks
-//! for it, claimed by a worker, with progress, and re-queued after a restart.
+//! Durable jobs (imports, from a source URL or of an uploaded file staged for the job): a row per
+//! job, enqueued in the same transaction as the state change that asks for it, claimed by a
+//! worker, with progress, and re-queued after a restart.
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
@@ -17,22 +18,27 @@ pub struct Job {
     pub kind: String,
     pub image_id: Uuid,
     pub owner: String,
+    /// The URL the server fetches (credentials redacted); `None` for a file uploaded with the
+    /// request and staged for the job.
     pub source_url: Option<String>,
     pub disk_format: String,
     /// queued → running → succeeded | failed.
     pub state: String,
-    /// What a running job is doing: `downloading` or `converting`.
+    /// What a running job is doing: `downloading` or `converting`; bytes are the source's
+    /// while downloading, the logical disk's while converting.
     pub phase: Option<String>,
     pub bytes_done: u64,
     pub bytes_total: Option<u64>,
     pub error: Option<String>,
+    /// The stable code of a failed job's error (`backing_file`, `source_unavailable`, …).
+    pub error_code: Option<String>,
     pub attempts: u32,
     pub created_at: String,
     pub updated_at: String,
 }
 
 const COLUMNS: &str = "id, kind, image_id, owner, source_url, disk_format, state, phase, bytes_done, bytes_total, \
-    error, attempts, created_at, updated_at";
+    error, attempts, created_at, updated_at, error_code";
 
 fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
     let id: String = r.get(0)?;
@@ -52,6 +58,7 @@ fn row_to_job(r: &Row<'_>) -> rusqlite::Result<Job> {
         attempts: r.get(11)?,
         created_at: rfc3339(r.get(12)?),
         updated_at: rfc3339(r.get(13)?),
+        error_code: r.get(14)?,
     })
 }
 
@@ -67,7 +74,7 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Puts the image in `saving` and enqueues its import, in one transaction.
+/// Puts the image in `saving` and enqueues its import from `source_url`, in one transaction.
 pub fn enqueue_import(
     conn: &mut Connection,
     caller: &Caller,
@@ -75,9 +82,38 @@ pub fn enqueue_import(
     source_url: &str,
     disk_format: &str,
 ) -> Result<Job, ApiError> {
+    enqueue(
+        conn,
+        caller,
+        Uuid::new_v4(),
+        image,
+        Some(source_url),
+        disk_format,
+    )
+}
+
+/// Puts the image in `saving` and enqueues the import of the upload staged for job `id` (see
+/// `jobs::import::job_dir`), in one transaction.
+pub fn enqueue_upload(
+    conn: &mut Connection,
+    caller: &Caller,
+    id: Uuid,
+    image: Uuid,
+    disk_format: &str,
+) -> Result<Job, ApiError> {
+    enqueue(conn, caller, id, image, None, disk_format)
+}
+
+fn enqueue(
+    conn: &mut Connection,
+    caller: &Caller,
+    id: Uuid,
+    image: Uuid,
+    source_url: Option<&str>,
+    disk_format: &str,
+) -> Result<Job, ApiError> {
     let tx = conn.transaction()?;
     let started = images::begin_upload(&tx, caller, image)?;
-    let id = Uuid::new_v4();
     let now = now_ms();
     tx.execute(
         "INSERT INTO jobs (id, kind, image_id, owner, source_url, disk_format, state, created_at, updated_at)
@@ -112,14 +148,27 @@ pub fn list(conn: &Connection, caller: &Caller) -> Result<Vec<Job>, ApiError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// A job's source URL as stored (credentials included), for the worker only.
-pub fn source(conn: &Connection, id: Uuid) -> Result<String, ApiError> {
-    let url: Option<String> = conn.query_row(
+/// A job's source URL as stored (credentials included), for the worker only; `None` for an
+/// uploaded file staged for the job.
+pub fn source(conn: &Connection, id: Uuid) -> Result<Option<String>, ApiError> {
+    Ok(conn.query_row(
         "SELECT source_url FROM jobs WHERE id = ?1",
         [id.to_string()],
         |r| r.get(0),
-    )?;
-    url.ok_or_else(|| ApiError::bad("invalid_source", "the job has no source URL"))
+    )?)
+}
+
+/// The jobs still to run or running (whose staged files must be kept).
+pub fn unfinished(conn: &Connection) -> Result<Vec<Uuid>, ApiError> {
+    let mut stmt = conn.prepare("SELECT id FROM jobs WHERE state IN ('queued', 'running')")?;
+    let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for id in ids {
+        if let Ok(id) = id?.parse() {
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 /// Claims the oldest queued job, if any. Its image's upload clock starts now, not at enqueue
@@ -157,15 +206,19 @@ pub fn progress(
     Ok(())
 }
 
-pub fn finish(conn: &Connection, id: Uuid, error: Option<&str>) -> Result<(), ApiError> {
+/// Records a job's end: succeeded, or failed with the error's code and message.
+pub fn finish(conn: &Connection, id: Uuid, error: Option<&ApiError>) -> Result<(), ApiError> {
     let state = if error.is_some() {
         "failed"
     } else {
         "succeeded"
     };
+    let code = error.map(|e| e.code_and_status().0);
+    let message = error.map(ToString::to_string);
     conn.execute(
-        "UPDATE jobs SET state = ?2, error = ?3, phase = NULL, updated_at = ?4 WHERE id = ?1",
-        params![id.to_string(), state, error, now_ms()],
+        "UPDATE jobs SET state = ?2, error = ?3, error_code = ?4, phase = NULL, updated_at = ?5
+         WHERE id = ?1",
+        params![id.to_string(), state, message, code, now_ms()],
     )?;
     Ok(())
 }

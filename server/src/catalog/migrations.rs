@@ -96,6 +96,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX jobs_by_state ON jobs(state, created_at);
     CREATE INDEX jobs_by_image ON jobs(image_id);
     "#,
+    // 3: a failed job's error code (the API error's stable code), beside its message.
+    r#"
+    ALTER TABLE jobs ADD COLUMN error_code TEXT;
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

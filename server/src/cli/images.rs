@@ -35,8 +35,9 @@ pub enum ImageCommand {
         #[arg(long)]
         format: Option<DiskFormat>,
     },
-    /// Create an image and upload FILE (raw, ISO, qcow2, …) into it, in one step; or, with
-    /// --source, have the server fetch the file as a durable job and follow its progress.
+    /// Create an image and upload FILE (raw, ISO, qcow2, …) into it, in one step (a format
+    /// other than raw is converted by a job on the server, followed with its progress); or,
+    /// with --source, have the server fetch the file as a durable job and follow it too.
     Import {
         /// The image file to upload.
         #[arg(required_unless_present = "source")]
@@ -543,9 +544,15 @@ async fn upload(
         .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
         .header(reqwest::header::CONTENT_LENGTH, len)
         .body(reqwest::Body::wrap_stream(stream));
-    let result = client.json(req).await;
+    if matches!(format, DiskFormat::Raw | DiskFormat::Iso) {
+        let result = client.json(req).await;
+        pb.finish_and_clear();
+        return result;
+    }
+    // Other formats are converted by a job on the server: follow it to its end.
+    let job: anyhow::Result<Job> = client.json(req).await;
     pb.finish_and_clear();
-    result
+    follow(client, &job?).await
 }
 
 async fn download(

@@ -1,9 +1,18 @@
-//! The import worker: claims queued import jobs, downloads the source (http or https) into the
-//! staging folder (resuming with `Range` after a broken connection), and converts it through
-//! [`ingest::convert_file`] — the same path an uploaded file takes. A job interrupted by a restart
-//! is queued again and starts over; its image stays `saving` until the job ends.
+//! The import worker: claims queued import jobs and converts their file through
+//! [`ingest::convert_file`]. The file is either downloaded from the job's source URL (http or
+//! https) into the staging folder, resuming with `Range` after a broken connection, or was
+//! uploaded with the request and staged for the job by [`accept_upload`].
+//!
+//! An uploaded file lives in `<data_dir>/jobs/<job id>/`, not in the staging folder start-up
+//! clears: it is fsynced before the job row that names it commits, survives restarts, and goes
+//! when its job ends (start-up removes any folder whose job is not queued or running). A job
+//! interrupted by a restart is queued again and starts over — a download from the first byte,
+//! an upload from its staged file; its image stays `saving` until the job ends.
 
 use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -11,6 +20,7 @@ use kagami_images::format::DiskFormat;
 use kagami_images::model::ImageStatus;
 use reqwest::StatusCode;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use uuid::Uuid;
 
 use crate::api::AppState;
 use crate::catalog::images;
@@ -30,21 +40,30 @@ pub async fn worker(app: AppState) {
             Ok(Some(job)) => {
                 let id = job.id;
                 tracing::info!(job = %id, image = %job.image_id, source = ?job.source_url, "import started");
-                let outcome = run(&app, job).await;
-                let error = outcome.as_ref().err().map(ToString::to_string);
+                let error = run(&app, job).await.err();
                 match &error {
                     None => tracing::info!(job = %id, "import done"),
                     Some(e) => tracing::warn!(job = %id, "import failed: {e}"),
                 }
                 if let Err(e) = app
                     .catalog
-                    .run(move |c| jobs::finish(c, id, error.as_deref()))
+                    .run(move |c| jobs::finish(c, id, error.as_ref()))
                     .await
                 {
                     tracing::error!(job = %id, "cannot record the job's end: {e}");
                 }
+                // An uploaded file goes with its job (start-up removes any left by a crash).
+                let dir = job_dir(&app.config.server.data_dir, id);
+                if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::error!(job = %id, "cannot remove {}: {e}", dir.display());
+                }
             }
-            Ok(None) => tokio::time::sleep(Duration::from_millis(300)).await,
+            Ok(None) => {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), app.job_queued.notified()).await;
+            }
             Err(e) => {
                 tracing::error!("cannot claim a job: {e}");
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -79,28 +98,193 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
             .map_err(|e: String| ApiError::bad("invalid_format", e))?;
         ingest::check_kind(&image, claimed)?;
         let id = job.id;
-        let url = app.catalog.run(move |c| jobs::source(c, id)).await?;
-        let (staged, fetched) = fetch(app, &job, &url).await?;
-        let id = job.id;
-        app.catalog
-            .run(move |c| jobs::progress(c, id, "converting", fetched, Some(fetched)))
-            .await?;
-        let file = staged.reopen()?;
-        ingest::convert_file(
-            &app.catalog,
-            &app.store,
-            &app.config.limits,
-            &image,
-            claimed,
-            file,
-        )
-        .await
+        let file =
+            match app.catalog.run(move |c| jobs::source(c, id)).await? {
+                Some(url) => {
+                    let (staged, _) = fetch(app, &job, &url).await?;
+                    // Unlinked now; the open handle keeps the bytes until the conversion ends.
+                    let file = staged.reopen()?;
+                    drop(staged);
+                    file
+                }
+                None => std::fs::File::open(upload_path(&app.config.server.data_dir, id)).map_err(
+                    |e| ApiError::Internal(format!("the file staged for job {id} is gone: {e}")),
+                )?,
+            };
+        convert(app, &job, &image, claimed, file).await
     }
     .await;
     // Every outcome goes through here, so the image never stays `saving` after its job ends.
     ingest::commit_or_fail(&app.catalog, caller, image_id, received)
         .await
         .map(|_| ())
+}
+
+/// Converts `file`, reporting how far it got into the job every half second.
+async fn convert(
+    app: &AppState,
+    job: &Job,
+    image: &kagami_images::model::Image,
+    claimed: DiskFormat,
+    file: std::fs::File,
+) -> Result<kagami_images::Manifest, ApiError> {
+    let progress = Arc::new(ingest::Progress::default());
+    let report = |progress: &ingest::Progress| {
+        let id = job.id;
+        let done = progress.done.load(Ordering::Relaxed);
+        let total = Some(progress.total.load(Ordering::Relaxed)).filter(|t| *t > 0);
+        app.catalog
+            .run(move |c| jobs::progress(c, id, "converting", done, total))
+    };
+    report(&progress).await?;
+    let work = ingest::convert_file(
+        &app.catalog,
+        &app.store,
+        &app.config.limits,
+        image,
+        claimed,
+        file,
+        &progress,
+    );
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            manifest = &mut work => {
+                if manifest.is_ok() {
+                    report(&progress).await?;
+                }
+                return manifest;
+            }
+            _ = tick.tick() => report(&progress).await?,
+        }
+    }
+}
+
+/// Where the file uploaded for job `id` is staged (in the folder [`job_dir`]).
+pub fn upload_path(data_dir: &Path, id: Uuid) -> PathBuf {
+    job_dir(data_dir, id).join("upload")
+}
+
+/// The folder a job owns under the data directory; removed when the job ends.
+pub fn job_dir(data_dir: &Path, id: Uuid) -> PathBuf {
+    jobs_dir(data_dir).join(id.to_string())
+}
+
+fn jobs_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("jobs")
+}
+
+/// `POST /v1/images/{id}/import?disk_format=F` with a file: the body is staged durably in a new
+/// job's folder and inspected as `claimed`; then, in one transaction, the image turns `saving`
+/// and the job is queued. Refusals come now, with the inspector's reason (`400`); the long part,
+/// reading the file as its logical disk into blocks, is the job's.
+///
+/// Any failure once the body is being received (a broken or stalled upload, a refused file)
+/// turns the image `failed` with the reason and leaves nothing: no job, no file.
+pub async fn accept_upload(
+    app: &AppState,
+    caller: Caller,
+    image_id: Uuid,
+    claimed: DiskFormat,
+    body: axum::body::Body,
+) -> Result<Job, ApiError> {
+    let who = caller.clone();
+    let image = app
+        .catalog
+        .run(move |c| images::check_uploadable(c, &who, image_id))
+        .await?;
+    ingest::check_kind(&image, claimed)?;
+    let id = Uuid::new_v4();
+    let data_dir = &app.config.server.data_dir;
+    let dir = job_dir(data_dir, id);
+    let accepted: Result<Job, ApiError> = async {
+        stage_upload(app, data_dir, &dir, body).await?;
+        let file = std::fs::File::open(upload_path(data_dir, id))?;
+        let limits = kagami_images::format::Limits {
+            max_virtual_size: app.config.limits.max_image_bytes,
+            ..Default::default()
+        };
+        tokio::task::spawn_blocking(move || {
+            kagami_images::format::inspect(&file, claimed, &limits)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
+        .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
+        let job = app
+            .catalog
+            .run(move |c| jobs::enqueue_upload(c, &caller, id, image_id, claimed.as_str()))
+            .await?;
+        app.job_queued.notify_one();
+        Ok(job)
+    }
+    .await;
+    if let Err(e) = &accepted {
+        if let Err(rm) = tokio::fs::remove_dir_all(&dir).await
+            && rm.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!(job = %id, "cannot remove {}: {rm}", dir.display());
+        }
+        let reason = e.to_string();
+        app.catalog
+            .run(move |c| images::refuse_upload(c, image_id, &reason))
+            .await?;
+    }
+    accepted
+}
+
+/// Writes the body to `<dir>/upload` and makes it durable: the file, its folder and the
+/// folder's entry in `jobs/` are fsynced before the job that names them is committed.
+async fn stage_upload(
+    app: &AppState,
+    data_dir: &Path,
+    dir: &Path,
+    body: axum::body::Body,
+) -> Result<(), ApiError> {
+    tokio::fs::create_dir_all(dir).await?;
+    let mut out = tokio::fs::File::create(dir.join("upload")).await?;
+    let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
+    ingest::write_body(body, &mut out, idle, app.config.limits.max_image_bytes).await?;
+    out.sync_all().await?;
+    drop(out);
+    let dirs = [dir.to_path_buf(), jobs_dir(data_dir)];
+    tokio::task::spawn_blocking(move || {
+        dirs.iter()
+            .try_for_each(|d| std::fs::File::open(d)?.sync_all())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("fsync failed: {e}")))??;
+    Ok(())
+}
+
+/// At start-up, before any job runs or upload arrives: removes the folders of jobs that ended
+/// (or never committed: an upload cut short by the stop). Returns how many went.
+pub fn remove_orphans(data_dir: &Path, unfinished: &[Uuid]) -> std::io::Result<usize> {
+    let dir = jobs_dir(data_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let keep = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Uuid>().ok())
+            .is_some_and(|id| unfinished.contains(&id));
+        if !keep {
+            let path = entry.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// The client that fetches sources: http or https (the system's roots plus `import.ca_file`),
