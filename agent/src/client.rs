@@ -13,8 +13,6 @@ const DIGEST_HEADER: &str = "x-kagami-digest";
 /// Largest manifest bundle accepted: 32 bytes per 64 KiB block, so 64 MiB covers 128 GiB of
 /// data blocks.
 const MAX_MANIFEST: usize = 64 << 20;
-/// Largest segment answer: 64 blocks of 64 KiB plus their frame headers.
-const MAX_SEGMENT: usize = 64 * (65536 + 36);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +46,8 @@ impl Client {
         })
     }
 
-    async fn get(
-        &self,
-        path: &str,
-        limit: usize,
-    ) -> Result<(reqwest::header::HeaderMap, Bytes), FetchError> {
+    /// Sends a GET and checks its status; the body is left to the caller.
+    async fn send(&self, path: &str) -> Result<reqwest::Response, FetchError> {
         let url = format!("{}/v1{path}", self.base);
         let response = self
             .http
@@ -62,67 +57,78 @@ impl Client {
             .await
             .map_err(|e| FetchError::Transient(format!("GET {url}: {}", chain(&e))))?;
         let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(body);
-            let e = format!("GET {url}: {status}: {message}");
-            return Err(
-                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                    FetchError::Transient(e)
-                } else {
-                    FetchError::Fatal(e)
-                },
-            );
+        if status.is_success() {
+            return Ok(response);
         }
-        if response.content_length().is_some_and(|n| n > limit as u64) {
-            return Err(FetchError::Fatal(format!(
-                "GET {url}: the answer is larger than {limit} bytes"
-            )));
-        }
-        let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| FetchError::Transient(format!("GET {url}: {}", chain(&e))))?;
-        if body.len() > limit {
-            return Err(FetchError::Fatal(format!(
-                "GET {url}: the answer is larger than {limit} bytes"
-            )));
-        }
-        Ok((headers, body))
+        let body = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(body);
+        let e = format!("GET {url}: {status}: {message}");
+        Err(
+            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                FetchError::Transient(e)
+            } else {
+                FetchError::Fatal(e)
+            },
+        )
     }
 
     /// The image's manifest, checked against the digest the server states for the image.
     pub async fn manifest(&self, image: &str) -> Result<Manifest, FetchError> {
-        let (headers, body) = self
-            .get(&format!("/images/{image}/manifest"), MAX_MANIFEST)
-            .await?;
+        let mut response = self.send(&format!("/images/{image}/manifest")).await?;
+        let stated = response
+            .headers()
+            .get(DIGEST_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = Vec::new();
+        while let Some(chunk) = next_chunk(&mut response).await? {
+            if body.len() + chunk.len() > MAX_MANIFEST {
+                return Err(FetchError::Fatal(format!(
+                    "the manifest of image {image} is larger than {MAX_MANIFEST} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         let manifest = Manifest::decode_bundle(&body, u64::MAX).map_err(|e| {
             FetchError::Fatal(format!("the manifest of image {image} is invalid: {e}"))
         })?;
-        let stated = headers.get(DIGEST_HEADER).and_then(|v| v.to_str().ok());
         let actual = format!("sha256:{}", manifest.digest());
-        if stated != Some(actual.as_str()) {
+        if stated.as_deref() != Some(actual.as_str()) {
             return Err(FetchError::Fatal(format!(
                 "the manifest of image {image} hashes to {actual}, but the server states {}",
-                stated.unwrap_or("no digest")
+                stated.as_deref().unwrap_or("no digest")
             )));
         }
         Ok(manifest)
     }
 
-    /// The frames of segment `index`'s data blocks whose bit is set in `mask`, unverified.
-    pub async fn segment(&self, image: &str, index: usize, mask: u64) -> Result<Bytes, FetchError> {
+    /// The answer for segment `index`'s data blocks whose bit is set in `mask`: block frames,
+    /// to be read chunk by chunk with [`next_chunk`] (never held whole in memory).
+    pub async fn segment(
+        &self,
+        image: &str,
+        index: usize,
+        mask: u64,
+    ) -> Result<reqwest::Response, FetchError> {
         let path = if mask == u64::MAX {
             format!("/images/{image}/segments/{index}")
         } else {
             format!("/images/{image}/segments/{index}?blocks={mask:016x}")
         };
-        Ok(self.get(&path, MAX_SEGMENT).await?.1)
+        self.send(&path).await
     }
+}
+
+/// The next piece of a body; a connection lost half way is transient.
+pub async fn next_chunk(response: &mut reqwest::Response) -> Result<Option<Bytes>, FetchError> {
+    let url = response.url().clone();
+    response
+        .chunk()
+        .await
+        .map_err(|e| FetchError::Transient(format!("reading {url}: {}", chain(&e))))
 }
 
 /// An error and its causes on one line ("error sending request: connection refused").
@@ -137,36 +143,41 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Retries `attempt` with exponential backoff (0.25 s doubling to 5 s) while it fails
-/// transiently and `patience` has not run out since the last success of any request, which
-/// `last_progress` tracks across concurrent fetches.
-pub async fn with_retry<T, F, Fut>(
-    what: &str,
+/// Backoff between attempts at a request that fails transiently: 0.25 s doubling to 5 s, for
+/// at most `patience` since the first failure.
+#[derive(Debug)]
+pub struct Backoff {
     patience: Duration,
-    retries: &std::sync::atomic::AtomicU64,
-    mut attempt: F,
-) -> Result<T, FetchError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, FetchError>>,
-{
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match attempt().await {
-            Err(FetchError::Transient(e)) if started.elapsed() < patience => {
-                retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!("{what}: {e}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(FetchError::Transient(e)) => {
-                return Err(FetchError::Fatal(format!(
-                    "{what}: still failing after {}: {e}",
-                    humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
-                )));
-            }
-            other => return other,
+    first_failure: Option<Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    pub fn new(patience: Duration) -> Self {
+        Backoff {
+            patience,
+            first_failure: None,
+            delay: Duration::from_millis(250),
         }
+    }
+
+    /// After a failure: waits and returns `Ok` to try again, or the error to give up with —
+    /// at once for a fatal one, after `patience` for a transient one.
+    pub async fn wait(&mut self, what: &str, error: FetchError) -> Result<(), FetchError> {
+        let e = match error {
+            FetchError::Transient(e) => e,
+            fatal => return Err(fatal),
+        };
+        let since = *self.first_failure.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.patience {
+            return Err(FetchError::Fatal(format!(
+                "{what}: still failing after {}: {e}",
+                humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+            )));
+        }
+        tracing::warn!("{what}: {e}; retrying in {:?}", self.delay);
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        Ok(())
     }
 }

@@ -22,13 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use kagami_images::manifest::BlockRef;
 use kagami_images::manifest::{BLOCK_SIZE, SEGMENT_SIZE, blocks_in_segment};
-use kagami_images::wire::FrameError;
 use kagami_images::{BlockId, Manifest};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::client::{Client, FetchError, with_retry};
+use crate::client::{Backoff, Client, FetchError, next_chunk};
 use crate::disk::Target;
 use crate::io::{self, AlignedBuf, Files, Finished, Job, Op, OpKind};
 use crate::progress::{Counters, Phase, Progress};
@@ -116,13 +116,16 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let started = Instant::now();
     let client = Client::new(&opts.server, &opts.token)?;
     let counters = Arc::new(Counters::default());
-    let manifest = with_retry(
-        "fetching the manifest",
-        opts.patience,
-        &counters.retries,
-        || client.manifest(&opts.image),
-    )
-    .await?;
+    let mut backoff = Backoff::new(opts.patience);
+    let manifest = loop {
+        match client.manifest(&opts.image).await {
+            Ok(m) => break m,
+            Err(e) => {
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+                backoff.wait("fetching the manifest", e).await?;
+            }
+        }
+    };
     let target = Target::open(&opts.disk, opts.force)?;
     if target.size < manifest.virtual_size() {
         bail!(
@@ -613,102 +616,201 @@ impl Fetcher {
         }
     }
 
-    /// Fetches the planned blocks of one segment into `buf`, verified.
+    /// Fetches the planned blocks of one segment into `buf`, verified: network failures are
+    /// retried with backoff, corrupt answers a few times, then the write stops.
     async fn fetch(&self, plan: SegmentPlan, mut buf: AlignedBuf) -> anyhow::Result<Job> {
         let what = format!("fetching segment {}", plan.index);
-        let mut attempt = 0;
+        let mut backoff = Backoff::new(self.patience);
+        let mut corrupt = 0;
         loop {
-            attempt += 1;
-            let body = with_retry(&what, self.patience, &self.counters.retries, || {
-                self.client.segment(&self.image, plan.index, plan.fetch)
-            })
-            .await?;
-            let manifest = self.manifest.clone();
-            let received = body.len() as u64;
-            let (back, outcome) = tokio::task::spawn_blocking(move || {
-                let outcome = fill(&manifest, &plan, &body, &mut buf);
-                (buf, outcome)
-            })
-            .await?;
-            buf = back;
-            self.counters
-                .received_bytes
-                .fetch_add(received, Ordering::Relaxed);
-            match outcome {
-                Ok(blocks) => {
-                    self.counters
-                        .fetched_blocks
-                        .fetch_add(blocks, Ordering::Relaxed);
-                    return Ok(Job {
-                        tag: plan.index as u64,
-                        buf: Some(buf),
-                        ops: ops_for(&self.manifest, &plan),
-                    });
+            let failure = match self.receive(&plan, &mut buf).await {
+                Ok(placer) => {
+                    let (back, verdict) = tokio::task::spawn_blocking(move || {
+                        let verdict = placer.verify(buf.as_slice());
+                        (buf, verdict)
+                    })
+                    .await?;
+                    buf = back;
+                    match verdict {
+                        Ok(blocks) => {
+                            self.counters
+                                .fetched_blocks
+                                .fetch_add(blocks, Ordering::Relaxed);
+                            return Ok(Job {
+                                tag: plan.index as u64,
+                                buf: Some(buf),
+                                ops: ops_for(&self.manifest, &plan),
+                            });
+                        }
+                        Err(e) => Attempt::Corrupt(e),
+                    }
                 }
-                Err(e) if attempt < CORRUPT_ATTEMPTS => {
-                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("{what}: {e}; fetching it again");
+                Err(failure) => failure,
+            };
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            let outcome = match failure {
+                Attempt::Fetch(e) => backoff.wait(&what, e).await,
+                Attempt::Corrupt(e) => {
+                    corrupt += 1;
+                    if corrupt < CORRUPT_ATTEMPTS {
+                        tracing::warn!("{what}: {e}; fetching it again");
+                        Ok(())
+                    } else {
+                        Err(FetchError::Fatal(format!(
+                            "{e} ({corrupt} times; nothing of it was written)"
+                        )))
+                    }
                 }
-                Err(e) => {
-                    self.pool.put(buf);
-                    return Err(FetchError::Fatal(format!(
-                        "{e} ({attempt} times; nothing of it was written)"
-                    ))
-                    .into());
-                }
+            };
+            if let Err(e) = outcome {
+                self.pool.put(buf);
+                return Err(e.into());
             }
         }
     }
+
+    /// One attempt: streams the answer's frames into their places in `buf`.
+    async fn receive(&self, plan: &SegmentPlan, buf: &mut AlignedBuf) -> Result<Placer, Attempt> {
+        let mut response = self
+            .client
+            .segment(&self.image, plan.index, plan.fetch)
+            .await
+            .map_err(Attempt::Fetch)?;
+        let mut placer = Placer::new(&self.manifest, plan);
+        while let Some(chunk) = next_chunk(&mut response).await.map_err(Attempt::Fetch)? {
+            self.counters
+                .received_bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            placer
+                .feed(&chunk, buf.as_mut_slice())
+                .map_err(Attempt::Corrupt)?;
+        }
+        placer.finish().map_err(Attempt::Corrupt)?;
+        Ok(placer)
+    }
 }
 
-/// Checks a segment answer against the manifest and copies each planned block to its place
-/// in `buf`. Returns how many blocks it placed; refuses any frame that is not exactly the next
-/// expected block with exactly its bytes.
-fn fill(
-    manifest: &Manifest,
-    plan: &SegmentPlan,
-    body: &[u8],
-    buf: &mut AlignedBuf,
-) -> Result<u64, String> {
-    let wanted: Vec<_> = manifest
-        .segment_blocks(plan.index)
-        .enumerate()
-        .filter(|(j, b)| plan.fetch & (1 << j) != 0 && !b.id.is_hole())
-        .collect();
-    let frames = kagami_images::wire::decode_frames(body).map_err(|e| match e {
-        FrameError::Mismatch { index, actual, .. } if index < wanted.len() => {
-            let block = wanted[index].1;
-            format!(
-                "block {} (byte {}) came back corrupt: its bytes hash to {actual}; the manifest \
-                 says {}",
-                block.index, block.offset, block.id
-            )
+/// How one attempt at a segment failed.
+enum Attempt {
+    /// The network or the server: retried with backoff.
+    Fetch(FetchError),
+    /// The answer is not what the manifest says: retried a few times.
+    Corrupt(String),
+}
+
+/// Places the frames of a segment answer (`id | u32 length | bytes`, see
+/// `kagami_images::wire`), as they arrive in pieces of any size, at their blocks' places in the
+/// segment buffer — no copy of the answer is ever held. Each frame must be the next block
+/// asked for, with its id and length; the bytes are checked afterwards, in place
+/// ([`Placer::verify`]), before the buffer may go to the disk.
+#[derive(Debug)]
+struct Placer {
+    /// Blocks asked for, in order: their index in the segment and where they lie.
+    wanted: Vec<(usize, BlockRef)>,
+    segment: usize,
+    next: usize,
+    header: [u8; FRAME_HEADER],
+    header_len: usize,
+    at: usize,
+    left: usize,
+}
+
+const FRAME_HEADER: usize = 36;
+
+impl Placer {
+    fn new(manifest: &Manifest, plan: &SegmentPlan) -> Self {
+        Placer {
+            wanted: manifest
+                .segment_blocks(plan.index)
+                .enumerate()
+                .filter(|(j, b)| plan.fetch & (1 << j) != 0 && !b.id.is_hole())
+                .collect(),
+            segment: plan.index,
+            next: 0,
+            header: [0; FRAME_HEADER],
+            header_len: 0,
+            at: 0,
+            left: 0,
         }
-        other => format!("segment {} came back corrupt: {other}", plan.index),
-    })?;
-    if frames.len() != wanted.len() {
-        return Err(format!(
-            "segment {} came back with {} blocks; {} were asked for",
-            plan.index,
-            frames.len(),
-            wanted.len()
-        ));
     }
-    let out = buf.as_mut_slice();
-    for ((j, block), (id, data)) in wanted.iter().zip(frames) {
-        if id != block.id || data.len() != block.len {
+
+    fn feed(&mut self, mut chunk: &[u8], out: &mut [u8]) -> Result<(), String> {
+        while !chunk.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(chunk.len());
+                out[self.at..self.at + n].copy_from_slice(&chunk[..n]);
+                self.at += n;
+                self.left -= n;
+                chunk = &chunk[n..];
+                if self.left == 0 {
+                    self.next += 1;
+                }
+                continue;
+            }
+            let n = (FRAME_HEADER - self.header_len).min(chunk.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[..n]);
+            self.header_len += n;
+            chunk = &chunk[n..];
+            if self.header_len < FRAME_HEADER {
+                continue;
+            }
+            self.header_len = 0;
+            let Some(&(j, block)) = self.wanted.get(self.next) else {
+                return Err(format!(
+                    "segment {} came back with more than the {} blocks asked for",
+                    self.segment,
+                    self.wanted.len()
+                ));
+            };
+            let mut id = BlockId::HOLE;
+            id.0.copy_from_slice(&self.header[..32]);
+            let len = u32::from_le_bytes([
+                self.header[32],
+                self.header[33],
+                self.header[34],
+                self.header[35],
+            ]) as usize;
+            if id != block.id || len != block.len {
+                return Err(format!(
+                    "block {} (byte {}) came back as {id} ({len} bytes); the manifest says {} \
+                     ({} bytes)",
+                    block.index, block.offset, block.id, block.len
+                ));
+            }
+            self.at = j * BLOCK_SIZE;
+            self.left = len;
+        }
+        Ok(())
+    }
+
+    /// The answer ended: it must have carried every block asked for, whole.
+    fn finish(&self) -> Result<(), String> {
+        if self.next != self.wanted.len() || self.header_len != 0 || self.left != 0 {
             return Err(format!(
-                "block {} (byte {}) came back as {id} ({} bytes); the manifest says {} ({} bytes)",
-                block.index,
-                block.offset,
-                data.len(),
-                block.id,
-                block.len
+                "segment {} came back cut short: {} of {} blocks",
+                self.segment,
+                self.next,
+                self.wanted.len()
             ));
         }
-        out[j * BLOCK_SIZE..j * BLOCK_SIZE + data.len()].copy_from_slice(data);
+        Ok(())
     }
-    Ok(wanted.len() as u64)
+
+    /// Hashes every placed block in `out`; returns how many there are, or names the first
+    /// whose bytes are not the manifest's.
+    fn verify(&self, out: &[u8]) -> Result<u64, String> {
+        for &(j, block) in &self.wanted {
+            let actual = BlockId::hash(&out[j * BLOCK_SIZE..j * BLOCK_SIZE + block.len]);
+            if actual != block.id {
+                return Err(format!(
+                    "block {} (byte {}) came back corrupt: its bytes hash to {actual}; the \
+                     manifest says {}",
+                    block.index, block.offset, block.id
+                ));
+            }
+        }
+        Ok(self.wanted.len() as u64)
+    }
 }
 
 /// The disk ops for a segment plan: one write per run of fetched blocks, one zeroing per run
@@ -788,8 +890,24 @@ mod tests {
         assert!(skipped.is_empty());
     }
 
+    /// Feeds `body` in pieces of `piece` bytes; then finish and verify.
+    fn place(
+        m: &Manifest,
+        plan: &SegmentPlan,
+        body: &[u8],
+        piece: usize,
+        buf: &mut AlignedBuf,
+    ) -> Result<u64, String> {
+        let mut placer = Placer::new(m, plan);
+        for chunk in body.chunks(piece) {
+            placer.feed(chunk, buf.as_mut_slice())?;
+        }
+        placer.finish()?;
+        placer.verify(buf.as_slice())
+    }
+
     #[test]
-    fn fill_refuses_a_block_that_is_not_the_manifests() {
+    fn frames_arriving_in_any_pieces_land_in_place_and_anything_else_is_refused() {
         let data = disk();
         let m = split_bytes(&data);
         let (plans, _) = plan_full(&m, Holes::Zero);
@@ -801,25 +919,39 @@ mod tests {
         let mut body = Vec::new();
         kagami_images::wire::encode_frame(&mut body, &BlockId::of(block(2)), block(2));
         kagami_images::wire::encode_frame(&mut body, &BlockId::of(block(3)), block(3));
+        for piece in [1, 7, 36, 1000, body.len()] {
+            let mut buf = AlignedBuf::new(SEGMENT_SIZE);
+            assert_eq!(
+                place(&m, &plan, &body, piece, &mut buf),
+                Ok(2),
+                "pieces of {piece}"
+            );
+            assert_eq!(
+                &buf.as_slice()[2 * BLOCK_SIZE..4 * BLOCK_SIZE],
+                &data[2 * BLOCK_SIZE..4 * BLOCK_SIZE]
+            );
+        }
         let mut buf = AlignedBuf::new(SEGMENT_SIZE);
-        assert_eq!(fill(&m, &plan, &body, &mut buf), Ok(2));
-        assert_eq!(
-            &buf.as_slice()[2 * BLOCK_SIZE..4 * BLOCK_SIZE],
-            &data[2 * BLOCK_SIZE..4 * BLOCK_SIZE]
-        );
         // Valid frames, but in the wrong order: refused.
         let mut swapped = Vec::new();
         kagami_images::wire::encode_frame(&mut swapped, &BlockId::of(block(3)), block(3));
         kagami_images::wire::encode_frame(&mut swapped, &BlockId::of(block(2)), block(2));
-        let e = fill(&m, &plan, &swapped, &mut buf).expect_err("order");
-        assert!(e.contains("block 2"), "{e}");
-        // A flipped byte: refused by its hash.
+        let e = place(&m, &plan, &swapped, 4096, &mut buf).expect_err("order");
+        assert!(e.starts_with("block 2 (byte 131072) came back as"), "{e}");
+        // A flipped byte: refused by its hash, naming the block.
         let mut corrupt = body.clone();
         corrupt[40] ^= 1;
-        let e = fill(&m, &plan, &corrupt, &mut buf).expect_err("corrupt");
+        let e = place(&m, &plan, &corrupt, 4096, &mut buf).expect_err("corrupt");
         assert!(
             e.starts_with("block 2 (byte 131072) came back corrupt"),
             "{e}"
         );
+        // Cut short, or one frame too many.
+        let e = place(&m, &plan, &body[..body.len() - 1], 4096, &mut buf).expect_err("short");
+        assert!(e.contains("cut short: 1 of 2 blocks"), "{e}");
+        let mut long = body.clone();
+        kagami_images::wire::encode_frame(&mut long, &BlockId::of(block(3)), block(3));
+        let e = place(&m, &plan, &long, 4096, &mut buf).expect_err("long");
+        assert!(e.contains("more than the 2 blocks"), "{e}");
     }
 }
