@@ -222,6 +222,21 @@ mod tests {
         assert_eq!(parse_devno("a:b"), None);
     }
 
+    /// Read-only: the disk under this machine's `/` must be refused (nothing is opened).
+    #[test]
+    fn the_disk_of_the_running_root_is_refused() {
+        let meta = std::fs::metadata("/").expect("/");
+        let root = (major(meta.dev()) as u32, minor(meta.dev()) as u32);
+        if root.0 == 0 {
+            eprintln!("/ is not on a block device here (tmpfs, overlay): nothing to check");
+            return;
+        }
+        for disk in whole_disks(root) {
+            let e = check_not_in_use(disk).expect_err("root disk");
+            assert!(e.contains("root file system"), "{e}");
+        }
+    }
+
     #[test]
     fn a_plain_file_opens_with_its_size() {
         let f = tempfile::NamedTempFile::new().expect("tmp");
