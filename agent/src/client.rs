@@ -30,6 +30,8 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// Where images are read: `/images`, or `/agent/images` for a per-boot agent token.
+    images: &'static str,
 }
 
 impl Client {
@@ -43,7 +45,44 @@ impl Client {
             http,
             base: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
+            images: "/images",
         })
+    }
+
+    /// Reads images under `path` (see [`Client::images`]).
+    pub fn images_at(mut self, path: &'static str) -> Self {
+        self.images = path;
+        self
+    }
+
+    /// A JSON GET under `/v1`.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, FetchError> {
+        let response = self.send(path).await?;
+        response
+            .json()
+            .await
+            .map_err(|e| FetchError::Transient(format!("GET {path}: {}", chain(&e))))
+    }
+
+    /// A JSON POST under `/v1`; the answer is discarded.
+    pub async fn post_json<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(), FetchError> {
+        let url = format!("{}/v1{path}", self.base);
+        let response = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| FetchError::Transient(format!("POST {url}: {}", chain(&e))))?;
+        check(response, "POST", &url).await.map(drop)
     }
 
     /// Sends a GET and checks its status; the body is left to the caller.
@@ -56,28 +95,14 @@ impl Client {
             .send()
             .await
             .map_err(|e| FetchError::Transient(format!("GET {url}: {}", chain(&e))))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let body = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or(body);
-        let e = format!("GET {url}: {status}: {message}");
-        Err(
-            if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                FetchError::Transient(e)
-            } else {
-                FetchError::Fatal(e)
-            },
-        )
+        check(response, "GET", &url).await
     }
 
     /// The image's manifest, checked against the digest the server states for the image.
     pub async fn manifest(&self, image: &str) -> Result<Manifest, FetchError> {
-        let mut response = self.send(&format!("/images/{image}/manifest")).await?;
+        let mut response = self
+            .send(&format!("{}/{image}/manifest", self.images))
+            .await?;
         let stated = response
             .headers()
             .get(DIGEST_HEADER)
@@ -114,12 +139,41 @@ impl Client {
         mask: u64,
     ) -> Result<reqwest::Response, FetchError> {
         let path = if mask == u64::MAX {
-            format!("/images/{image}/segments/{index}")
+            format!("{}/{image}/segments/{index}", self.images)
         } else {
-            format!("/images/{image}/segments/{index}?blocks={mask:016x}")
+            format!(
+                "{}/{image}/segments/{index}?blocks={mask:016x}",
+                self.images
+            )
         };
         self.send(&path).await
     }
+}
+
+/// The response if its status is a success; otherwise the server's message, transient for a
+/// 5xx or 429 and fatal for any other refusal.
+async fn check(
+    response: reqwest::Response,
+    method: &str,
+    url: &str,
+) -> Result<reqwest::Response, FetchError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(body);
+    let e = format!("{method} {url}: {status}: {message}");
+    Err(
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            FetchError::Transient(e)
+        } else {
+            FetchError::Fatal(e)
+        },
+    )
 }
 
 /// The next piece of a body; a connection lost half way is transient.

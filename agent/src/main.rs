@@ -15,7 +15,9 @@ use clap::{Parser, Subcommand};
 use kagami_images::split::split_reader;
 
 mod client;
+mod deploy;
 mod disk;
+mod inventory;
 mod io;
 mod progress;
 mod write;
@@ -37,6 +39,13 @@ enum Command {
     /// or zeroed, only changed blocks in differential mode, retried and resumed after network
     /// or server failures.
     Write(WriteArgs),
+    /// The agent's job on a network-booted host: report the inventory, fetch the task, write
+    /// the assigned images onto the disks while reporting progress, report the result.
+    /// Server and token come from the flags or from the kernel command line (kagami.url=,
+    /// kagami.token=), where the host's iPXE script puts them.
+    Run(RunArgs),
+    /// Print this machine's inventory (disks, NICs, CPU, memory, firmware) as JSON.
+    Inventory,
     /// Hash a disk (or image file) into 64 KiB blocks and print its digest and block counts.
     Hash {
         /// The block device or file to read.
@@ -92,6 +101,75 @@ struct WriteArgs {
     json: bool,
 }
 
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The Kagami server [default: kagami.url= on the kernel command line].
+    #[arg(long)]
+    server: Option<String>,
+    /// The per-boot agent token [default: kagami.token= on the kernel command line].
+    #[arg(long, hide_env_values = true, env = "KAGAMI_AGENT_TOKEN")]
+    token: Option<String>,
+    /// While no task is assigned, ask again every 5 s instead of exiting.
+    #[arg(long)]
+    wait: bool,
+    /// Read back and check every block after writing.
+    #[arg(long)]
+    verify: bool,
+    /// Restart the machine after a successful deployment (in the ramdisk).
+    #[arg(long)]
+    reboot: bool,
+    /// How long to keep retrying when the server is away, e.g. 30m.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
+    /// Segment requests in flight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+    /// Disk operations in flight (io_uring queue depth).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    queue_depth: u16,
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: io::Choice,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // reqwest is built with rustls and no default provider (never aws-lc): pick ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (url, token) = deploy::from_cmdline(&cmdline);
+    let opts = deploy::Options {
+        server: args.server.or(url).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no server: pass --server or boot with kagami.url= on the kernel command line"
+            )
+        })?,
+        token: args.token.or(token).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no token: pass --token or boot with kagami.token= on the kernel command line"
+            )
+        })?,
+        wait: args.wait,
+        verify: args.verify,
+        patience: args.retry_for,
+        jobs: args.jobs.into(),
+        queue_depth: args.queue_depth.into(),
+        engine: args.engine,
+    };
+    let deployed = runtime()?.block_on(deploy::run(opts))?;
+    if deployed && args.reboot {
+        nix::unistd::sync();
+        nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT)
+            .context("cannot reboot")?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -111,9 +189,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => run_agent(args),
+        Command::Inventory => {
+            println!("{}", serde_json::to_string_pretty(&inventory::collect())?);
+            Ok(())
+        }
         Command::Write(args) => {
-            // reqwest is built with rustls and no default provider (never aws-lc): pick ring.
-            let _ = rustls::crypto::ring::default_provider().install_default();
             let json = args.json;
             let opts = write::Options {
                 server: args.server,
@@ -127,13 +208,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 queue_depth: args.queue_depth.into(),
                 engine: args.engine,
                 force: args.force,
+                images_path: "/images",
+                progress: None,
                 patience: args.retry_for,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
-            let report = runtime.block_on(write::run(opts))?;
+            let report = runtime()?.block_on(write::run(opts))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

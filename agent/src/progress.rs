@@ -56,6 +56,14 @@ impl Counters {
     }
 }
 
+/// Where a write is: its phase and the phase's bytes done of total.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub phase: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     Reading,
@@ -82,7 +90,12 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn start(counters: Arc<Counters>) -> Progress {
+    /// Starts the display; every tick also goes to `watch` when given (the deployment
+    /// reporter sends it on to the server).
+    pub fn start(
+        counters: Arc<Counters>,
+        watch: Option<tokio::sync::watch::Sender<Snapshot>>,
+    ) -> Progress {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
@@ -107,6 +120,13 @@ impl Progress {
                     let Ok(s) = state.lock() else { return };
                     let done = phase_counter(&counters, s.phase).saturating_sub(s.base);
                     bar.set_position(done);
+                    if let Some(w) = &watch {
+                        w.send_replace(Snapshot {
+                            phase: phase_name(s.phase),
+                            done,
+                            total: s.total,
+                        });
+                    }
                     if !interactive && last_log.elapsed() >= Duration::from_secs(10) {
                         last_log = Instant::now();
                         let secs = s.since.elapsed().as_secs_f64().max(0.001);

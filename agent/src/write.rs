@@ -69,6 +69,10 @@ pub struct Options {
     pub force: bool,
     /// How long a failing fetch is retried before the write gives up.
     pub patience: Duration,
+    /// `/images` with a project token; `/agent/images` with a per-boot agent token.
+    pub images_path: &'static str,
+    /// Receives progress snapshots (a deployment reports them to the server).
+    pub progress: Option<tokio::sync::watch::Sender<crate::progress::Snapshot>>,
 }
 
 /// What a write did, for the terminal and for scripts (`--json`).
@@ -114,7 +118,7 @@ struct Ctx {
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let client = Client::new(&opts.server, &opts.token)?;
+    let client = Client::new(&opts.server, &opts.token)?.images_at(opts.images_path);
     let counters = Arc::new(Counters::default());
     let mut backoff = Backoff::new(opts.patience);
     let manifest = loop {
@@ -170,7 +174,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         jobs: jobs_tx,
         done: done_rx,
     };
-    let progress = Progress::start(counters.clone());
+    let progress = Progress::start(counters.clone(), opts.progress.clone());
 
     let (plans, ranges) = match opts.mode {
         Mode::Full => plan_full(&manifest, opts.holes),

@@ -17,6 +17,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub gc: GcConfig,
     pub import: ImportConfig,
+    pub provision: ProvisionConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -71,6 +72,51 @@ pub struct ImportConfig {
     pub ca_file: PathBuf,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisionConfig {
+    /// The base URL hosts are told to use (kernel, initrd, agent API), e.g.
+    /// `http://10.0.0.1:8470`; empty: the URL the host's iPXE used to fetch its script.
+    pub advertise_url: String,
+    /// The agent ramdisk: `vmlinuz` and `initrd.img` (see agent/ramdisk); empty: the data
+    /// directory's `ramdisk/`.
+    pub ramdisk_dir: PathBuf,
+    /// What a host Kagami does not know gets from its iPXE script: `local` (boot its own disk)
+    /// or `discover` (boot the agent, which reports its inventory and waits for a task).
+    pub unknown_hosts: UnknownHosts,
+    /// Extra kernel arguments for the agent ramdisk (e.g. a serial console).
+    pub kernel_args: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownHosts {
+    Local,
+    Discover,
+}
+
+impl Default for ProvisionConfig {
+    fn default() -> Self {
+        ProvisionConfig {
+            advertise_url: String::new(),
+            ramdisk_dir: PathBuf::new(),
+            unknown_hosts: UnknownHosts::Local,
+            kernel_args: "console=tty0 console=ttyS0".into(),
+        }
+    }
+}
+
+impl ProvisionConfig {
+    /// Where the ramdisk's files are.
+    pub fn ramdisk_dir(&self, data_dir: &Path) -> PathBuf {
+        if self.ramdisk_dir.as_os_str().is_empty() {
+            data_dir.join("ramdisk")
+        } else {
+            self.ramdisk_dir.clone()
+        }
+    }
+}
+
 impl ImportConfig {
     /// The operator's CA file, if one is set.
     pub fn ca_file(&self) -> Option<&Path> {
@@ -123,6 +169,8 @@ impl Default for GcConfig {
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    pub advertise_url: Option<String>,
+    pub ramdisk_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -142,6 +190,12 @@ impl Config {
         if let Some(dir) = overrides.data_dir {
             fig = fig.merge(("server.data_dir", dir));
         }
+        if let Some(url) = overrides.advertise_url {
+            fig = fig.merge(("provision.advertise_url", url));
+        }
+        if let Some(dir) = overrides.ramdisk_dir {
+            fig = fig.merge(("provision.ramdisk_dir", dir));
+        }
         let config: Config = fig
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -157,6 +211,12 @@ impl Config {
         }
         if self.store.pack_bytes < 1 << 20 {
             anyhow::bail!("invalid configuration: store.pack_bytes must be at least 1 MiB");
+        }
+        let url = &self.provision.advertise_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            anyhow::bail!(
+                "invalid configuration: provision.advertise_url must be an http:// or https:// URL"
+            );
         }
         if self.server.region.is_empty() {
             anyhow::bail!("invalid configuration: server.region must not be empty");

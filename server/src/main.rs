@@ -1,6 +1,7 @@
 //! `kagami`: the Kagami daemon (`kagami serve`) and its command-line client.
 
 mod api;
+mod boot;
 mod catalog;
 mod cli;
 mod config;
@@ -20,6 +21,7 @@ use clap::{Parser, Subcommand};
 
 use crate::cli::admin::{ProjectCommand, StoreCommand, TokenCommand};
 use crate::cli::client::Client;
+use crate::cli::hosts::HostCommand;
 use crate::cli::images::ImageCommand;
 use crate::config::{Config, Overrides};
 
@@ -32,10 +34,6 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start-up; boxing buys nothing"
-)]
 enum Command {
     /// Run the daemon: image catalog, block store and HTTP API.
     Serve {
@@ -48,6 +46,12 @@ enum Command {
         /// A TOML file (see systemd/kagami.toml); KAGAMI__SECTION__KEY variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The base URL machines are told to use [default: the URL their iPXE used].
+        #[arg(long)]
+        advertise_url: Option<String>,
+        /// The agent ramdisk's folder (vmlinuz, initrd.img) [default: DATA_DIR/ramdisk].
+        #[arg(long)]
+        ramdisk_dir: Option<PathBuf>,
     },
     /// Manage images.
     Image {
@@ -55,6 +59,13 @@ enum Command {
         remote: Remote,
         #[command(subcommand)]
         command: ImageCommand,
+    },
+    /// Manage hosts: enroll, deploy images onto their disks, release (admin).
+    Host {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: HostCommand,
     },
     /// Manage projects (admin).
     Project {
@@ -143,8 +154,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             listen,
             config,
+            advertise_url,
+            ramdisk_dir,
         } => {
-            let config = Config::load(config.as_deref(), Overrides { listen, data_dir })?;
+            let config = Config::load(
+                config.as_deref(),
+                Overrides {
+                    listen,
+                    data_dir,
+                    advertise_url,
+                    ramdisk_dir,
+                },
+            )?;
             serve::serve(config).await
         }
         // Inspecting a local file needs no server and no token.
@@ -158,6 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ..
         } => cli::images::inspect(&file, format, output),
         Command::Image { remote, command } => cli::images::run(&remote.client()?, command).await,
+        Command::Host { remote, command } => cli::hosts::run(&remote.client()?, command).await,
         Command::Project { remote, command } => {
             cli::admin::project(&remote.client()?, command).await
         }

@@ -334,8 +334,16 @@ async fn manifest(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let (image, manifest) = load_manifest(&app, caller, id).await?;
+    manifest_response(&app, caller, parse_id(&id)?).await
+}
+
+/// A manifest bundle for `caller` (shared with the agent API, which authorizes first).
+pub(super) async fn manifest_response(
+    app: &AppState,
+    caller: Caller,
+    id: Uuid,
+) -> Result<Response, ApiError> {
+    let (image, manifest) = load_manifest(app, caller, id).await?;
     Ok((
         digest_headers(&image, MANIFEST_TYPE),
         manifest.encode_bundle(),
@@ -348,7 +356,7 @@ async fn manifest(
 /// the image it may read (the raw block API is admin-only).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SegmentQuery {
+pub(super) struct SegmentQuery {
     blocks: Option<String>,
 }
 
@@ -360,7 +368,17 @@ async fn segment(
     Path((id, index)): Path<(String, String)>,
     ApiQuery(q): ApiQuery<SegmentQuery>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    segment_response(&app, caller, parse_id(&id)?, &index, q).await
+}
+
+/// A segment read for `caller` (shared with the agent API, which authorizes first).
+pub(super) async fn segment_response(
+    app: &AppState,
+    caller: Caller,
+    id: Uuid,
+    index: &str,
+    q: SegmentQuery,
+) -> Result<Response, ApiError> {
     let index: usize = index
         .parse()
         .map_err(|_| ApiError::bad("invalid_segment", "the segment index must be a number"))?;

@@ -3,8 +3,11 @@
 //! the ingest path or the reader and shape the response.
 
 mod admin;
+mod agent;
 mod blocks;
+mod boot;
 mod formats;
+mod hosts;
 mod images;
 mod jobs;
 
@@ -53,8 +56,11 @@ pub fn router(state: AppState) -> Router {
                 .merge(blocks::routes(&state.config))
                 .merge(admin::routes(json_limit))
                 .merge(formats::routes())
-                .merge(jobs::routes()),
+                .merge(jobs::routes())
+                .merge(hosts::routes())
+                .merge(agent::routes()),
         )
+        .merge(boot::routes())
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::NoRoute(uri.path().chars().take(200).collect())
         })
@@ -70,24 +76,29 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        // The scheme name is case-insensitive (RFC 9110 §11.1).
-        let secret = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, s)| s.trim().to_string())
-            .ok_or(ApiError::Unauthorized)?;
-        if secret.is_empty() || secret.len() > 256 {
-            return Err(ApiError::Unauthorized);
-        }
+        let secret = bearer(parts)?;
         state
             .catalog
             .run(move |c| tenancy::authenticate(c, &secret))
             .await?
             .ok_or(ApiError::Unauthorized)
     }
+}
+
+/// The bearer token of a request. The scheme name is case-insensitive (RFC 9110 §11.1).
+pub(crate) fn bearer(parts: &Parts) -> Result<String, ApiError> {
+    let secret = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, s)| s.trim().to_string())
+        .ok_or(ApiError::Unauthorized)?;
+    if secret.is_empty() || secret.len() > 256 {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(secret)
 }
 
 /// An authenticated caller with the admin role. As an extractor it runs before the body is

@@ -100,6 +100,49 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN error_code TEXT;
     "#,
+    // 4: hosts (known by MAC), their state history, deployments, per-boot agent tokens.
+    r#"
+    CREATE TABLE hosts (
+        id               TEXT PRIMARY KEY,
+        mac              TEXT NOT NULL UNIQUE,
+        name             TEXT UNIQUE,
+        state            TEXT NOT NULL,
+        state_reason     TEXT NOT NULL DEFAULT '',
+        inventory        TEXT,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        state_changed_at INTEGER NOT NULL
+    );
+    CREATE TABLE host_events (
+        host_id TEXT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        at      INTEGER NOT NULL,
+        state   TEXT NOT NULL,
+        reason  TEXT NOT NULL
+    );
+    CREATE INDEX host_events_by_host ON host_events(host_id, at);
+    CREATE TABLE deployments (
+        id          TEXT PRIMARY KEY,
+        host_id     TEXT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        state       TEXT NOT NULL CHECK (state IN ('pending', 'running', 'succeeded', 'failed')),
+        mode        TEXT NOT NULL,
+        -- JSON: [{device, image_id, phase, bytes_done, bytes_total}], progress included.
+        disks       TEXT NOT NULL,
+        -- JSON: {phase: seconds} as the agent reports them.
+        timings     TEXT NOT NULL DEFAULT '{}',
+        error       TEXT,
+        created_by  TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE INDEX deployments_by_host ON deployments(host_id, created_at);
+    CREATE TABLE agent_tokens (
+        -- sha256 of the secret handed to one boot of the host; never the secret itself.
+        secret_hash BLOB PRIMARY KEY,
+        host_id     TEXT NOT NULL REFERENCES hosts(id) ON DELETE CASCADE,
+        created_at  INTEGER NOT NULL
+    );
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

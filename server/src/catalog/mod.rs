@@ -10,6 +10,7 @@
 //! port stays mechanical.
 
 pub mod blocks;
+pub mod hosts;
 pub mod images;
 pub mod jobs;
 mod migrations;

@@ -38,6 +38,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The server acting for itself once it has authorized a request another way (an agent
+    /// reading an image of its own deployment). No token ever authenticates as this.
+    pub fn system() -> Caller {
+        Caller {
+            project: String::new(),
+            role: Role::Admin,
+        }
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
@@ -75,7 +84,7 @@ pub const ADMIN_PROJECT: &str = "admin";
 /// Where the first admin token is written, inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
-fn hash_secret(secret: &str) -> Vec<u8> {
+pub(crate) fn hash_secret(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
@@ -138,7 +147,7 @@ pub fn bootstrap(conn: &mut Connection, data_dir: &Path) -> Result<Option<PathBu
     Ok(Some(path))
 }
 
-fn new_secret() -> Result<String, ApiError> {
+pub(crate) fn new_secret() -> Result<String, ApiError> {
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
     Ok(format!("kgm_{}", hex::encode(raw)))

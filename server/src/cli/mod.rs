@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod hosts;
 pub mod images;
 
 use serde::Serialize;

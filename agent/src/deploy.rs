@@ -1,0 +1,207 @@
+//! `kagami-agent run`: the agent's life on a booted host. Report the inventory, fetch the task,
+//! write each disk with [`crate::write`] while reporting progress to the server, report the
+//! result, and (with `--reboot`) restart into the new system.
+//!
+//! The server and token come from flags or, in the ramdisk, from the kernel command line
+//! (`kagami.url=… kagami.token=…`, put there by the host's iPXE script). Every call retries
+//! with backoff, so a server restart in the middle of a deployment costs a pause, not the
+//! deployment.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::client::{Backoff, Client, FetchError};
+use crate::write;
+
+#[derive(Debug, Deserialize)]
+struct Disk {
+    device: Option<String>,
+    image_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "task", rename_all = "lowercase")]
+enum Task {
+    Deploy {
+        deployment: String,
+        mode: String,
+        disks: Vec<Disk>,
+    },
+    Wait,
+}
+
+#[derive(Debug)]
+pub struct Options {
+    pub server: String,
+    pub token: String,
+    /// Poll for a task while there is none (a discovered host waiting to be deployed).
+    pub wait: bool,
+    pub verify: bool,
+    pub patience: Duration,
+    pub jobs: usize,
+    pub queue_depth: usize,
+    pub engine: crate::io::Choice,
+}
+
+/// `kagami.url` and `kagami.token` from a kernel command line.
+pub fn from_cmdline(cmdline: &str) -> (Option<String>, Option<String>) {
+    let get = |key: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_string)
+    };
+    (get("kagami.url="), get("kagami.token="))
+}
+
+/// Calls `f` until it succeeds, retrying transient failures for `patience`.
+async fn retrying<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, FetchError>>,
+{
+    let mut backoff = Backoff::new(patience);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => backoff.wait(what, e).await?,
+        }
+    }
+}
+
+/// Runs the agent's task; `Ok(true)` when a deployment was written (the caller may reboot).
+pub async fn run(opts: Options) -> anyhow::Result<bool> {
+    let client = Client::new(&opts.server, &opts.token)?;
+    let inventory = crate::inventory::collect();
+    retrying("reporting the inventory", opts.patience, || {
+        client.post_json("/agent/inventory", &inventory)
+    })
+    .await?;
+    tracing::info!("inventory reported to {}", opts.server);
+    let (deployment, mode, disks) = loop {
+        let task: Task = retrying("fetching the task", opts.patience, || {
+            client.get_json("/agent/task")
+        })
+        .await?;
+        match task {
+            Task::Deploy {
+                deployment,
+                mode,
+                disks,
+            } => break (deployment, mode, disks),
+            Task::Wait if opts.wait => tokio::time::sleep(Duration::from_secs(5)).await,
+            Task::Wait => {
+                println!("no task for this host");
+                return Ok(false);
+            }
+        }
+    };
+    tracing::info!("deployment {deployment}: {} disk(s), {mode}", disks.len());
+    let started = Instant::now();
+    let outcome = write_disks(&client, &opts, &deployment, &mode, &disks).await;
+    let mut timings = BTreeMap::new();
+    timings.insert("write".to_string(), started.elapsed().as_secs_f64());
+    let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
+    let result = json!({"deployment": deployment, "error": error, "timings": timings});
+    retrying("reporting the result", opts.patience, || {
+        client.post_json("/agent/result", &result)
+    })
+    .await?;
+    outcome?;
+    println!("deployment {deployment} written and reported");
+    Ok(true)
+}
+
+async fn write_disks(
+    client: &Client,
+    opts: &Options,
+    deployment: &str,
+    mode: &str,
+    disks: &[Disk],
+) -> anyhow::Result<()> {
+    for (i, disk) in disks.iter().enumerate() {
+        let device = match &disk.device {
+            Some(d) => PathBuf::from(d),
+            None => PathBuf::from(
+                crate::inventory::system_disk()
+                    .ok_or_else(|| anyhow!("this host has no disk to write"))?
+                    .path,
+            ),
+        };
+        let (tx, mut rx) = tokio::sync::watch::channel(crate::progress::Snapshot::default());
+        let reporter = {
+            let (client, deployment) = (client.clone(), deployment.to_string());
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let s = *rx.borrow_and_update();
+                    let body = json!({"deployment": deployment, "disk": i, "phase": s.phase,
+                                      "bytes_done": s.done, "bytes_total": s.total});
+                    if let Err(e) = client.post_json("/agent/progress", &body).await {
+                        tracing::warn!("progress report: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            })
+        };
+        let options = write::Options {
+            server: opts.server.clone(),
+            token: opts.token.clone(),
+            image: disk.image_id.clone(),
+            disk: device.clone(),
+            mode: match mode {
+                "differential" => write::Mode::Differential,
+                _ => write::Mode::Full,
+            },
+            holes: write::Holes::Zero,
+            verify: opts.verify,
+            jobs: opts.jobs,
+            queue_depth: opts.queue_depth,
+            engine: opts.engine,
+            force: false,
+            patience: opts.patience,
+            images_path: "/agent/images",
+            progress: Some(tx),
+        };
+        let report = write::run(options)
+            .await
+            .with_context(|| format!("disk {i} ({})", device.display()));
+        reporter.abort();
+        let report = report?;
+        let total = report.virtual_size;
+        let done = json!({"deployment": deployment, "disk": i, "phase": "done",
+                          "bytes_done": total, "bytes_total": total});
+        retrying("reporting progress", opts.patience, || {
+            client.post_json("/agent/progress", &done)
+        })
+        .await?;
+        tracing::info!(
+            "disk {i} ({}): image {} written: {} blocks fetched, {} bytes written",
+            device.display(),
+            report.digest,
+            report.counters.fetched_blocks,
+            report.counters.written_bytes
+        );
+    }
+    if disks.is_empty() {
+        bail!("the deployment lists no disk");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kernel_command_line_names_server_and_token() {
+        let (url, token) = super::from_cmdline(
+            "BOOT_IMAGE=vmlinuz initrd=initrd.img kagami.url=http://10.0.0.1:8470 kagami.token=kgm_ab console=ttyS0",
+        );
+        assert_eq!(url.as_deref(), Some("http://10.0.0.1:8470"));
+        assert_eq!(token.as_deref(), Some("kgm_ab"));
+        assert_eq!(super::from_cmdline("quiet"), (None, None));
+    }
+}

@@ -1,0 +1,121 @@
+//! `/v1/agent`: what an agent booted on a host may do with its per-boot token — report the
+//! host's inventory, fetch its task, read the images of its own deployment (the same answers as
+//! `/v1/images/{id}/manifest|segments`), report progress and the result. Nothing else: an agent
+//! token is not a project token and opens no other route.
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::Value;
+
+use super::images::{SegmentQuery, manifest_response, segment_response};
+use super::{ApiJson, ApiQuery, AppState, bearer};
+use crate::catalog::hosts::{self, AgentCaller, Host, Outcome, Progress, Task};
+use crate::catalog::images::parse_id;
+use crate::catalog::tenancy::Caller;
+use crate::error::ApiError;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/agent/task", get(task))
+        .route("/agent/inventory", post(inventory))
+        .route("/agent/progress", post(progress))
+        .route("/agent/result", post(result))
+        .route("/agent/images/{id}/manifest", get(manifest))
+        .route("/agent/images/{id}/segments/{index}", get(segment))
+}
+
+/// An agent, authenticated by its per-boot token.
+#[derive(Debug)]
+pub struct Agent(pub AgentCaller);
+
+impl FromRequestParts<AppState> for Agent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let secret = bearer(parts)?;
+        state
+            .catalog
+            .run(move |c| hosts::authenticate_agent(c, &secret))
+            .await?
+            .map(Agent)
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+async fn task(State(app): State<AppState>, Agent(agent): Agent) -> Result<Json<Task>, ApiError> {
+    Ok(Json(
+        app.catalog.run(move |c| hosts::task(c, &agent)).await?,
+    ))
+}
+
+async fn inventory(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    ApiJson(inventory): ApiJson<Value>,
+) -> Result<Json<Host>, ApiError> {
+    if !inventory.is_object() {
+        return Err(ApiError::bad(
+            "invalid_body",
+            "the inventory is a JSON object",
+        ));
+    }
+    Ok(Json(
+        app.catalog
+            .run(move |c| hosts::record_inventory(c, &agent, &inventory))
+            .await?,
+    ))
+}
+
+async fn progress(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    ApiJson(p): ApiJson<Progress>,
+) -> Result<Json<Value>, ApiError> {
+    app.catalog
+        .run(move |c| hosts::record_progress(c, &agent, &p))
+        .await?;
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
+async fn result(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    ApiJson(o): ApiJson<Outcome>,
+) -> Result<Json<Host>, ApiError> {
+    Ok(Json(
+        app.catalog
+            .run(move |c| hosts::record_outcome(c, &agent, &o))
+            .await?,
+    ))
+}
+
+async fn manifest(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    app.catalog
+        .run(move |c| hosts::agent_may_read(c, &agent, id))
+        .await?;
+    manifest_response(&app, Caller::system(), id).await
+}
+
+async fn segment(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    Path((id, index)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<SegmentQuery>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    app.catalog
+        .run(move |c| hosts::agent_may_read(c, &agent, id))
+        .await?;
+    segment_response(&app, Caller::system(), id, &index, q).await
+}

@@ -1,0 +1,152 @@
+//! `/boot`: what PXE-booting machines fetch over HTTP before they have any token — their iPXE
+//! script, chosen by the host's state (see `boot::ipxe`), and the agent ramdisk's kernel and
+//! initrd. The handler creates a host on its first contact and mints a per-boot agent token
+//! when the script boots the agent.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use super::{ApiQuery, AppState};
+use crate::boot::ipxe::{self, Boot};
+use crate::catalog::hosts::{self, HostState};
+use crate::config::UnknownHosts;
+use crate::error::ApiError;
+
+/// The ramdisk's files, by the only names served.
+const RAMDISK_FILES: [&str; 2] = ["vmlinuz", "initrd.img"];
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/boot/ipxe", get(script))
+        .route("/boot/ramdisk/{file}", get(ramdisk_file))
+}
+
+/// `?mac=${net0/mac}` (iPXE may send more: uuid, arch, platform, …; they are ignored today).
+#[derive(Debug, Deserialize)]
+struct ScriptQuery {
+    mac: String,
+}
+
+async fn script(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ScriptQuery>,
+) -> Result<Response, ApiError> {
+    let provision = app.config.provision.clone();
+    let ramdisk = provision.ramdisk_dir(&app.config.server.data_dir);
+    let have_ramdisk = RAMDISK_FILES.iter().all(|f| ramdisk.join(f).is_file());
+    let base_url = if provision.advertise_url.is_empty() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        format!("http://{host}")
+    } else {
+        provision.advertise_url.clone()
+    };
+    let discover = provision.unknown_hosts == UnknownHosts::Discover;
+    let (boot_agent, why, token) = app
+        .catalog
+        .run(move |c| {
+            let host = hosts::first_contact(c, &q.mac)?;
+            let (agent, why) = match host.state {
+                HostState::Deploying => (true, format!("host {} is deploying", host.mac)),
+                HostState::Discovered | HostState::Ready if discover => (
+                    true,
+                    format!(
+                        "host {} is {}; booting the agent to wait for a task",
+                        host.mac,
+                        if host.state == HostState::Ready {
+                            "ready"
+                        } else {
+                            "new"
+                        }
+                    ),
+                ),
+                state => (
+                    false,
+                    format!(
+                        "host {} is {}; booting the local disk",
+                        host.mac,
+                        state_name(state)
+                    ),
+                ),
+            };
+            if !agent || !have_ramdisk {
+                return Ok((false, why, String::new()));
+            }
+            Ok((true, why, hosts::mint_agent_token(c, host.id)?))
+        })
+        .await?;
+    let boot = if boot_agent {
+        Boot::Agent {
+            base_url: &base_url,
+            token: &token,
+            kernel_args: &provision.kernel_args,
+        }
+    } else {
+        Boot::Local
+    };
+    let why = if !have_ramdisk && !boot_agent && why.contains("deploying") {
+        format!(
+            "{why}, but there is no agent ramdisk in {}",
+            ramdisk.display()
+        )
+    } else {
+        why
+    };
+    tracing::info!("boot script: {why}");
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
+        ipxe::script(&boot, &why),
+    )
+        .into_response())
+}
+
+fn state_name(state: HostState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn ramdisk_file(
+    State(app): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some(name) = RAMDISK_FILES.iter().find(|f| **f == file) else {
+        return Err(ApiError::NotFound(format!(
+            "the ramdisk serves only {}",
+            RAMDISK_FILES.join(" and ")
+        )));
+    };
+    let path = app
+        .config
+        .provision
+        .ramdisk_dir(&app.config.server.data_dir)
+        .join(name);
+    let f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::NotFound(format!("{}: {e}", path.display())))?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .len();
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(len)),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::new(f)),
+    )
+        .into_response())
+}

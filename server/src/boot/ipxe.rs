@@ -1,0 +1,117 @@
+//! iPXE scripts: what a machine does after iPXE asks `GET /boot/ipxe?mac=…`.
+//!
+//! A deploying host (or an unknown one, when `provision.unknown_hosts = "discover"`) boots the
+//! agent ramdisk, its kernel told where the server is and given a per-boot agent token; every
+//! other host exits iPXE so the firmware boots the next device, its own disk. Values written
+//! into a script are checked first: a script is code, and nothing from a request may inject
+//! commands into it.
+
+/// What the script makes the machine do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Boot<'a> {
+    /// Boot the agent ramdisk from `base_url`, with `token` for this boot.
+    Agent {
+        base_url: &'a str,
+        token: &'a str,
+        kernel_args: &'a str,
+    },
+    /// Leave iPXE: the firmware boots the local disk.
+    Local,
+}
+
+/// Characters allowed in values put into a script: no whitespace, quotes, `$` (setting
+/// expansion) or newlines.
+fn safe(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 512
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._~:/?#[]@!&'()*+,;=%".contains(c))
+}
+
+/// Kernel arguments: words of safe characters separated by spaces.
+fn safe_args(args: &str) -> bool {
+    args.len() <= 1024 && args.split(' ').all(|w| w.is_empty() || safe(w))
+}
+
+/// The script for `boot`; `why` is echoed on the machine's console. Values that are not safe
+/// to embed (see [`safe`]) turn the script into a local boot that says so.
+pub fn script(boot: &Boot<'_>, why: &str) -> String {
+    let why: String = why
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '$' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .take(200)
+        .collect();
+    match boot {
+        Boot::Agent {
+            base_url,
+            token,
+            kernel_args,
+        } if safe(base_url) && safe(token) && safe_args(kernel_args) => {
+            let base = base_url.trim_end_matches('/');
+            format!(
+                "#!ipxe\n\
+                 echo Kagami: {why}\n\
+                 kernel {base}/boot/ramdisk/vmlinuz initrd=initrd.img kagami.url={base} kagami.token={token} {kernel_args}\n\
+                 initrd {base}/boot/ramdisk/initrd.img\n\
+                 boot\n"
+            )
+        }
+        Boot::Agent { .. } => "#!ipxe\necho Kagami: cannot boot the agent (the advertised URL or \
+                               kernel arguments hold characters unsafe in a script); booting the \
+                               local disk\nexit\n"
+            .to_string(),
+        Boot::Local => format!("#!ipxe\necho Kagami: {why}\nexit\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_boot_names_kernel_initrd_server_and_token() {
+        let s = script(
+            &Boot::Agent {
+                base_url: "http://10.0.0.1:8470/",
+                token: "kgm_abc",
+                kernel_args: "console=ttyS0",
+            },
+            "deploying",
+        );
+        assert!(s.starts_with("#!ipxe\n"));
+        assert!(s.contains(
+            "kernel http://10.0.0.1:8470/boot/ramdisk/vmlinuz initrd=initrd.img \
+             kagami.url=http://10.0.0.1:8470 kagami.token=kgm_abc console=ttyS0\n"
+        ));
+        assert!(s.contains("initrd http://10.0.0.1:8470/boot/ramdisk/initrd.img\n"));
+        assert!(s.ends_with("boot\n"));
+    }
+
+    #[test]
+    fn nothing_from_outside_can_add_a_command() {
+        for url in ["http://x\nshell", "http://x ${net0/mac}", "http://a b", ""] {
+            let s = script(
+                &Boot::Agent {
+                    base_url: url,
+                    token: "t",
+                    kernel_args: "",
+                },
+                "x",
+            );
+            assert!(
+                s.ends_with("exit\n") && !s.contains("\nkernel "),
+                "{url:?}: {s}"
+            );
+        }
+        let s = script(&Boot::Local, "evil\nshell ${x}");
+        assert_eq!(s.lines().count(), 3, "{s}");
+        assert!(!s.contains('$'));
+    }
+}

@@ -1,0 +1,737 @@
+//! Hosts, deployments and the agents that carry them out.
+//!
+//! A host is a machine known by the MAC it PXE-boots from, created when an operator enrolls it
+//! or on its first contact. Its state moves
+//! `discovered → ready → deploying → deployed | failed` (and back to `deploying` on the next
+//! deploy), every change recorded with a reason and a time in `host_events`.
+//!
+//! A deployment says which image goes on which disk. While a host is `deploying`, each of its
+//! network boots gets a fresh per-boot agent token (only its hash is stored; older ones die):
+//! the agent on that boot may report inventory, fetch its task, read the images of its own
+//! deployment, and report progress and the result — nothing else.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::catalog::tenancy::{Caller, hash_secret, new_secret};
+use crate::catalog::{images, now_ms, rfc3339};
+use crate::error::ApiError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// Seen or enrolled; no inventory yet.
+    Discovered,
+    /// Inventory known; nothing assigned.
+    Ready,
+    /// A deployment is assigned and not finished.
+    Deploying,
+    /// Its deployment succeeded; it boots from its disk.
+    Deployed,
+    /// Its deployment failed (the reason says why); deploy again to retry.
+    Failed,
+}
+
+impl HostState {
+    fn as_str(self) -> &'static str {
+        match self {
+            HostState::Discovered => "discovered",
+            HostState::Ready => "ready",
+            HostState::Deploying => "deploying",
+            HostState::Deployed => "deployed",
+            HostState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> HostState {
+        match s {
+            "ready" => HostState::Ready,
+            "deploying" => HostState::Deploying,
+            "deployed" => HostState::Deployed,
+            "failed" => HostState::Failed,
+            _ => HostState::Discovered,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Host {
+    pub id: Uuid,
+    pub mac: String,
+    pub name: Option<String>,
+    pub state: HostState,
+    pub state_reason: String,
+    pub state_changed_at: String,
+    /// What the agent reported: disks, NICs, CPU, memory, firmware.
+    pub inventory: Option<Value>,
+    /// The latest deployment, if any.
+    pub deployment: Option<Deployment>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// One disk of a deployment and its progress.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeployDisk {
+    /// The device to write (`/dev/sda`); `None` lets the agent pick the host's first disk.
+    pub device: Option<String>,
+    pub image_id: Uuid,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: Uuid,
+    pub host_id: Uuid,
+    /// pending → running → succeeded | failed.
+    pub state: String,
+    /// full | differential.
+    pub mode: String,
+    pub disks: Vec<DeployDisk>,
+    /// Seconds per phase, as the agent measured them.
+    pub timings: BTreeMap<String, f64>,
+    pub error: Option<String>,
+    pub created_by: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// A state change in a host's history.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostEvent {
+    pub at: String,
+    pub state: HostState,
+    pub reason: String,
+}
+
+/// `kagami host add`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewHost {
+    pub mac: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `kagami host deploy`: one image for the first disk, or a list of disks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    #[serde(default)]
+    pub image: Option<Uuid>,
+    #[serde(default)]
+    pub disks: Vec<DiskRequest>,
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    #[serde(default)]
+    pub device: Option<String>,
+    pub image: Uuid,
+}
+
+/// Who an agent token speaks for.
+#[derive(Clone, Debug)]
+pub struct AgentCaller {
+    pub host_id: Uuid,
+}
+
+/// What the agent is asked to do.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "task", rename_all = "lowercase")]
+pub enum Task {
+    /// Write these disks.
+    Deploy {
+        deployment: Uuid,
+        mode: String,
+        disks: Vec<DeployDisk>,
+    },
+    /// Nothing assigned: ask again later.
+    Wait,
+}
+
+/// An agent's progress report for one disk.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Progress {
+    pub deployment: Uuid,
+    pub disk: usize,
+    pub phase: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// An agent's final word on its deployment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outcome {
+    pub deployment: Uuid,
+    /// `None` on success; the reason otherwise.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub timings: BTreeMap<String, f64>,
+}
+
+/// `aa:bb:cc:dd:ee:ff`, lower case; `-` separators and upper case are accepted.
+pub fn normalize_mac(text: &str) -> Result<String, ApiError> {
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if !ok {
+        return Err(ApiError::bad(
+            "invalid_mac",
+            format!(
+                "'{}' is not a MAC address (aa:bb:cc:dd:ee:ff)",
+                text.chars().take(40).collect::<String>()
+            ),
+        ));
+    }
+    Ok(parts.join(":").to_ascii_lowercase())
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.contains(':');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(
+            "invalid_name",
+            "a host name is 1–63 of letters, digits, '-', '_' and '.'",
+        ))
+    }
+}
+
+const HOST_COLUMNS: &str =
+    "id, mac, name, state, state_reason, state_changed_at, inventory, created_at, updated_at";
+
+fn row_to_host(r: &Row<'_>) -> rusqlite::Result<Host> {
+    let id: String = r.get(0)?;
+    let inventory: Option<String> = r.get(6)?;
+    Ok(Host {
+        id: id.parse().unwrap_or_default(),
+        mac: r.get(1)?,
+        name: r.get(2)?,
+        state: HostState::parse(&r.get::<_, String>(3)?),
+        state_reason: r.get(4)?,
+        state_changed_at: rfc3339(r.get(5)?),
+        inventory: inventory.and_then(|t| serde_json::from_str(&t).ok()),
+        deployment: None,
+        created_at: rfc3339(r.get(7)?),
+        updated_at: rfc3339(r.get(8)?),
+    })
+}
+
+const DEPLOY_COLUMNS: &str = "id, host_id, state, mode, disks, timings, error, created_by, created_at, updated_at, finished_at";
+
+fn row_to_deployment(r: &Row<'_>) -> rusqlite::Result<Deployment> {
+    let id: String = r.get(0)?;
+    let host: String = r.get(1)?;
+    let disks: String = r.get(4)?;
+    let timings: String = r.get(5)?;
+    Ok(Deployment {
+        id: id.parse().unwrap_or_default(),
+        host_id: host.parse().unwrap_or_default(),
+        state: r.get(2)?,
+        mode: r.get(3)?,
+        disks: serde_json::from_str(&disks).unwrap_or_default(),
+        timings: serde_json::from_str(&timings).unwrap_or_default(),
+        error: r.get(6)?,
+        created_by: r.get(7)?,
+        created_at: rfc3339(r.get(8)?),
+        updated_at: rfc3339(r.get(9)?),
+        finished_at: r.get::<_, Option<i64>>(10)?.map(rfc3339),
+    })
+}
+
+fn latest_deployment(conn: &Connection, host: Uuid) -> Result<Option<Deployment>, ApiError> {
+    let sql = format!(
+        "SELECT {DEPLOY_COLUMNS} FROM deployments WHERE host_id = ?1 ORDER BY created_at DESC, rowid DESC LIMIT 1"
+    );
+    Ok(conn
+        .query_row(&sql, [host.to_string()], row_to_deployment)
+        .optional()?)
+}
+
+fn host_not_found(key: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no host '{}' (give its id, MAC or name)",
+        key.chars().take(64).collect::<String>()
+    ))
+}
+
+/// A host by id, MAC or name, with its latest deployment.
+pub fn get(conn: &Connection, key: &str) -> Result<Host, ApiError> {
+    let mac = normalize_mac(key).ok();
+    let sql =
+        format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?1 OR mac = ?2 OR name = ?1 LIMIT 1");
+    let mut host = conn
+        .query_row(&sql, params![key, mac], row_to_host)
+        .optional()?
+        .ok_or_else(|| host_not_found(key))?;
+    host.deployment = latest_deployment(conn, host.id)?;
+    Ok(host)
+}
+
+fn get_by_id(conn: &Connection, id: Uuid) -> Result<Host, ApiError> {
+    get(conn, &id.to_string())
+}
+
+pub fn list(conn: &Connection) -> Result<Vec<Host>, ApiError> {
+    let sql = format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY created_at, rowid");
+    let mut stmt = conn.prepare(&sql)?;
+    let mut hosts = stmt
+        .query_map([], row_to_host)?
+        .collect::<Result<Vec<_>, _>>()?;
+    for h in &mut hosts {
+        h.deployment = latest_deployment(conn, h.id)?;
+    }
+    Ok(hosts)
+}
+
+pub fn events(conn: &Connection, host: Uuid) -> Result<Vec<HostEvent>, ApiError> {
+    let mut stmt = conn.prepare(
+        "SELECT at, state, reason FROM host_events WHERE host_id = ?1 ORDER BY at, rowid",
+    )?;
+    let rows = stmt.query_map([host.to_string()], |r| {
+        Ok(HostEvent {
+            at: rfc3339(r.get(0)?),
+            state: HostState::parse(&r.get::<_, String>(1)?),
+            reason: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Moves a host to `state`, recording why.
+fn set_state(
+    conn: &Connection,
+    host: Uuid,
+    state: HostState,
+    reason: &str,
+) -> Result<(), ApiError> {
+    let now = now_ms();
+    conn.execute(
+        "UPDATE hosts SET state = ?2, state_reason = ?3, state_changed_at = ?4, updated_at = ?4 WHERE id = ?1",
+        params![host.to_string(), state.as_str(), reason, now],
+    )?;
+    conn.execute(
+        "INSERT INTO host_events (host_id, at, state, reason) VALUES (?1, ?2, ?3, ?4)",
+        params![host.to_string(), now, state.as_str(), reason],
+    )?;
+    Ok(())
+}
+
+fn insert(
+    conn: &Connection,
+    mac: &str,
+    name: Option<&str>,
+    reason: &str,
+) -> Result<Uuid, ApiError> {
+    let id = Uuid::new_v4();
+    let now = now_ms();
+    conn.execute(
+        "INSERT INTO hosts (id, mac, name, state, state_reason, created_at, updated_at, state_changed_at)
+         VALUES (?1, ?2, ?3, 'discovered', ?4, ?5, ?5, ?5)",
+        params![id.to_string(), mac, name, reason, now],
+    )?;
+    conn.execute(
+        "INSERT INTO host_events (host_id, at, state, reason) VALUES (?1, ?2, 'discovered', ?3)",
+        params![id.to_string(), now, reason],
+    )?;
+    Ok(id)
+}
+
+/// Enrolls a host before its first boot.
+pub fn add(conn: &mut Connection, new: NewHost) -> Result<Host, ApiError> {
+    let mac = normalize_mac(&new.mac)?;
+    if let Some(name) = &new.name {
+        check_name(name)?;
+    }
+    let tx = conn.transaction()?;
+    let taken: Option<String> = tx
+        .query_row(
+            "SELECT mac FROM hosts WHERE mac = ?1 OR (name IS NOT NULL AND name = ?2)",
+            params![mac, new.name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(other) = taken {
+        return Err(ApiError::conflict(
+            "host_exists",
+            if other == mac {
+                format!("a host with MAC {mac} is already known")
+            } else {
+                format!(
+                    "the name '{}' is taken by host {other}",
+                    new.name.unwrap_or_default()
+                )
+            },
+        ));
+    }
+    let id = insert(&tx, &mac, new.name.as_deref(), "enrolled by an operator")?;
+    tx.commit()?;
+    get_by_id(conn, id)
+}
+
+/// The host booting from `mac`, created as `discovered` on its first contact.
+pub fn first_contact(conn: &mut Connection, mac: &str) -> Result<Host, ApiError> {
+    let mac = normalize_mac(mac)?;
+    let tx = conn.transaction()?;
+    let id: Option<String> = tx
+        .query_row("SELECT id FROM hosts WHERE mac = ?1", [&mac], |r| r.get(0))
+        .optional()?;
+    let id = match id {
+        Some(id) => id.parse().unwrap_or_default(),
+        None => insert(&tx, &mac, None, "first network boot")?,
+    };
+    tx.commit()?;
+    get_by_id(conn, id)
+}
+
+/// Assigns images to a host's disks: a pending deployment, and the host `deploying`.
+pub fn deploy(
+    conn: &mut Connection,
+    caller: &Caller,
+    key: &str,
+    req: DeployRequest,
+) -> Result<Deployment, ApiError> {
+    let mode = req.mode.unwrap_or_else(|| "full".into());
+    if mode != "full" && mode != "differential" {
+        return Err(ApiError::bad(
+            "invalid_mode",
+            format!("mode is full or differential, not '{mode}'"),
+        ));
+    }
+    let mut disks: Vec<DeployDisk> = req
+        .disks
+        .into_iter()
+        .map(|d| DeployDisk {
+            device: d.device,
+            image_id: d.image,
+            phase: None,
+            bytes_done: 0,
+            bytes_total: 0,
+        })
+        .collect();
+    if let Some(image) = req.image {
+        disks.insert(
+            0,
+            DeployDisk {
+                device: None,
+                image_id: image,
+                phase: None,
+                bytes_done: 0,
+                bytes_total: 0,
+            },
+        );
+    }
+    if disks.is_empty() || disks.len() > 32 {
+        return Err(ApiError::bad(
+            "invalid_body",
+            "give an image (for the first disk) or 1–32 disks",
+        ));
+    }
+    for d in &disks {
+        if let Some(dev) = &d.device
+            && (!dev.starts_with("/dev/") || dev.len() > 128 || dev.contains(".."))
+        {
+            return Err(ApiError::bad(
+                "invalid_device",
+                format!("'{dev}' is not a device path under /dev/"),
+            ));
+        }
+    }
+    let tx = conn.transaction()?;
+    let host = get(&tx, key)?;
+    for d in &mut disks {
+        let image = images::get(&tx, caller, d.image_id)?;
+        if image.status != kagami_images::model::ImageStatus::Active {
+            return Err(ApiError::conflict(
+                "not_active",
+                format!(
+                    "image {} is {}; only active images can be deployed",
+                    image.id, image.status
+                ),
+            ));
+        }
+        d.bytes_total = image.virtual_size.unwrap_or(0);
+    }
+    if host.state == HostState::Deploying {
+        return Err(ApiError::conflict(
+            "host_busy",
+            format!(
+                "host {} is deploying already; `kagami host release` it first",
+                host.mac
+            ),
+        ));
+    }
+    let id = Uuid::new_v4();
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO deployments (id, host_id, state, mode, disks, created_by, created_at, updated_at)
+         VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?6)",
+        params![
+            id.to_string(),
+            host.id.to_string(),
+            mode,
+            serde_json::to_string(&disks).map_err(|e| ApiError::Internal(e.to_string()))?,
+            caller.project,
+            now
+        ],
+    )?;
+    set_state(
+        &tx,
+        host.id,
+        HostState::Deploying,
+        &format!("deployment {id} assigned"),
+    )?;
+    tx.commit()?;
+    latest_deployment(conn, host.id)?
+        .ok_or_else(|| ApiError::Internal("deployment vanished".into()))
+}
+
+/// Ends whatever the host was doing: an unfinished deployment fails as released, agent
+/// tokens die, and the host is `ready` (or `discovered` without inventory).
+pub fn release(conn: &mut Connection, key: &str) -> Result<Host, ApiError> {
+    let tx = conn.transaction()?;
+    let host = get(&tx, key)?;
+    let now = now_ms();
+    tx.execute(
+        "UPDATE deployments SET state = 'failed', error = 'released by an operator', updated_at = ?2, finished_at = ?2
+         WHERE host_id = ?1 AND state IN ('pending', 'running')",
+        params![host.id.to_string(), now],
+    )?;
+    tx.execute(
+        "DELETE FROM agent_tokens WHERE host_id = ?1",
+        [host.id.to_string()],
+    )?;
+    let state = if host.inventory.is_some() {
+        HostState::Ready
+    } else {
+        HostState::Discovered
+    };
+    set_state(&tx, host.id, state, "released by an operator")?;
+    tx.commit()?;
+    get_by_id(conn, host.id)
+}
+
+/// Forgets a host, its history, deployments and tokens.
+pub fn forget(conn: &mut Connection, key: &str) -> Result<(), ApiError> {
+    let host = get(conn, key)?;
+    conn.execute("DELETE FROM hosts WHERE id = ?1", [host.id.to_string()])?;
+    Ok(())
+}
+
+/// A fresh token for this boot of the host; earlier boots' tokens stop working.
+pub fn mint_agent_token(conn: &mut Connection, host: Uuid) -> Result<String, ApiError> {
+    let secret = new_secret()?;
+    let tx = conn.transaction()?;
+    tx.execute(
+        "DELETE FROM agent_tokens WHERE host_id = ?1",
+        [host.to_string()],
+    )?;
+    tx.execute(
+        "INSERT INTO agent_tokens (secret_hash, host_id, created_at) VALUES (?1, ?2, ?3)",
+        params![hash_secret(&secret), host.to_string(), now_ms()],
+    )?;
+    tx.commit()?;
+    Ok(secret)
+}
+
+pub fn authenticate_agent(
+    conn: &Connection,
+    secret: &str,
+) -> Result<Option<AgentCaller>, ApiError> {
+    let host: Option<String> = conn
+        .query_row(
+            "SELECT host_id FROM agent_tokens WHERE secret_hash = ?1",
+            [hash_secret(secret)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(host.map(|h| AgentCaller {
+        host_id: h.parse().unwrap_or_default(),
+    }))
+}
+
+/// The agent's deployment, if it has an unfinished one.
+fn open_deployment(conn: &Connection, agent: &AgentCaller) -> Result<Option<Deployment>, ApiError> {
+    Ok(latest_deployment(conn, agent.host_id)?
+        .filter(|d| d.state == "pending" || d.state == "running"))
+}
+
+pub fn task(conn: &Connection, agent: &AgentCaller) -> Result<Task, ApiError> {
+    Ok(match open_deployment(conn, agent)? {
+        Some(d) => Task::Deploy {
+            deployment: d.id,
+            mode: d.mode,
+            disks: d.disks,
+        },
+        None => Task::Wait,
+    })
+}
+
+/// Whether the agent may read `image`: it is on a disk of its unfinished deployment.
+pub fn agent_may_read(conn: &Connection, agent: &AgentCaller, image: Uuid) -> Result<(), ApiError> {
+    match open_deployment(conn, agent)? {
+        Some(d) if d.disks.iter().any(|disk| disk.image_id == image) => Ok(()),
+        _ => Err(ApiError::image_not_found(image)),
+    }
+}
+
+/// Stores the agent's inventory; a `discovered` host becomes `ready`.
+pub fn record_inventory(
+    conn: &mut Connection,
+    agent: &AgentCaller,
+    inventory: &Value,
+) -> Result<Host, ApiError> {
+    let text = serde_json::to_string(inventory).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let tx = conn.transaction()?;
+    let host = get_by_id(&tx, agent.host_id)?;
+    tx.execute(
+        "UPDATE hosts SET inventory = ?2, updated_at = ?3 WHERE id = ?1",
+        params![host.id.to_string(), text, now_ms()],
+    )?;
+    if host.state == HostState::Discovered {
+        set_state(
+            &tx,
+            host.id,
+            HostState::Ready,
+            "inventory reported by the agent",
+        )?;
+    }
+    tx.commit()?;
+    get_by_id(conn, agent.host_id)
+}
+
+fn agents_deployment(
+    conn: &Connection,
+    agent: &AgentCaller,
+    id: Uuid,
+) -> Result<Deployment, ApiError> {
+    match open_deployment(conn, agent)? {
+        Some(d) if d.id == id => Ok(d),
+        _ => Err(ApiError::conflict(
+            "not_current",
+            format!("deployment {id} is not this host's current deployment (released or finished)"),
+        )),
+    }
+}
+
+pub fn record_progress(
+    conn: &mut Connection,
+    agent: &AgentCaller,
+    p: &Progress,
+) -> Result<(), ApiError> {
+    let tx = conn.transaction()?;
+    let mut d = agents_deployment(&tx, agent, p.deployment)?;
+    let disk = d.disks.get_mut(p.disk).ok_or_else(|| {
+        ApiError::bad(
+            "invalid_disk",
+            format!("deployment {} has no disk {}", d.id, p.disk),
+        )
+    })?;
+    disk.phase = Some(p.phase.chars().take(32).collect());
+    disk.bytes_done = p.bytes_done;
+    disk.bytes_total = p.bytes_total;
+    tx.execute(
+        "UPDATE deployments SET state = 'running', disks = ?2, updated_at = ?3 WHERE id = ?1",
+        params![
+            d.id.to_string(),
+            serde_json::to_string(&d.disks).map_err(|e| ApiError::Internal(e.to_string()))?,
+            now_ms()
+        ],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// The agent's result: the deployment ends, the host is `deployed` or `failed`.
+pub fn record_outcome(
+    conn: &mut Connection,
+    agent: &AgentCaller,
+    o: &Outcome,
+) -> Result<Host, ApiError> {
+    let tx = conn.transaction()?;
+    let mut d = agents_deployment(&tx, agent, o.deployment)?;
+    let now = now_ms();
+    d.timings.extend(
+        o.timings
+            .iter()
+            .map(|(k, v)| (k.chars().take(32).collect(), *v))
+            .take(32),
+    );
+    let (state, error) = match &o.error {
+        None => ("succeeded", None),
+        Some(e) => ("failed", Some(e.chars().take(2000).collect::<String>())),
+    };
+    tx.execute(
+        "UPDATE deployments SET state = ?2, error = ?3, timings = ?4, updated_at = ?5, finished_at = ?5 WHERE id = ?1",
+        params![
+            d.id.to_string(),
+            state,
+            error,
+            serde_json::to_string(&d.timings).map_err(|e| ApiError::Internal(e.to_string()))?,
+            now
+        ],
+    )?;
+    match &error {
+        None => set_state(
+            &tx,
+            agent.host_id,
+            HostState::Deployed,
+            &format!("deployment {} succeeded", d.id),
+        )?,
+        Some(e) => set_state(
+            &tx,
+            agent.host_id,
+            HostState::Failed,
+            &format!("deployment {} failed: {e}", d.id),
+        )?,
+    }
+    tx.commit()?;
+    get_by_id(conn, agent.host_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_normalized_and_checked() {
+        assert_eq!(
+            normalize_mac("AA-bb-CC-00-11-22").ok().as_deref(),
+            Some("aa:bb:cc:00:11:22")
+        );
+        for bad in [
+            "",
+            "aa:bb:cc:dd:ee",
+            "aa:bb:cc:dd:ee:fg",
+            "aabb.ccdd.eeff",
+            "aa:bb:cc:dd:ee:ff:00",
+        ] {
+            assert!(normalize_mac(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! `kagami host`: enroll machines, assign images to their disks, follow and release them.
+
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::client::Client;
+use super::{Output, human_bytes, print};
+use crate::catalog::hosts::{Deployment, Host};
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Enroll a machine before its first network boot.
+    Add {
+        /// The MAC it PXE-boots from (aa:bb:cc:dd:ee:ff).
+        mac: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List hosts with their state and latest deployment.
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show a host (by id, MAC or name): inventory, deployment progress, state history.
+    Show {
+        host: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Assign images to a host's disks; its next network boot writes them.
+    Deploy {
+        host: String,
+        /// The image for the host's first disk.
+        #[arg(long, required_unless_present = "disk")]
+        image: Option<String>,
+        /// DEVICE=IMAGE, e.g. /dev/sdb=<ID>; repeat for more disks.
+        #[arg(long, value_parser = parse_disk)]
+        disk: Vec<(String, String)>,
+        /// full: write every block; differential: write only what differs on the disk.
+        #[arg(long, default_value = "full", value_parser = ["full", "differential"])]
+        mode: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Stop whatever the host was assigned (an unfinished deployment fails as released).
+    Release { host: String },
+    /// Forget a host and its history.
+    Forget { host: String },
+}
+
+fn parse_disk(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((dev, image)) if dev.starts_with("/dev/") && !image.is_empty() => {
+            Ok((dev.to_string(), image.to_string()))
+        }
+        _ => Err(format!(
+            "'{s}' is not DEVICE=IMAGE (e.g. /dev/sdb=<image id>)"
+        )),
+    }
+}
+
+fn host_line(h: &Host) {
+    let deployment = h.deployment.as_ref().map_or(String::new(), progress_text);
+    println!(
+        "{}\t{}\t{}\t{}\t{deployment}",
+        h.mac,
+        h.name.as_deref().unwrap_or("-"),
+        state_text(h),
+        h.state_reason
+    );
+}
+
+fn state_text(h: &Host) -> String {
+    serde_json::to_value(h.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn progress_text(d: &Deployment) -> String {
+    let (done, total) = d.disks.iter().fold((0, 0), |(a, b), disk| {
+        (a + disk.bytes_done, b + disk.bytes_total)
+    });
+    format!(
+        "deployment {} {} ({} / {})",
+        d.id,
+        d.state,
+        human_bytes(done),
+        human_bytes(total)
+    )
+}
+
+pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
+    match cmd {
+        HostCommand::Add { mac, name, output } => {
+            let host: Host = client
+                .call(
+                    Method::POST,
+                    "/v1/hosts",
+                    &json!({"mac": mac, "name": name}),
+                )
+                .await?;
+            print(output, &host, |h| {
+                println!("enrolled host {} ({})", h.mac, h.id)
+            })?;
+        }
+        HostCommand::List { output } => {
+            let hosts: Vec<Host> = client.get("/v1/hosts").await?;
+            print(output, &hosts, |l| l.iter().for_each(host_line))?;
+        }
+        HostCommand::Show { host, output } => {
+            let detail: Value = client.get(&format!("/v1/hosts/{host}")).await?;
+            print(output, &detail, |d| {
+                let host: Option<Host> = serde_json::from_value(d.clone()).ok();
+                if let Some(h) = &host {
+                    host_line(h);
+                    if let Some(dep) = &h.deployment {
+                        for (i, disk) in dep.disks.iter().enumerate() {
+                            println!(
+                                "  disk {i}: {} ← image {}: {} {} / {}",
+                                disk.device.as_deref().unwrap_or("(first disk)"),
+                                disk.image_id,
+                                disk.phase.as_deref().unwrap_or("pending"),
+                                human_bytes(disk.bytes_done),
+                                human_bytes(disk.bytes_total)
+                            );
+                        }
+                        if let Some(e) = &dep.error {
+                            println!("  error: {e}");
+                        }
+                    }
+                }
+                for e in d["events"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}  {:<10} {}",
+                        e["at"].as_str().unwrap_or_default(),
+                        e["state"].as_str().unwrap_or_default(),
+                        e["reason"].as_str().unwrap_or_default()
+                    );
+                }
+            })?;
+        }
+        HostCommand::Deploy {
+            host,
+            image,
+            disk,
+            mode,
+            output,
+        } => {
+            let disks: Vec<Value> = disk
+                .iter()
+                .map(|(device, image)| json!({"device": device, "image": image}))
+                .collect();
+            let body = json!({"image": image, "disks": disks, "mode": mode});
+            let d: Deployment = client
+                .call(Method::POST, &format!("/v1/hosts/{host}/deploy"), &body)
+                .await?;
+            print(output, &d, |d| {
+                println!(
+                    "deployment {} assigned to host {host}: it starts at the host's next network boot",
+                    d.id
+                )
+            })?;
+        }
+        HostCommand::Release { host } => {
+            let h: Host = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/hosts/{host}/release"),
+                    &json!({}),
+                )
+                .await?;
+            println!("host {} released; it is {}", h.mac, state_text(&h));
+        }
+        HostCommand::Forget { host } => {
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/hosts/{host}")))
+                .await?;
+            println!("host {host} forgotten");
+        }
+    }
+    Ok(())
+}
