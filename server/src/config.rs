@@ -18,6 +18,8 @@ pub struct Config {
     pub gc: GcConfig,
     pub import: ImportConfig,
     pub provision: ProvisionConfig,
+    pub boot: BootConfig,
+    pub tftp: TftpConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,6 +119,67 @@ impl ProvisionConfig {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// The files PXE clients fetch (iPXE binaries); TFTP serves regular files beneath it only.
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TftpConfig {
+    /// Address of the TFTP server, `ADDR:PORT`; empty turns it off (the default, so that
+    /// `kagami serve` runs unprivileged; production listens on port 69).
+    pub listen: String,
+    /// Largest block size granted (RFC 2348), in bytes.
+    pub max_blksize: u16,
+    /// Largest window granted (RFC 7440), in blocks.
+    pub max_windowsize: u16,
+    /// First retransmission timeout when the client sets none, in milliseconds.
+    pub timeout_ms: u64,
+    /// Timeouts in a row after which a transfer is dropped.
+    pub retries: u32,
+    /// Transfers at once; more requests are refused until one ends.
+    pub max_transfers: usize,
+}
+
+impl TftpConfig {
+    /// The address to listen on, or `None` when TFTP is off.
+    pub fn listen_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "invalid configuration: tftp.listen must be ADDR:PORT or empty, not {:?}",
+                self.listen
+            )
+        })
+    }
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig {
+            dir: PathBuf::from("/srv/kagami/boot"),
+        }
+    }
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        TftpConfig {
+            listen: String::new(),
+            max_blksize: 1468,
+            max_windowsize: 64,
+            timeout_ms: 1000,
+            retries: 5,
+            max_transfers: 256,
+        }
+    }
+}
+
 impl ImportConfig {
     /// The operator's CA file, if one is set.
     pub fn ca_file(&self) -> Option<&Path> {
@@ -171,6 +234,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub advertise_url: Option<String>,
     pub ramdisk_dir: Option<PathBuf>,
+    pub tftp_listen: Option<SocketAddr>,
+    pub boot_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -189,6 +254,12 @@ impl Config {
         }
         if let Some(dir) = overrides.data_dir {
             fig = fig.merge(("server.data_dir", dir));
+        }
+        if let Some(addr) = overrides.tftp_listen {
+            fig = fig.merge(("tftp.listen", addr.to_string()));
+        }
+        if let Some(dir) = overrides.boot_dir {
+            fig = fig.merge(("boot.dir", dir));
         }
         if let Some(url) = overrides.advertise_url {
             fig = fig.merge(("provision.advertise_url", url));
@@ -220,6 +291,22 @@ impl Config {
         }
         if self.server.region.is_empty() {
             anyhow::bail!("invalid configuration: server.region must not be empty");
+        }
+        let tftp = &self.tftp;
+        tftp.listen_addr()?;
+        if !(8..=65464).contains(&tftp.max_blksize) {
+            anyhow::bail!("invalid configuration: tftp.max_blksize must be between 8 and 65464");
+        }
+        if !(1..=1024).contains(&tftp.max_windowsize) {
+            anyhow::bail!("invalid configuration: tftp.max_windowsize must be between 1 and 1024");
+        }
+        if !(10..=255_000).contains(&tftp.timeout_ms) {
+            anyhow::bail!("invalid configuration: tftp.timeout_ms must be between 10 and 255000");
+        }
+        if tftp.retries == 0 || tftp.max_transfers == 0 {
+            anyhow::bail!(
+                "invalid configuration: tftp.retries and tftp.max_transfers must be at least 1"
+            );
         }
         Ok(())
     }

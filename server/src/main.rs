@@ -52,6 +52,12 @@ enum Command {
         /// The agent ramdisk's folder (vmlinuz, initrd.img) [default: DATA_DIR/ramdisk].
         #[arg(long)]
         ramdisk_dir: Option<PathBuf>,
+        /// Serve TFTP on this address (port 69 for PXE clients) [default: off].
+        #[arg(long, value_name = "ADDR:PORT")]
+        tftp_listen: Option<SocketAddr>,
+        /// The files PXE clients fetch (iPXE binaries) [default: /srv/kagami/boot].
+        #[arg(long, value_name = "DIR")]
+        boot_dir: Option<PathBuf>,
     },
     /// Manage images.
     Image {
@@ -156,6 +162,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             advertise_url,
             ramdisk_dir,
+            tftp_listen,
+            boot_dir,
         } => {
             let config = Config::load(
                 config.as_deref(),
@@ -164,6 +172,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     data_dir,
                     advertise_url,
                     ramdisk_dir,
+                    tftp_listen,
+                    boot_dir,
                 },
             )?;
             serve::serve(config).await

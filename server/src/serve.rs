@@ -100,6 +100,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(gc_loop(catalog, store, config.clone()));
     }
 
+    // TFTP before the API: a client that reaches the API finds TFTP up too.
+    if let Some(tftp) = crate::boot::tftp::Server::from_config(&config).await? {
+        tokio::spawn(tftp.run());
+    }
+
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| {

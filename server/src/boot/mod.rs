@@ -2,3 +2,4 @@
 //! scripts chosen by the host's state, and the files they load.
 
 pub mod ipxe;
+pub mod tftp;

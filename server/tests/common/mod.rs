@@ -38,6 +38,7 @@ pub fn kagami() -> PathBuf {
 pub struct Server {
     child: Option<Child>,
     env: Vec<(String, String)>,
+    args: Vec<String>,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub url: String,
@@ -61,6 +62,11 @@ impl Server {
 
     /// Starts with extra environment, e.g. `KAGAMI__STORE__PACK_BYTES`.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
+        Server::start_with_args(env, &[])
+    }
+
+    /// Starts with extra environment and extra `kagami serve` flags (e.g. `--tftp-listen`).
+    pub fn start_with_args(env: &[(&str, &str)], args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("serve.log");
         let env = env
@@ -70,6 +76,7 @@ impl Server {
         let mut server = Server {
             child: None,
             env,
+            args: args.iter().map(|a| a.to_string()).collect(),
             dir,
             port: 0,
             url: String::new(),
@@ -100,6 +107,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(self.data_dir())
+            .args(&self.args)
             // No background GC: tests run it on demand and assert what it did.
             .env("KAGAMI__GC__INTERVAL_SECS", "0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
