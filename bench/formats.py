@@ -2,6 +2,7 @@
 """Import and export of image formats against qemu-img in the same run.
 
     python3 bench/formats.py [--runs 3] [--disk-gib 3] [--dir /var/tmp/kagami-bench-formats]
+                             [--binary PATH] [--baseline PATH]
 
 A realistic OS disk: an MBR-partitioned raw disk whose partition is an ext4 filesystem full of
 real files (`mke2fs -d /usr/share`), converted by qemu-img to qcow2, vmdk and vhd. Then, RUNS
@@ -12,7 +13,9 @@ times, for each format:
   - export:  qemu-img convert -f raw -O FMT (vmdk: streamOptimized) of the raw disk (then sync)
              against curl GET /v1/images/{id}/file?format=FMT to a file (then sync).
 Prints medians of same-run ratios (qemu-img time / Kagami time: above 1 means Kagami is faster),
-server CPU seconds and peak RSS.
+server CPU seconds and peak RSS. --binary measures a kagami binary already built (no cargo
+build); --baseline also measures the exports of another kagami binary (an older build) in the
+same runs, right after this one's, for a same-run before/after ratio.
 """
 import argparse
 import json
@@ -65,15 +68,27 @@ def import_file(srv, image_id, fmt, src):
         time.sleep(0.02)
 
 
+def upload_base(srv, raw):
+    """The raw disk as an image of `srv`, to export from."""
+    base = srv.api("POST", "/v1/images", "-H", "content-type: application/json", "-d", '{"name":"os"}')
+    run(["curl", "-sfS", "-o", "/dev/null", "-X", "PUT", "-T", raw, "-H",
+         f"Authorization: Bearer {srv.token}", f"{srv.url}/v1/images/{base['id']}/file"])
+    return base
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--disk-gib", type=float, default=3)
     ap.add_argument("--dir", default="/var/tmp/kagami-bench-formats")
+    ap.add_argument("--binary", help="a kagami binary to measure instead of building one")
+    ap.add_argument("--baseline", help="another kagami binary whose exports are measured too")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    run(["cargo", "build", "--release", "--locked", "--bin", "kagami"], cwd=ROOT)
-    binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "kagami")
+    binary = args.binary
+    if binary is None:
+        run(["cargo", "build", "--release", "--locked", "--bin", "kagami"], cwd=ROOT)
+        binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "kagami")
     raw = os.path.join(args.dir, "os.raw")
     make_disk(raw, int(args.disk_gib * (1 << 30)))
     sources = {}
@@ -89,12 +104,17 @@ def main():
         subprocess.run(["rm", "-rf", data])
         os.makedirs(data)
         srv = Server(binary, data)
+        old = None
         try:
             pid = srv.proc.pid
-            base = srv.api("POST", "/v1/images", "-H", "content-type: application/json", "-d", '{"name":"os"}')
             warm(raw)
-            run(["curl", "-sfS", "-o", "/dev/null", "-X", "PUT", "-T", raw, "-H",
-                 f"Authorization: Bearer {srv.token}", f"{srv.url}/v1/images/{base['id']}/file"])
+            base = upload_base(srv, raw)
+            if args.baseline:
+                old_data = os.path.join(args.dir, "data-baseline")
+                subprocess.run(["rm", "-rf", old_data])
+                os.makedirs(old_data)
+                old = Server(args.baseline, old_data)
+                old_base = upload_base(old, raw)
             for name, (qfmt, src) in sources.items():
                 warm(src)
                 q = timed(["sh", "-c", f"qemu-img convert -q -t writeback -f {qfmt} -O raw {src} {out} && sync -f {out}"])
@@ -116,17 +136,26 @@ def main():
                 ksize = os.path.getsize(out)
                 os.remove(out)
                 results.setdefault(f"export {name}", []).append((q, k, cpu, qsize, ksize))
+                if old:
+                    cpu0 = cpu_seconds(old.proc.pid)
+                    b = timed(["sh", "-c", f"curl -sfS -o {out} -H 'Authorization: Bearer {old.token}' "
+                                           f"'{old.url}/v1/images/{old_base['id']}/file?format={name}' && sync -f {out}"])
+                    bcpu = cpu_seconds(old.proc.pid) - cpu0
+                    os.remove(out)
+                    results.setdefault(f"baseline export {name}", []).append((q, b, bcpu, k, cpu))
             rss = peak_rss_mib(pid)
             results.setdefault("rss", []).append(rss)
         finally:
             srv.stop()
+            if old:
+                old.stop()
         print(f"run {r + 1} done", file=sys.stderr)
     gib = os.path.getsize(raw) / (1 << 30)
     print(f"\n{args.runs} runs, {gib:g} GiB disk (ext4 of /usr/share), medians of same-run ratios.\n")
     print("| operation | qemu-img s | Kagami s | qemu-img / Kagami | Kagami server CPU-s | output MiB qemu / Kagami |")
     print("|---|---|---|---|---|---|")
     for key, rows in results.items():
-        if key == "rss":
+        if key == "rss" or key.startswith("baseline"):
             continue
         q = statistics.median(r[0] for r in rows)
         k = statistics.median(r[1] for r in rows)
@@ -135,6 +164,18 @@ def main():
         sizes = f"{rows[0][3] / 2**20:.0f} / {rows[0][4] / 2**20:.0f}" if len(rows[0]) > 3 else ""
         print(f"| {key} | {q:.2f} | {k:.2f} | **{ratio:.2f}x** | {cpu:.2f} | {sizes} |")
     print(f"\nserver peak RSS: {max(results['rss']):.0f} MiB")
+    if args.baseline:
+        print(f"\nbaseline {args.baseline}: exports in the same runs, right after this build's.\n")
+        print("| export | qemu-img s | baseline s | this build s | qemu-img / baseline | qemu-img / this build "
+              "| baseline / this build | server CPU-s baseline / this build |")
+        print("|---|---|---|---|---|---|---|---|")
+        for key, rows in results.items():
+            if not key.startswith("baseline"):
+                continue
+            med = lambda i: statistics.median(r[i] for r in rows)  # noqa: E731
+            ratio = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
+            print(f"| {key.split()[-1]} | {med(0):.2f} | {med(1):.2f} | {med(3):.2f} | {ratio(lambda r: r[0] / r[1]):.2f}x "
+                  f"| {ratio(lambda r: r[0] / r[3]):.2f}x | {ratio(lambda r: r[1] / r[3]):.2f}x | {med(2):.2f} / {med(4):.2f} |")
 
 
 if __name__ == "__main__":

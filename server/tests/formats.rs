@@ -366,3 +366,40 @@ fn exports_stream_as_qcow2_that_qemu_checks_and_compares_equal() {
         (400, "unsupported_format".to_string())
     );
 }
+
+#[test]
+fn an_export_stops_at_a_corrupt_block_and_says_so() {
+    let s = common::Server::start();
+    let d = s.dir.path();
+    let disk = common::noise(5, 3 << 20);
+    std::fs::write(d.join("disk.raw"), &disk).expect("write");
+    let image = s.import(&d.join("disk.raw"), "to-corrupt");
+    let id = image["id"].as_str().expect("id");
+    // One byte flipped in the middle of the only pack: inside some block's stored bytes.
+    let packs: Vec<_> = std::fs::read_dir(s.data_dir().join("packs"))
+        .expect("packs")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let mut bytes = std::fs::read(&packs[0]).expect("pack");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&packs[0], &bytes).expect("pack");
+    for format in ["qcow2", "vhd", "vmdk"] {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-H"])
+            .arg(format!("Authorization: Bearer {}", s.token))
+            .arg(format!("{}/v1/images/{id}/file?format={format}", s.url))
+            .output()
+            .expect("curl");
+        assert!(
+            !out.status.success(),
+            "{format}: a corrupt block must never be served whole"
+        );
+    }
+    assert!(
+        s.log_text().contains("is corrupt in pack"),
+        "{}",
+        s.log_text()
+    );
+}

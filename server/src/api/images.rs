@@ -493,7 +493,7 @@ fn export(
     manifest: Arc<Manifest>,
     format: DiskFormat,
 ) -> Result<Response, ApiError> {
-    let data: Vec<bool> = manifest.blocks().map(|b| !b.id.is_hole()).collect();
+    let data: format::write::DataMap = manifest.blocks().map(|b| !b.id.is_hole()).collect();
     let export = format::write::export(format, manifest.virtual_size(), data)
         .map_err(|reason| ApiError::bad("unsupported_format", reason))?;
     let mut headers = digest_headers(image, "application/octet-stream");

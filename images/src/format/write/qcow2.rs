@@ -13,7 +13,7 @@
 //! `qemu-img check` finds no leaks and no errors.
 
 use super::super::qcow2::MAGIC;
-use super::{BLOCK, Export, Piece};
+use super::{BLOCK, DataMap, Export, Piece};
 
 const CLUSTER: u64 = BLOCK;
 const L2_ENTRIES: u64 = CLUSTER / 8;
@@ -25,7 +25,7 @@ const RUN: usize = 64;
 
 pub(super) struct Qcow2Export {
     size: u64,
-    data: Vec<bool>,
+    data: DataMap,
     l1_clusters: u64,
     rt_clusters: u64,
     rb_clusters: u64,
@@ -47,19 +47,14 @@ enum Stage {
 }
 
 impl Qcow2Export {
-    pub(super) fn new(size: u64, data: Vec<bool>) -> Self {
+    pub(super) fn new(size: u64, data: DataMap) -> Self {
         let blocks = data.len() as u64;
         let l1_entries = blocks.div_ceil(L2_ENTRIES).max(1);
         let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER);
         let regions: Vec<u64> = (0..l1_entries)
-            .filter(|r| {
-                data.iter()
-                    .skip((r * L2_ENTRIES) as usize)
-                    .take(L2_ENTRIES as usize)
-                    .any(|d| *d)
-            })
+            .filter(|r| data.any_in((r * L2_ENTRIES) as usize, ((r + 1) * L2_ENTRIES) as usize))
             .collect();
-        let data_blocks = data.iter().filter(|d| **d).count() as u64;
+        let data_blocks = data.count();
         // Refcount blocks count themselves and the table: iterate to the fixed point.
         let (mut rt, mut rb) = (1u64, 1u64);
         loop {
@@ -156,12 +151,7 @@ impl Qcow2Export {
         let mut out = vec![0u8; CLUSTER as usize];
         let start = region * L2_ENTRIES;
         for i in 0..L2_ENTRIES {
-            if self
-                .data
-                .get((start + i) as usize)
-                .copied()
-                .unwrap_or(false)
-            {
+            if self.data.get((start + i) as usize) {
                 let host = self.data_offset() + next_data * CLUSTER;
                 out[(i * 8) as usize..(i * 8 + 8) as usize]
                     .copy_from_slice(&(host | COPIED).to_be_bytes());
@@ -196,13 +186,7 @@ impl Export for Qcow2Export {
                     self.stage = Stage::L2(rank + 1);
                     let table = self.l2(region, self.emitted_data);
                     let start = (region * L2_ENTRIES) as usize;
-                    self.emitted_data += self
-                        .data
-                        .iter()
-                        .skip(start)
-                        .take(L2_ENTRIES as usize)
-                        .filter(|d| **d)
-                        .count() as u64;
+                    self.emitted_data += self.data.count_range(start, start + L2_ENTRIES as usize);
                     Some(Piece::Meta(table))
                 }
                 None => {
@@ -211,11 +195,7 @@ impl Export for Qcow2Export {
                 }
             },
             Stage::Data(from) => {
-                let run: Vec<u64> = (from..self.data.len())
-                    .filter(|i| self.data[*i])
-                    .take(RUN)
-                    .map(|i| i as u64)
-                    .collect();
+                let run = self.data.run(from, self.data.len(), RUN);
                 match run.last() {
                     Some(&last) => {
                         self.stage = Stage::Data(last as usize + 1);
@@ -235,14 +215,14 @@ impl Export for Qcow2Export {
 #[cfg(test)]
 pub(super) mod tests {
     use super::super::super::tests_support::{qemu_compare, qemu_img, write};
-    use super::super::{BLOCK, Piece, export};
+    use super::super::{BLOCK, DataMap, Piece, export};
     use crate::format::DiskFormat;
     use crate::split::split_bytes;
 
     /// Writes an export to a file the way the server streams it.
     pub(crate) fn materialise(format: DiskFormat, disk: &[u8], path: &std::path::Path) -> u64 {
         let manifest = split_bytes(disk);
-        let data: Vec<bool> = manifest.blocks().map(|b| !b.id.is_hole()).collect();
+        let data: DataMap = manifest.blocks().map(|b| !b.id.is_hole()).collect();
         let mut e = export(format, disk.len() as u64, data).expect("format");
         let declared = e.output_len();
         let mut out = Vec::new();

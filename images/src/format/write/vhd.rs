@@ -8,7 +8,7 @@
 //! the image's bytes followed, at most, by a few zero sectors.
 
 use super::super::vhd::{COOKIE, D_CHECKSUM, DYN_COOKIE, F_CHECKSUM, SECTOR, checksum};
-use super::{BLOCK, Export, Piece};
+use super::{BLOCK, DataMap, Export, Piece};
 
 const VHD_BLOCK: u64 = 2 << 20;
 const PER_VHD_BLOCK: u64 = VHD_BLOCK / BLOCK;
@@ -70,7 +70,7 @@ fn geometry(total: u64) -> (u16, u8, u8) {
 }
 
 impl DynamicVhd {
-    pub(super) fn new(size: u64, data: Vec<bool>) -> Self {
+    pub(super) fn new(size: u64, data: DataMap) -> Self {
         let image_blocks = data.len() as u64;
         let wanted = size.div_ceil(SECTOR);
         // Round up to a whole geometry, as qemu-img does (bounded: geometry steps are small).
@@ -93,10 +93,8 @@ impl DynamicVhd {
         let blocks = size.div_ceil(VHD_BLOCK) as usize;
         let allocated = (0..blocks)
             .map(|b| {
-                data.iter()
-                    .skip(b * PER_VHD_BLOCK as usize)
-                    .take(PER_VHD_BLOCK as usize)
-                    .any(|d| *d)
+                let first = b * PER_VHD_BLOCK as usize;
+                data.any_in(first, first + PER_VHD_BLOCK as usize)
             })
             .collect();
         let bat_bytes = (blocks as u64 * 4).next_multiple_of(SECTOR);

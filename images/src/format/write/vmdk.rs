@@ -11,7 +11,7 @@ use flate2::Compression;
 use flate2::write::ZlibEncoder;
 
 use super::super::vmdk::{COMPRESSED, GD_AT_END, MAGIC, SECTOR};
-use super::{BLOCK, Export, Piece};
+use super::{BLOCK, DataMap, Export, Piece};
 use crate::split::parallel_map;
 
 const GRAIN_SECTORS: u64 = BLOCK / SECTOR;
@@ -25,7 +25,7 @@ const MARKER_FOOTER: u32 = 3;
 
 pub(super) struct StreamOptimized {
     capacity: u64,
-    data: Vec<bool>,
+    data: DataMap,
     /// Bytes emitted so far: grain and table positions are sector offsets from it.
     pos: u64,
     /// Grain table being filled, and its number.
@@ -46,7 +46,7 @@ enum Stage {
 }
 
 impl StreamOptimized {
-    pub(super) fn new(size: u64, data: Vec<bool>) -> Self {
+    pub(super) fn new(size: u64, data: DataMap) -> Self {
         let tables = (data.len() as u64).div_ceil(GTES) as usize;
         StreamOptimized {
             capacity: size.div_ceil(SECTOR),
@@ -139,11 +139,7 @@ impl Export for StreamOptimized {
             Stage::Grains => loop {
                 // The next run: data blocks of the current grain table only, up to 64 of them.
                 let table_end = ((self.table + 1) * GTES) as usize;
-                let run: Vec<u64> = (self.next_block..table_end.min(self.data.len()))
-                    .filter(|i| self.data[*i])
-                    .take(64)
-                    .map(|i| i as u64)
-                    .collect();
+                let run = self.data.run(self.next_block, table_end, 64);
                 if let Some(&last) = run.last() {
                     self.next_block = last as usize + 1;
                     return Some(Piece::Blocks(run));
@@ -259,15 +255,15 @@ mod tests {
 
 #[cfg(test)]
 mod limits {
-    use super::super::{Piece, export};
+    use super::super::{DataMap, Piece, export};
     use crate::format::DiskFormat;
 
     /// A terabyte-class sparse disk: tens of thousands of empty grain tables, walked in a loop.
     #[test]
     fn huge_holes_do_not_recurse_and_oversized_exports_are_refused() {
         let blocks = 1usize << 22; // 256 GiB of 64 KiB blocks
-        let mut data = vec![false; blocks];
-        data[blocks - 1] = true;
+        let mut data = DataMap::new(blocks);
+        data.set(blocks - 1);
         let mut e = export(DiskFormat::Vmdk, (blocks as u64) << 16, data).expect("exportable");
         let mut pieces = 0;
         while let Some(p) = e.next_piece() {
@@ -277,8 +273,9 @@ mod limits {
             pieces += 1;
         }
         assert!(pieces < 10, "{pieces} pieces");
-        assert!(export(DiskFormat::Vhd, 3 << 40, vec![false; 16]).is_err());
-        assert!(export(DiskFormat::Vmdk, 3 << 40, vec![true; 3 << 24]).is_err());
-        assert!(export(DiskFormat::Vhdx, 1 << 20, vec![true; 16]).is_err());
+        assert!(export(DiskFormat::Vhd, 3 << 40, DataMap::new(16)).is_err());
+        let all = |n| (0..n).map(|_| true).collect::<DataMap>();
+        assert!(export(DiskFormat::Vmdk, 3 << 40, all(3 << 24)).is_err());
+        assert!(export(DiskFormat::Vhdx, 1 << 20, all(16)).is_err());
     }
 }
