@@ -23,6 +23,7 @@ use crate::cli::admin::{ProjectCommand, StoreCommand, TokenCommand};
 use crate::cli::client::Client;
 use crate::cli::hosts::HostCommand;
 use crate::cli::images::ImageCommand;
+use crate::cli::ramdisk::RamdiskCommand;
 use crate::config::{Config, Overrides};
 
 /// Kagami: bare-metal provisioning with a real image service.
@@ -72,6 +73,11 @@ enum Command {
         remote: Remote,
         #[command(subcommand)]
         command: HostCommand,
+    },
+    /// Build the agent's boot ramdisk (no server needed).
+    Ramdisk {
+        #[command(subcommand)]
+        command: RamdiskCommand,
     },
     /// Manage projects (admin).
     Project {
@@ -190,6 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => cli::images::inspect(&file, format, output),
         Command::Image { remote, command } => cli::images::run(&remote.client()?, command).await,
         Command::Host { remote, command } => cli::hosts::run(&remote.client()?, command).await,
+        Command::Ramdisk { command } => cli::ramdisk::run(command),
         Command::Project { remote, command } => {
             cli::admin::project(&remote.client()?, command).await
         }

@@ -27,9 +27,10 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// `?mac=${net0/mac}` (iPXE may send more: uuid, arch, platform, …; they are ignored today).
+/// Without a MAC the answer chains back here with iPXE filling it in.
 #[derive(Debug, Deserialize)]
 struct ScriptQuery {
-    mac: String,
+    mac: Option<String>,
 }
 
 async fn script(
@@ -49,11 +50,24 @@ async fn script(
     } else {
         provision.advertise_url.clone()
     };
+    let Some(mac) = q.mac else {
+        let script = ipxe::script(
+            &Boot::Chain {
+                base_url: &base_url,
+            },
+            "",
+        );
+        return Ok((
+            [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
+            script,
+        )
+            .into_response());
+    };
     let discover = provision.unknown_hosts == UnknownHosts::Discover;
     let (boot_agent, why, token) = app
         .catalog
         .run(move |c| {
-            let host = hosts::first_contact(c, &q.mac)?;
+            let host = hosts::first_contact(c, &mac)?;
             let (agent, why) = match host.state {
                 HostState::Deploying => (true, format!("host {} is deploying", host.mac)),
                 HostState::Discovered | HostState::Ready if discover => (

@@ -15,6 +15,9 @@ pub enum Boot<'a> {
         token: &'a str,
         kernel_args: &'a str,
     },
+    /// Fetch the script again with the MAC filled in by iPXE: for a bare script URL handed
+    /// out by DHCP or embedded in an iPXE build.
+    Chain { base_url: &'a str },
     /// Leave iPXE: the firmware boots the local disk.
     Local,
 }
@@ -67,7 +70,11 @@ pub fn script(boot: &Boot<'_>, why: &str) -> String {
                                kernel arguments hold characters unsafe in a script); booting the \
                                local disk\nexit\n"
             .to_string(),
-        Boot::Local => format!("#!ipxe\necho Kagami: {why}\nexit\n"),
+        Boot::Chain { base_url } if safe(base_url) => format!(
+            "#!ipxe\nchain {}/boot/ipxe?mac=${{net0/mac}}\n",
+            base_url.trim_end_matches('/')
+        ),
+        Boot::Local | Boot::Chain { .. } => format!("#!ipxe\necho Kagami: {why}\nexit\n"),
     }
 }
 
@@ -92,6 +99,20 @@ mod tests {
         ));
         assert!(s.contains("initrd http://10.0.0.1:8470/boot/ramdisk/initrd.img\n"));
         assert!(s.ends_with("boot\n"));
+    }
+
+    #[test]
+    fn a_bare_request_chains_to_itself_with_the_mac() {
+        let s = script(
+            &Boot::Chain {
+                base_url: "http://10.0.2.2:8470",
+            },
+            "",
+        );
+        assert_eq!(
+            s,
+            "#!ipxe\nchain http://10.0.2.2:8470/boot/ipxe?mac=${net0/mac}\n"
+        );
     }
 
     #[test]

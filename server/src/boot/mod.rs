@@ -2,4 +2,5 @@
 //! scripts chosen by the host's state, and the files they load.
 
 pub mod ipxe;
+pub mod ramdisk;
 pub mod tftp;

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod client;
 pub mod hosts;
 pub mod images;
+pub mod ramdisk;
 
 use serde::Serialize;
 
