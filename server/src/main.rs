@@ -8,6 +8,7 @@ mod config;
 mod error;
 mod ingest;
 mod jobs;
+mod notify;
 mod serve;
 mod store;
 mod stream;

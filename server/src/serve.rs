@@ -116,8 +116,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %dir.display(), region = %config.server.region, "kagami is serving");
     eprintln!("kagami: serving http://{addr} (data in {})", dir.display());
+    // The SIGTERM handler is in place before systemd hears READY=1: a stop right after start
+    // is a clean stop, not the default action (death by signal).
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    crate::notify::ready(&format!("serving http://{addr}"));
     axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(shutdown(term))
         .await?;
     Ok(())
 }
@@ -138,18 +143,11 @@ async fn gc_loop(catalog: Catalog, store: Arc<PackStore>, config: Arc<Config>) {
     }
 }
 
-async fn shutdown() {
+async fn shutdown(mut term: tokio::signal::unix::Signal) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     tracing::info!("shutting down");
+    crate::notify::stopping();
 }
