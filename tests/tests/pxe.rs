@@ -56,8 +56,8 @@ struct Machine {
 }
 
 impl Machine {
-    fn boot(dir: &Path, disk: &Path, script_url: &str) -> Machine {
-        let console = dir.join("console.log");
+    fn boot(dir: &Path, disk: &Path, script_url: &str, name: &str) -> Machine {
+        let console = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&console).expect("console log");
         let child = Command::new("qemu-system-x86_64")
             .args([
@@ -163,7 +163,7 @@ fn a_machine_boots_from_the_network_gets_its_image_and_boots_it() {
         .expect("size");
     // QEMU's user network reaches the host's loopback at 10.0.2.2.
     let url = format!("http://10.0.2.2:{}/boot/ipxe", s.port);
-    let mut vm = Machine::boot(dir.path(), &disk, &url);
+    let mut vm = Machine::boot(dir.path(), &disk, &url, "first-boot");
     let limit = Duration::from_secs(240);
     let script = vm.wait_for("/boot/ramdisk/initrd.img", limit);
     let agent_up = vm.wait_for("inventory reported", limit);
@@ -186,6 +186,39 @@ fn a_machine_boots_from_the_network_gets_its_image_and_boots_it() {
         "the inventory names the NIC it booted from: {h}"
     );
     // The disk is the image, byte for byte (the rest of the larger disk stays zero).
+    let image_bytes = std::fs::read(&image_file).expect("image");
     let written = std::fs::read(&disk).expect("disk");
-    assert!(written[..16 << 20] == std::fs::read(&image_file).expect("image")[..]);
+    assert!(written[..16 << 20] == image_bytes[..]);
+
+    // A reprovision: one block of the machine's disk drifts while it is off; a differential
+    // deployment fetches and writes that block only, and the machine boots the image again.
+    let mut drifted = written;
+    drifted[(5 << 20) + 100] ^= 0xff;
+    std::fs::write(&disk, &drifted).expect("drift");
+    s.cli(&[
+        "host",
+        "deploy",
+        "vm1",
+        "--image",
+        id,
+        "--mode",
+        "differential",
+    ]);
+    let mut vm = Machine::boot(dir.path(), &disk, &url, "second-boot");
+    vm.wait_for("written and reported", limit);
+    vm.wait_for(&marker, limit);
+    let console = vm.console();
+    drop(vm);
+    assert!(
+        console.contains("written: 1 blocks fetched, 65536 bytes written"),
+        "only the drifted block travels:\n{console}"
+    );
+    let h = s.cli_json(&["host", "show", "vm1"]);
+    assert_eq!(h["state"], "deployed", "{h}");
+    assert_eq!(h["deployment"]["mode"], "differential");
+    let rewritten = std::fs::read(&disk).expect("disk");
+    assert!(
+        rewritten[..16 << 20] == image_bytes[..],
+        "the disk is the image again"
+    );
 }
