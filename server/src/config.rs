@@ -2,7 +2,7 @@
 //! → command-line flags. Every key is documented in `systemd/kagami.toml`; an unknown or mistyped
 //! key stops start-up with a message that names it.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -20,6 +20,7 @@ pub struct Config {
     pub provision: ProvisionConfig,
     pub boot: BootConfig,
     pub tftp: TftpConfig,
+    pub dhcp: DhcpConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -159,6 +160,118 @@ impl TftpConfig {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhcpConfig {
+    /// `off` (the default, so that `kagami serve` runs unprivileged), `proxy` (boot files only,
+    /// beside the site's DHCP server) or `full` (addresses from `range` too).
+    pub mode: DhcpMode,
+    /// The provisioning interface: the only one DHCP listens and answers on.
+    pub interface: String,
+    /// Full mode's pool, `FIRST,LAST`.
+    pub range: String,
+    /// Full mode's lease time, in seconds.
+    pub lease_secs: u32,
+    /// Full mode's default gateway (option 3); empty: none.
+    pub router: String,
+    /// Full mode's DNS servers (option 6).
+    pub dns: Vec<Ipv4Addr>,
+    /// Boot file for BIOS PXE ROMs, served by TFTP from `boot.dir`.
+    pub bios_file: String,
+    /// Boot file for UEFI PXE (over TFTP) and UEFI HTTP boot (over HTTP), from `boot.dir`.
+    pub efi_file: String,
+    /// Send IPv6 router advertisements on the interface (iPXE waits 16 s for one otherwise).
+    pub router_advertisements: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    Off,
+    Proxy,
+    Full,
+}
+
+impl Default for DhcpConfig {
+    fn default() -> Self {
+        DhcpConfig {
+            mode: DhcpMode::Off,
+            interface: String::new(),
+            range: String::new(),
+            lease_secs: 3600,
+            router: String::new(),
+            dns: Vec::new(),
+            bios_file: "undionly.kpxe".into(),
+            efi_file: "ipxe.efi".into(),
+            router_advertisements: false,
+        }
+    }
+}
+
+impl DhcpConfig {
+    /// Full mode's pool (first, last), or `None` when `range` is empty.
+    pub fn range(&self) -> anyhow::Result<Option<(Ipv4Addr, Ipv4Addr)>> {
+        if self.range.is_empty() {
+            return Ok(None);
+        }
+        let bad = || {
+            anyhow::anyhow!(
+                "invalid configuration: dhcp.range must be FIRST,LAST (IPv4, first <= last, at most 65536 addresses), not {:?}",
+                self.range
+            )
+        };
+        let (first, last) = self.range.split_once(',').ok_or_else(bad)?;
+        let first: Ipv4Addr = first.trim().parse().map_err(|_| bad())?;
+        let last: Ipv4Addr = last.trim().parse().map_err(|_| bad())?;
+        if first > last || u32::from(last) - u32::from(first) >= 65536 {
+            return Err(bad());
+        }
+        Ok(Some((first, last)))
+    }
+
+    /// Full mode's router, or `None` when `router` is empty.
+    pub fn router(&self) -> anyhow::Result<Option<Ipv4Addr>> {
+        if self.router.is_empty() {
+            return Ok(None);
+        }
+        self.router.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "invalid configuration: dhcp.router must be an IPv4 address or empty, not {:?}",
+                self.router
+            )
+        })
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        self.range()?;
+        self.router()?;
+        if self.mode == DhcpMode::Off {
+            return Ok(());
+        }
+        if self.interface.is_empty() {
+            anyhow::bail!(
+                "invalid configuration: dhcp.interface (--dhcp-interface) must name the provisioning interface when dhcp.mode is proxy or full"
+            );
+        }
+        if self.mode == DhcpMode::Full && self.range.is_empty() {
+            anyhow::bail!(
+                "invalid configuration: dhcp.range (--dhcp-range FIRST,LAST) is needed in full mode"
+            );
+        }
+        if self.lease_secs < 60 {
+            anyhow::bail!("invalid configuration: dhcp.lease_secs must be at least 60");
+        }
+        for (key, file) in [("bios_file", &self.bios_file), ("efi_file", &self.efi_file)] {
+            if file.is_empty() || file.len() > 120 || file.contains(['/', '?', '#', ' ']) {
+                anyhow::bail!(
+                    "invalid configuration: dhcp.{key} must be a file name in boot.dir, not {file:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for BootConfig {
     fn default() -> Self {
         BootConfig {
@@ -236,6 +349,9 @@ pub struct Overrides {
     pub ramdisk_dir: Option<PathBuf>,
     pub tftp_listen: Option<SocketAddr>,
     pub boot_dir: Option<PathBuf>,
+    pub dhcp_interface: Option<String>,
+    pub dhcp_mode: Option<String>,
+    pub dhcp_range: Option<String>,
 }
 
 impl Config {
@@ -260,6 +376,15 @@ impl Config {
         }
         if let Some(dir) = overrides.boot_dir {
             fig = fig.merge(("boot.dir", dir));
+        }
+        if let Some(interface) = overrides.dhcp_interface {
+            fig = fig.merge(("dhcp.interface", interface));
+        }
+        if let Some(mode) = overrides.dhcp_mode {
+            fig = fig.merge(("dhcp.mode", mode));
+        }
+        if let Some(range) = overrides.dhcp_range {
+            fig = fig.merge(("dhcp.range", range));
         }
         if let Some(url) = overrides.advertise_url {
             fig = fig.merge(("provision.advertise_url", url));
@@ -292,6 +417,7 @@ impl Config {
         if self.server.region.is_empty() {
             anyhow::bail!("invalid configuration: server.region must not be empty");
         }
+        self.dhcp.check()?;
         let tftp = &self.tftp;
         tftp.listen_addr()?;
         if !(8..=65464).contains(&tftp.max_blksize) {

@@ -60,6 +60,16 @@ enum Command {
         /// The files PXE clients fetch (iPXE binaries) [default: /srv/kagami/boot].
         #[arg(long, value_name = "DIR")]
         boot_dir: Option<PathBuf>,
+        /// The provisioning interface DHCP listens and answers on (alone).
+        #[arg(long, value_name = "IF")]
+        dhcp_interface: Option<String>,
+        /// DHCP: proxy (boot files beside the site's DHCP server), full (addresses too) or
+        /// off [default: off].
+        #[arg(long, value_name = "MODE", value_parser = ["proxy", "full", "off"])]
+        dhcp_mode: Option<String>,
+        /// Full-mode DHCP pool.
+        #[arg(long, value_name = "FIRST,LAST")]
+        dhcp_range: Option<String>,
     },
     /// Manage images.
     Image {
@@ -171,6 +181,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ramdisk_dir,
             tftp_listen,
             boot_dir,
+            dhcp_interface,
+            dhcp_mode,
+            dhcp_range,
         } => {
             let config = Config::load(
                 config.as_deref(),
@@ -181,6 +194,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ramdisk_dir,
                     tftp_listen,
                     boot_dir,
+                    dhcp_interface,
+                    dhcp_mode,
+                    dhcp_range,
                 },
             )?;
             serve::serve(config).await

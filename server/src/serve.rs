@@ -105,6 +105,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(tftp.run());
     }
 
+    // DHCP before the API too: "serving" means PXE clients are answered.
+    if let Some(dhcp) =
+        crate::boot::dhcp::Server::from_config(&config, state.catalog.clone()).await?
+    {
+        tokio::spawn(dhcp.run());
+    }
+
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| {

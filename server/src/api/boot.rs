@@ -24,6 +24,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/boot/ipxe", get(script))
         .route("/boot/ramdisk/{file}", get(ramdisk_file))
+        .route("/boot/files/{file}", get(boot_file))
 }
 
 /// `?mac=${net0/mac}` (iPXE may send more: uuid, arch, platform, …; they are ignored today).
@@ -144,7 +145,27 @@ async fn ramdisk_file(
         .provision
         .ramdisk_dir(&app.config.server.data_dir)
         .join(name);
-    let f = tokio::fs::File::open(&path)
+    send_file(&path).await
+}
+
+/// The boot files DHCP names for UEFI HTTP boot (`dhcp.efi_file`) and BIOS (`dhcp.bios_file`),
+/// from `boot.dir`: only those two names, which the operator chose, so no request names a path.
+async fn boot_file(
+    State(app): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    let dhcp = &app.config.dhcp;
+    if file != dhcp.efi_file && file != dhcp.bios_file {
+        return Err(ApiError::NotFound(format!(
+            "/boot/files serves only {} and {}",
+            dhcp.efi_file, dhcp.bios_file
+        )));
+    }
+    send_file(&app.config.boot.dir.join(&file)).await
+}
+
+async fn send_file(path: &std::path::Path) -> Result<Response, ApiError> {
+    let f = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError::NotFound(format!("{}: {e}", path.display())))?;
     let len = f

@@ -143,6 +143,16 @@ const MIGRATIONS: &[&str] = &[
         created_at  INTEGER NOT NULL
     );
     "#,
+    // 5: leases of the full-mode DHCP server (boot/dhcp): one row per address handed out, one
+    // address per MAC. ip is the IPv4 address as an integer; mac is NULL while declined.
+    r#"
+    CREATE TABLE dhcp_leases (
+        ip         INTEGER PRIMARY KEY,
+        mac        TEXT UNIQUE,
+        expires_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

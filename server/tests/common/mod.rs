@@ -39,6 +39,9 @@ pub struct Server {
     child: Option<Child>,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    /// Run inside this network namespace (`ip netns exec`); its API is not reachable from the
+    /// test, so start-up is read from the log.
+    netns: Option<String>,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub url: String,
@@ -67,6 +70,11 @@ impl Server {
 
     /// Starts with extra environment and extra `kagami serve` flags (e.g. `--tftp-listen`).
     pub fn start_with_args(env: &[(&str, &str)], args: &[&str]) -> Server {
+        Server::start_in(None, env, args)
+    }
+
+    /// Starts inside network namespace `netns` (or not), with extra environment and flags.
+    pub fn start_in(netns: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("serve.log");
         let env = env
@@ -77,6 +85,7 @@ impl Server {
             child: None,
             env,
             args: args.iter().map(|a| a.to_string()).collect(),
+            netns: netns.map(str::to_string),
             dir,
             port: 0,
             url: String::new(),
@@ -99,7 +108,16 @@ impl Server {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(kagami())
+        let started = self.log_text().matches("kagami: serving").count();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(kagami());
+                cmd
+            }
+            None => Command::new(kagami()),
+        };
+        let child = cmd
             .args([
                 "serve",
                 "--listen",
@@ -117,7 +135,11 @@ impl Server {
             .expect("spawn kagami serve");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let up = |s: &Server| match s.netns {
+            Some(_) => s.log_text().matches("kagami: serving").count() > started,
+            None => TcpStream::connect(("127.0.0.1", s.port)).is_ok(),
+        };
+        while !up(self) {
             assert!(
                 Instant::now() < deadline,
                 "kagami serve did not start:\n{}",
