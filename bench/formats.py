@@ -14,8 +14,8 @@ times, for each format:
              against curl GET /v1/images/{id}/file?format=FMT to a file (then sync).
 Prints medians of same-run ratios (qemu-img time / Kagami time: above 1 means Kagami is faster),
 server CPU seconds and peak RSS. --binary measures a kagami binary already built (no cargo
-build); --baseline also measures the exports of another kagami binary (an older build) in the
-same runs, right after this one's, for a same-run before/after ratio.
+build); --baseline also measures the imports and exports of another kagami binary (an older
+build) in the same runs, each right after this one's, for a same-run before/after ratio.
 """
 import argparse
 import json
@@ -82,7 +82,7 @@ def main():
     ap.add_argument("--disk-gib", type=float, default=3)
     ap.add_argument("--dir", default="/var/tmp/kagami-bench-formats")
     ap.add_argument("--binary", help="a kagami binary to measure instead of building one")
-    ap.add_argument("--baseline", help="another kagami binary whose exports are measured too")
+    ap.add_argument("--baseline", help="another kagami binary whose imports and exports are measured too")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     binary = args.binary
@@ -124,6 +124,18 @@ def main():
                 k = import_file(srv, img["id"], name, src)
                 cpu = cpu_seconds(pid) - cpu0
                 results.setdefault(f"import {name}", []).append((q, k, cpu))
+                # Untimed: the staged upload's background fsync may still be writing; it must not
+                # land in the next measurement.
+                run(["sync", "-f", data])
+                if old:
+                    img = old.api("POST", "/v1/images", "-H", "content-type: application/json", "-d",
+                                  f'{{"name":"{name}"}}')
+                    warm(src)
+                    cpu0 = cpu_seconds(old.proc.pid)
+                    b = import_file(old, img["id"], name, src)
+                    bcpu = cpu_seconds(old.proc.pid) - cpu0
+                    results.setdefault(f"baseline import {name}", []).append((q, b, bcpu, k, cpu))
+                    run(["sync", "-f", old_data])
                 opts = " ".join(EXPORT_OPTS.get(qfmt, []))
                 warm(raw)
                 q = timed(["sh", "-c", f"qemu-img convert -q -f raw -O {qfmt} {opts} {raw} {out} && sync -f {out}"])
@@ -165,8 +177,8 @@ def main():
         print(f"| {key} | {q:.2f} | {k:.2f} | **{ratio:.2f}x** | {cpu:.2f} | {sizes} |")
     print(f"\nserver peak RSS: {max(results['rss']):.0f} MiB")
     if args.baseline:
-        print(f"\nbaseline {args.baseline}: exports in the same runs, right after this build's.\n")
-        print("| export | qemu-img s | baseline s | this build s | qemu-img / baseline | qemu-img / this build "
+        print(f"\nbaseline {args.baseline}: imports and exports in the same runs, each right after this build's.\n")
+        print("| operation | qemu-img s | baseline s | this build s | qemu-img / baseline | qemu-img / this build "
               "| baseline / this build | server CPU-s baseline / this build |")
         print("|---|---|---|---|---|---|---|---|")
         for key, rows in results.items():
@@ -174,7 +186,7 @@ def main():
                 continue
             med = lambda i: statistics.median(r[i] for r in rows)  # noqa: E731
             ratio = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
-            print(f"| {key.split()[-1]} | {med(0):.2f} | {med(1):.2f} | {med(3):.2f} | {ratio(lambda r: r[0] / r[1]):.2f}x "
+            print(f"| {key.split(' ', 1)[1]} | {med(0):.2f} | {med(1):.2f} | {med(3):.2f} | {ratio(lambda r: r[0] / r[1]):.2f}x "
                   f"| {ratio(lambda r: r[0] / r[3]):.2f}x | {ratio(lambda r: r[1] / r[3]):.2f}x | {med(2):.2f} / {med(4):.2f} |")
 
 

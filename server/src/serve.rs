@@ -53,6 +53,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "jobs interrupted by the last stop were queued again"
         );
     }
+    // Upload jobs whose staged file never reached the disk fail (it may be torn); their images too.
+    let unsynced = crate::jobs::import::fail_unsynced(&catalog, &dir).await?;
+    if unsynced > 0 {
+        tracing::warn!(unsynced, "{}", crate::jobs::import::NOT_DURABLE);
+    }
     // Folders of jobs that ended, or of uploads the stop cut short before their job existed.
     let unfinished = catalog.run(|c| jobs::unfinished(c)).await?;
     let orphans = crate::jobs::import::remove_orphans(&dir, &unfinished)

@@ -531,20 +531,22 @@ fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
     assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
 }
 
-#[test]
-fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
-    let mut s = common::Server::start();
-    let files = tempfile::tempdir().expect("tmp");
-    // 8 GiB of logical disk, data at both ends: reading it takes long enough to be killed in.
+/// An 8 GiB disk (data at both ends) uploaded as qcow2 into a new image, and its job caught
+/// converting: reading it takes long enough to be killed in. Returns the image's id, the job's
+/// id, the raw disk and its size.
+fn upload_big_and_catch_it_converting(
+    s: &common::Server,
+    files: &Path,
+) -> (String, String, std::path::PathBuf, u64) {
     let size: u64 = 8 << 30;
     let raw = common::sparse_file(
-        files.path(),
+        files,
         "big.raw",
         size,
         &[(0, 3 << 20), (size - (2 << 20), 2 << 20)],
         41,
     );
-    let qcow2 = files.path().join("big.qcow2");
+    let qcow2 = files.join("big.qcow2");
     let out = Command::new("qemu-img")
         .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
         .arg(&raw)
@@ -561,13 +563,38 @@ fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
     );
     assert_eq!(r.status, 202, "{}", r.text());
     let job_id = r.json()["id"].as_str().expect("job").to_string();
-    let job = wait_job(&s, &job_id, |j| {
+    let job = wait_job(s, &job_id, |j| {
         j["phase"] == "converting" && j["bytes_done"].as_u64().unwrap_or(0) > 0
             || j["state"] != "running" && j["state"] != "queued"
     });
     assert_eq!(job["state"], "running", "converted before the kill: {job}");
     assert!(job["bytes_done"].as_u64() < Some(size), "{job}");
     assert_eq!(job["bytes_total"], size, "{job}");
+    (id, job_id, raw, size)
+}
+
+/// Waits for the marker that says the file staged for `job` (fsynced in the background, after
+/// the 202) is on disk.
+fn wait_durable(s: &common::Server, job: &str) {
+    let marker = s.data_dir().join("jobs").join(job).join("durable");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            marker.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
+    let mut s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    let (id, job_id, raw, size) = upload_big_and_catch_it_converting(&s, files.path());
+    // The job converts from the page cache; the marker follows once the file is on disk.
+    wait_durable(&s, &job_id);
     s.kill();
     assert_eq!(
         job_folders(&s),
@@ -601,6 +628,61 @@ fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
         assert!(r.body == expected, "bytes {start}+{len} differ");
     }
     assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
+    s.gc_now();
+    assert_eq!(s.store_stats()["unreferenced_blocks"], 0);
+}
+
+#[test]
+fn an_upload_job_whose_file_never_reached_the_disk_fails_after_a_restart() {
+    let mut s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    let (id, job_id, _, _) = upload_big_and_catch_it_converting(&s, files.path());
+    wait_durable(&s, &job_id);
+    s.kill();
+    // As if the power went before the background fsync ended: the file may be torn.
+    let folder = s.data_dir().join("jobs").join(&job_id);
+    std::fs::remove_file(folder.join("durable")).expect("remove the marker");
+    s.restart();
+    // Decided at start-up, before the API answers: the job and its image failed, no folder.
+    let job = s.admin("GET", &format!("/v1/jobs/{job_id}"), &[]).json();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error_code"], "upload_not_durable", "{job}");
+    assert_eq!(
+        job["error"], "the upload was not yet on disk when the server stopped; upload again",
+        "{job}"
+    );
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["status"], "failed", "{image}");
+    assert_eq!(
+        image["status_reason"],
+        "the upload was not yet on disk when the server stopped; upload again",
+        "{image}"
+    );
+    assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
+    // It stays that way: the worker never picks the job up again, nothing turns active.
+    std::thread::sleep(Duration::from_secs(2));
+    let job = s.admin("GET", &format!("/v1/jobs/{job_id}"), &[]).json();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["status"], "failed", "{image}");
+    // The image takes a new upload.
+    let small = files.path().join("small.raw");
+    common::write_file(&small, &common::noise(7, 1 << 20));
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{id}/import?disk_format=raw"),
+        &["--data-binary", &format!("@{}", small.display())],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = wait_job(&s, r.json()["id"].as_str().expect("job"), |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{id}"), &[]).json()["status"],
+        "active"
+    );
     s.gc_now();
     assert_eq!(s.store_stats()["unreferenced_blocks"], 0);
 }

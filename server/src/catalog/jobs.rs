@@ -171,6 +171,24 @@ pub fn unfinished(conn: &Connection) -> Result<Vec<Uuid>, ApiError> {
     Ok(out)
 }
 
+/// The uploaded-file jobs still to run or running whose image is `saving` for them, as
+/// (job, image) pairs: the ones whose staged file start-up checks.
+pub fn unfinished_uploads(conn: &Connection) -> Result<Vec<(Uuid, Uuid)>, ApiError> {
+    let mut stmt = conn.prepare(
+        "SELECT j.id, j.image_id FROM jobs j JOIN images i ON i.id = j.image_id
+         WHERE j.state IN ('queued', 'running') AND j.source_url IS NULL AND i.status = 'saving'",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (job, image) = row?;
+        if let (Ok(job), Ok(image)) = (job.parse(), image.parse()) {
+            out.push((job, image));
+        }
+    }
+    Ok(out)
+}
+
 /// Claims the oldest queued job, if any. Its image's upload clock starts now, not at enqueue
 /// time, so a long queue does not hold back garbage collection.
 pub fn claim(conn: &mut Connection) -> Result<Option<Job>, ApiError> {

@@ -4,15 +4,21 @@
 //! uploaded with the request and staged for the job by [`accept_upload`].
 //!
 //! An uploaded file lives in `<data_dir>/jobs/<job id>/`, not in the staging folder start-up
-//! clears: it is fsynced before the job row that names it commits, survives restarts, and goes
-//! when its job ends (start-up removes any folder whose job is not queued or running). A job
-//! interrupted by a restart is queued again and starts over — a download from the first byte,
-//! an upload from its staged file; its image stays `saving` until the job ends.
+//! clears, and goes when its job ends (start-up removes any folder whose job is not queued or
+//! running). It is not fsynced on the request's path: the job is queued as soon as the file is
+//! written and inspected, and a background task fsyncs the file and its folders, then writes the
+//! folder's `durable` marker (fsynced too). The job may convert before that, from the page cache:
+//! its blocks are made durable by the store, and the image turns `active` only when the
+//! conversion ends. A job interrupted by a restart is queued again and starts over — a download
+//! from the first byte, an upload from its staged file if the marker says it reached the disk;
+//! its image stays `saving` until the job ends. An upload job without the marker fails at
+//! start-up ([`fail_unsynced`]): its file may be torn.
 
+use std::collections::HashMap;
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -23,15 +29,27 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::api::AppState;
-use crate::catalog::images;
 use crate::catalog::jobs::{self, Job};
 use crate::catalog::tenancy::{Caller, Role};
+use crate::catalog::{Catalog, images};
 use crate::config::ImportConfig;
 use crate::error::ApiError;
 use crate::ingest;
 
 /// Attempts at fetching a source before the job fails.
 const FETCH_ATTEMPTS: u32 = 4;
+
+/// The file in a job's folder saying its staged upload (file and folders) reached the disk.
+const DURABLE: &str = "durable";
+
+/// Why an upload job without the [`DURABLE`] marker fails at start-up.
+pub const NOT_DURABLE: &str =
+    "the upload was not yet on disk when the server stopped; upload again";
+
+/// The background tasks making staged uploads durable, by job, until the job's end waits for
+/// its task (so the folder is not removed under a task still writing the marker).
+static SYNCING: LazyLock<Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>> =
+    LazyLock::new(Mutex::default);
 
 /// Runs forever: one job at a time (imports are disk- and CPU-bound already).
 pub async fn worker(app: AppState) {
@@ -52,7 +70,15 @@ pub async fn worker(app: AppState) {
                 {
                     tracing::error!(job = %id, "cannot record the job's end: {e}");
                 }
-                // An uploaded file goes with its job (start-up removes any left by a crash).
+                // An uploaded file goes with its job (start-up removes any left by a crash),
+                // once its fsync, if still running, is over: nothing writes in the folder then.
+                let syncing = SYNCING
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .remove(&id);
+                if let Some(task) = syncing {
+                    let _ = task.await;
+                }
                 let dir = job_dir(&app.config.server.data_dir, id);
                 if let Err(e) = tokio::fs::remove_dir_all(&dir).await
                     && e.kind() != std::io::ErrorKind::NotFound
@@ -166,6 +192,11 @@ pub fn upload_path(data_dir: &Path, id: Uuid) -> PathBuf {
     job_dir(data_dir, id).join("upload")
 }
 
+/// The marker written in job `id`'s folder once its staged upload is durable.
+pub fn durable_path(data_dir: &Path, id: Uuid) -> PathBuf {
+    job_dir(data_dir, id).join(DURABLE)
+}
+
 /// The folder a job owns under the data directory; removed when the job ends.
 pub fn job_dir(data_dir: &Path, id: Uuid) -> PathBuf {
     jobs_dir(data_dir).join(id.to_string())
@@ -175,10 +206,11 @@ fn jobs_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("jobs")
 }
 
-/// `POST /v1/images/{id}/import?disk_format=F` with a file: the body is staged durably in a new
-/// job's folder and inspected as `claimed`; then, in one transaction, the image turns `saving`
-/// and the job is queued. Refusals come now, with the inspector's reason (`400`); the long part,
-/// reading the file as its logical disk into blocks, is the job's.
+/// `POST /v1/images/{id}/import?disk_format=F` with a file: the body is staged in a new job's
+/// folder and inspected as `claimed`; then, in one transaction, the image turns `saving` and the
+/// job is queued, and a background task makes the staged file durable (see [`make_durable`]).
+/// Refusals come now, with the inspector's reason (`400`); the long part, reading the file as
+/// its logical disk into blocks, is the job's.
 ///
 /// Any failure once the body is being received (a broken or stalled upload, a refused file)
 /// turns the image `failed` with the reason and leaves nothing: no job, no file.
@@ -199,7 +231,7 @@ pub async fn accept_upload(
     let data_dir = &app.config.server.data_dir;
     let dir = job_dir(data_dir, id);
     let accepted: Result<Job, ApiError> = async {
-        stage_upload(app, data_dir, &dir, body).await?;
+        stage_upload(app, &dir, body).await?;
         let file = std::fs::File::open(upload_path(data_dir, id))?;
         let limits = kagami_images::format::Limits {
             max_virtual_size: app.config.limits.max_image_bytes,
@@ -215,6 +247,19 @@ pub async fn accept_upload(
             .catalog
             .run(move |c| jobs::enqueue_upload(c, &caller, id, image_id, claimed.as_str()))
             .await?;
+        // Off the request's path: the job may convert from the page cache meanwhile.
+        let root = data_dir.clone();
+        let task = tokio::task::spawn_blocking(move || match make_durable(&root, id) {
+            Ok(()) => tracing::debug!(job = %id, "the staged upload is on disk"),
+            // The job ended and took its folder first: nothing is left to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // The job still runs from the page cache; a restart before its end fails it.
+            Err(e) => tracing::error!(job = %id, "cannot make the staged upload durable: {e}"),
+        });
+        SYNCING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id, task);
         app.job_queued.notify_one();
         Ok(job)
     }
@@ -233,28 +278,57 @@ pub async fn accept_upload(
     accepted
 }
 
-/// Writes the body to `<dir>/upload` and makes it durable: the file, its folder and the
-/// folder's entry in `jobs/` are fsynced before the job that names them is committed.
-async fn stage_upload(
-    app: &AppState,
-    data_dir: &Path,
-    dir: &Path,
-    body: axum::body::Body,
-) -> Result<(), ApiError> {
+/// Writes the body to `<dir>/upload` (not fsynced: [`make_durable`] does that once the job is
+/// queued).
+async fn stage_upload(app: &AppState, dir: &Path, body: axum::body::Body) -> Result<(), ApiError> {
     tokio::fs::create_dir_all(dir).await?;
     let mut out = tokio::fs::File::create(dir.join("upload")).await?;
     let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
     ingest::write_body(body, &mut out, idle, app.config.limits.max_image_bytes).await?;
-    out.sync_all().await?;
-    drop(out);
-    let dirs = [dir.to_path_buf(), jobs_dir(data_dir)];
-    tokio::task::spawn_blocking(move || {
-        dirs.iter()
-            .try_for_each(|d| std::fs::File::open(d)?.sync_all())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("fsync failed: {e}")))??;
     Ok(())
+}
+
+/// Makes job `id`'s staged upload durable, then says so: fsyncs the file, its folder and the
+/// folder's entry in `jobs/`, then creates the [`DURABLE`] marker and fsyncs it and the folder.
+/// The marker is on disk only if everything before it is.
+fn make_durable(data_dir: &Path, id: Uuid) -> std::io::Result<()> {
+    let dir = job_dir(data_dir, id);
+    std::fs::File::open(upload_path(data_dir, id))?.sync_all()?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    std::fs::File::open(jobs_dir(data_dir))?.sync_all()?;
+    std::fs::File::create(dir.join(DURABLE))?.sync_all()?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+/// At start-up, after the last run's running jobs are queued again and before any job runs or
+/// upload arrives: an upload job whose folder lacks the [`DURABLE`] marker may have a torn or
+/// missing file, so it fails with [`NOT_DURABLE`] and its `saving` image fails too (nothing
+/// partial ever turns active). Its folder goes with the other ended jobs' ([`remove_orphans`]).
+/// Returns how many failed.
+pub async fn fail_unsynced(catalog: &Catalog, data_dir: &Path) -> Result<usize, ApiError> {
+    let waiting = catalog.run(|c| jobs::unfinished_uploads(c)).await?;
+    let lost: Vec<(Uuid, Uuid)> = waiting
+        .into_iter()
+        .filter(|(id, _)| !durable_path(data_dir, *id).exists())
+        .collect();
+    let count = lost.len();
+    for (id, image) in lost {
+        tracing::warn!(job = %id, %image, "{NOT_DURABLE}");
+        catalog
+            .run(move |c| {
+                let tx = c.transaction()?;
+                jobs::finish(
+                    &tx,
+                    id,
+                    Some(&ApiError::conflict("upload_not_durable", NOT_DURABLE)),
+                )?;
+                images::fail_upload(&tx, image, NOT_DURABLE)?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+    }
+    Ok(count)
 }
 
 /// At start-up, before any job runs or upload arrives: removes the folders of jobs that ended
