@@ -31,7 +31,9 @@
 //!
 //! # Transfers
 //! Each read request gets its own ephemeral UDP socket (its transfer ID, RFC 1350 §4) on the
-//! listening address and its own task; `tftp.max_transfers` bounds how many run at once.
+//! listening address and its own task on the TFTP thread, a single-threaded runtime of its own
+//! (see [`Server::run`] for why); `tftp.max_transfers` bounds how many run at once. Files are
+//! read off that thread, 256 KiB at a time, the next chunk while the current one goes out.
 //! Options are negotiated with an OACK only when the client asked for some we accept: blksize
 //! (8 to 65464; larger requests are clamped to `tftp.max_blksize`, smaller ones ignored),
 //! timeout (1 to 255 s, else ignored), tsize (the file's size; left out in netascii mode, where
@@ -88,10 +90,19 @@ pub struct Settings {
 /// A listening TFTP server, ready to [`Server::run`].
 #[derive(Debug)]
 pub struct Server {
-    socket: UdpSocket,
+    /// Bound here, served on the TFTP thread's own runtime (see [`Server::run`]).
+    socket: std::net::UdpSocket,
+    dir: Arc<BootDir>,
+    settings: Settings,
+}
+
+/// What the listening loop needs to start transfers.
+struct Listener {
     dir: Arc<BootDir>,
     settings: Settings,
     slots: Arc<Semaphore>,
+    /// Transfer sockets are bound to the listening address.
+    local: SocketAddr,
 }
 
 impl Server {
@@ -129,11 +140,12 @@ impl Server {
         dir: BootDir,
         settings: Settings,
     ) -> std::io::Result<Server> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
         Ok(Server {
-            socket: UdpSocket::bind(addr).await?,
+            socket,
             dir: Arc::new(dir),
             settings,
-            slots: Arc::new(Semaphore::new(settings.max_transfers)),
         })
     }
 
@@ -141,11 +153,47 @@ impl Server {
         self.socket.local_addr()
     }
 
-    /// Answers requests until the process ends; each transfer runs in its own task.
+    /// Starts answering requests, until the process ends, on a thread of its own with a
+    /// single-threaded runtime, and returns at once; each transfer is a task there. Lock-step
+    /// TFTP lives on latency: on one thread a packet's arrival and the answer to it involve no
+    /// wake-up of another thread, and the API's work (hashing, exports) on the main runtime's
+    /// workers does not delay them. (On the main runtime, blksize 1468 without a window ran at
+    /// 0.7× dnsmasq's speed; see BENCHMARKS.md.)
     pub async fn run(self) {
+        let started = std::thread::Builder::new()
+            .name("kagami-tftp".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(self.serve()),
+                    Err(e) => tracing::error!("tftp: cannot start its runtime: {e}"),
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!("tftp: cannot start its thread: {e}");
+        }
+    }
+
+    async fn serve(self) {
+        let local = match self.socket.local_addr() {
+            Ok(addr) => SocketAddr::new(addr.ip(), 0),
+            Err(e) => return tracing::error!("tftp: no local address: {e}"),
+        };
+        let socket = match UdpSocket::from_std(self.socket) {
+            Ok(socket) => socket,
+            Err(e) => return tracing::error!("tftp: cannot use the socket: {e}"),
+        };
+        let listener = Listener {
+            dir: self.dir,
+            settings: self.settings,
+            slots: Arc::new(Semaphore::new(self.settings.max_transfers)),
+            local,
+        };
         let mut buf = vec![0u8; packet::MAX_REQUEST + 1];
         loop {
-            let (len, peer) = match self.socket.recv_from(&mut buf).await {
+            let (len, peer) = match socket.recv_from(&mut buf).await {
                 Ok(got) => got,
                 Err(e) => {
                     // E.g. an ICMP error reported on the socket: nothing to do but go on.
@@ -153,12 +201,14 @@ impl Server {
                     continue;
                 }
             };
-            if let Some(reply) = self.request(&buf[..len], peer) {
-                let _ = self.socket.send_to(&reply, peer).await;
+            if let Some(reply) = listener.request(&buf[..len], peer) {
+                let _ = socket.send_to(&reply, peer).await;
             }
         }
     }
+}
 
+impl Listener {
     /// Handles one datagram sent to the listening port; returns an error packet to send back,
     /// if any (a transfer answers from its own socket).
     fn request(&self, datagram: &[u8], peer: SocketAddr) -> Option<Vec<u8>> {
@@ -214,7 +264,7 @@ impl Server {
                 "too many transfers at once, try again",
             ));
         };
-        let local = SocketAddr::new(self.socket.local_addr().ok()?.ip(), 0);
+        let local = self.local;
         let transfer = Transfer {
             peer,
             name,
@@ -428,6 +478,7 @@ impl Transfer {
                 buf: Vec::new(),
                 start: 0,
                 eof: false,
+                next: None,
             },
         };
         let result = sender.send_all(oack).await;
@@ -514,14 +565,31 @@ struct Stream {
     /// Offset in the stream of `buf[0]`.
     start: u64,
     eof: bool,
+    /// The next chunk, being read at `raw_offset` while blocks already held go out.
+    next: Option<tokio::task::JoinHandle<std::io::Result<Vec<u8>>>>,
 }
 
 impl Stream {
     /// Drops what comes before `keep` and reads until `end` is held (or the file ends).
     async fn fill(&mut self, keep: u64, end: u64) -> std::io::Result<()> {
-        if self.eof || self.start + (self.buf.len() as u64) >= end {
-            return Ok(());
+        if !self.eof && self.start + (self.buf.len() as u64) < end {
+            self.read_until(keep, end).await?;
         }
+        // Less than a chunk left beyond this window: read the next one in the background.
+        if !self.eof
+            && self.next.is_none()
+            && self.start + (self.buf.len() as u64) < end + CHUNK as u64
+        {
+            let file = self.file.clone();
+            let offset = self.raw_offset;
+            self.next = Some(tokio::task::spawn_blocking(move || {
+                read_chunk(&file, offset)
+            }));
+        }
+        Ok(())
+    }
+
+    async fn read_until(&mut self, keep: u64, end: u64) -> std::io::Result<()> {
         // Only now, before reading more: dropping moves what is kept to the front.
         if keep > self.start {
             let drop = ((keep - self.start) as usize).min(self.buf.len());
@@ -529,11 +597,15 @@ impl Stream {
             self.start += drop as u64;
         }
         while !self.eof && self.start + (self.buf.len() as u64) < end {
-            let file = self.file.clone();
-            let offset = self.raw_offset;
-            let chunk = tokio::task::spawn_blocking(move || read_chunk(&file, offset))
-                .await
-                .map_err(std::io::Error::other)??;
+            let next = match self.next.take() {
+                Some(next) => next,
+                None => {
+                    let file = self.file.clone();
+                    let offset = self.raw_offset;
+                    tokio::task::spawn_blocking(move || read_chunk(&file, offset))
+                }
+            };
+            let chunk = next.await.map_err(std::io::Error::other)??;
             self.eof = chunk.len() < CHUNK;
             self.raw_offset += chunk.len() as u64;
             if self.netascii {
