@@ -536,3 +536,69 @@ fn uefi_http_boot_fetches_the_efi_file_over_http_and_nothing_else() {
         assert_eq!(server.curl(None, "GET", path, &[]).status, 404, "{path}");
     }
 }
+
+#[test]
+fn proxy_mode_coexists_with_the_sites_dhcp_server_on_the_same_network() {
+    let mut lab = Lab::new(&["br0"]);
+    // The site's DHCP server: busybox udhcpd, on the same bridge (even the same host: both
+    // sockets share port 67 and each gets every broadcast).
+    let conf = lab.tmp.path().join("udhcpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.77.0.150\nend 10.77.0.160\ninterface br0\nlease_file {}\npidfile {}\n\
+             opt subnet 255.255.255.0\nopt router 10.77.0.1\n",
+            lab.tmp.path().join("udhcpd.leases").display(),
+            lab.tmp.path().join("udhcpd.pid").display(),
+        ),
+    )
+    .expect("udhcpd.conf");
+    std::fs::write(lab.tmp.path().join("udhcpd.leases"), b"").expect("leases");
+    let udhcpd = Command::new("ip")
+        .args(["netns", "exec", &lab.server_ns, "busybox", "udhcpd", "-f"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("udhcpd");
+    lab.children.push(udhcpd);
+    lab.start(&["--dhcp-mode", "proxy"]);
+
+    // A PXE ROM's DISCOVER gets both offers: an address from the site, a boot file from Kagami.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answers = loop {
+        let answers = lab.pxe(
+            0,
+            &[
+                "--arch",
+                "0",
+                "--vendor",
+                "PXEClient:Arch:00000:UNDI:002001",
+            ],
+        );
+        if answers.len() == 2 || Instant::now() > deadline {
+            break answers;
+        }
+    };
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let (site, proxy): (Vec<&Value>, Vec<&Value>) =
+        answers.iter().partition(|a| a["yiaddr"] != "0.0.0.0");
+    assert_eq!((site.len(), proxy.len()), (1, 1), "{answers:?}");
+    assert!(
+        site[0]["yiaddr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("10.77.0.15") || a == "10.77.0.160"),
+        "{answers:?}"
+    );
+    assert_eq!(proxy[0]["file"], "undionly.kpxe");
+    assert_eq!(proxy[0]["vendor"], "PXEClient");
+    assert_eq!(proxy[0]["siaddr"], "10.77.0.1");
+
+    // A plain client gets its lease from the site's server; Kagami stays silent.
+    let bound = lab.udhcpc_once(0);
+    let ip = field(&bound, "ip");
+    assert!(
+        ip.starts_with("10.77.0.15") || ip == "10.77.0.160",
+        "{bound}"
+    );
+}
