@@ -538,6 +538,25 @@ fn options_are_negotiated_clamped_or_ignored() {
         ),
     );
     assert_eq!(oack_of(&answer), pairs(&[("blksize", "512")]));
+
+    // A PXE ROM that asks for the size alone ends the transfer after the OACK, with an ERROR.
+    let s = socket();
+    s.send_to(&rrq("small.bin", &[("tsize", "0")]), lab.addr())
+        .expect("send");
+    let (answer, tid) = recv(&s).expect("OACK");
+    assert_eq!(oack_of(&answer), pairs(&[("tsize", "1000")]));
+    s.send_to(b"\x00\x05\x00\x08size only\x00", tid)
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab.log_has("ended by the client") {
+        assert!(Instant::now() < deadline, "{}", lab.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lab.log_has("error=size only"), "{}", lab.log());
+    assert!(
+        recv_within(&s, Duration::from_millis(300)).is_none(),
+        "data after the ERROR"
+    );
 }
 
 #[test]

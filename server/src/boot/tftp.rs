@@ -506,7 +506,7 @@ impl Transfer {
                 peer = %self.peer,
                 file = %self.name,
                 code,
-                message,
+                error = %message,
                 ms,
                 "tftp transfer ended by the client"
             ),
