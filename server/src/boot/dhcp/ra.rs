@@ -38,11 +38,14 @@ const ADVERTISEMENT: [u8; 16] = [
 ];
 
 pub async fn run(interface: String) {
+    // A fresh interface has no link-local address for a second or two (DAD): retry soon.
+    let mut delay = Duration::from_secs(1);
     loop {
         if let Err(e) = advertise(&interface).await {
-            tracing::warn!(%interface, "router advertisements stopped: {e:#}; retrying in 10 s");
+            tracing::warn!(%interface, "router advertisements stopped: {e:#}; retrying in {delay:?}");
         }
-        tokio::time::sleep(PERIOD).await;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(PERIOD);
     }
 }
 
