@@ -561,7 +561,9 @@ fn options_are_negotiated_clamped_or_ignored() {
 
 #[test]
 fn lost_and_duplicate_acks_neither_stall_nor_duplicate() {
-    let lab = lab(&[("KAGAMI__TFTP__TIMEOUT_MS", "300")]);
+    // A 1 s retransmission timeout: the 150 ms "nothing more comes" windows below keep 850 ms
+    // of slack on a loaded machine (at 300 ms a slow test thread saw a legitimate resend).
+    let lab = lab(&[("KAGAMI__TFTP__TIMEOUT_MS", "1000")]);
     let expected = std::fs::read(lab.boot.join("exact512.bin")).expect("read");
     let s = socket();
     s.send_to(&rrq("exact512.bin", &[]), lab.addr())
