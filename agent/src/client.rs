@@ -72,6 +72,31 @@ impl Client {
             .map_err(|e| FetchError::Transient(format!("GET {path}: {}", chain(&e))))
     }
 
+    /// A request under `/v1` with a body; the answer's bytes.
+    pub async fn send_body(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<Bytes, FetchError> {
+        let url = format!("{}/v1{path}", self.base);
+        let response = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| FetchError::Transient(format!("{method} {url}: {}", chain(&e))))?;
+        check(response, method.as_str(), &url)
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transient(format!("{method} {url}: {}", chain(&e))))
+    }
+
     /// A JSON POST under `/v1`; the answer is discarded.
     pub async fn post_json<B: serde::Serialize>(
         &self,

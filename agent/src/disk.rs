@@ -101,6 +101,52 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Opens `path` to read it whole (capture): a file system mounted from it (or the running
+    /// root) changes under the reader and makes an inconsistent image, so that is refused
+    /// unless `force`.
+    pub fn open_read(path: &Path, force: bool) -> anyhow::Result<Target> {
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("cannot open the disk {}", path.display()))?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.file_type().is_file() {
+            bail!(
+                "{} is neither a block device nor a regular file",
+                path.display()
+            );
+        }
+        if block_device {
+            let dev = (major(meta.rdev()) as u32, minor(meta.rdev()) as u32);
+            if let Err(e) = check_not_in_use(dev) {
+                if !force {
+                    bail!(
+                        "refusing to capture {}: {e}, so its content may change while it is \
+                         read; unmount it (or --force for a read-only mount)",
+                        path.display()
+                    );
+                }
+                tracing::warn!("{}: {e}; capturing anyway (--force)", path.display());
+            }
+        }
+        let mut buffered =
+            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let size = buffered
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("cannot size {}", path.display()))?;
+        let direct = File::options()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(path)
+            .ok();
+        Ok(Target {
+            direct,
+            buffered,
+            size,
+            block_device,
+        })
+    }
+}
+
 /// `Err(reason)` when device `dev`, a partition of it, or a device built on it is mounted,
 /// used as swap, held by another driver, or carries the running system's root.
 fn check_not_in_use(dev: (u32, u32)) -> Result<(), String> {

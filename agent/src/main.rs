@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kagami_images::split::split_reader;
 
+mod capture;
 mod client;
 mod deploy;
 mod disk;
@@ -44,6 +45,9 @@ enum Command {
     /// Server and token come from the flags or from the kernel command line (kagami.url=,
     /// kagami.token=), where the host's iPXE script puts them.
     Run(RunArgs),
+    /// Make an image from a disk, uploading only the blocks the server lacks (a second capture
+    /// of a disk moves only what changed). Needs an admin token today.
+    Capture(CaptureArgs),
     /// Print this machine's inventory (disks, NICs, CPU, memory, firmware) as JSON.
     Inventory,
     /// Hash a disk (or image file) into 64 KiB blocks and print its digest and block counts.
@@ -99,6 +103,36 @@ struct WriteArgs {
     /// Print the final report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CaptureArgs {
+    /// The Kagami server, e.g. http://10.0.0.1:8470.
+    #[arg(long, env = "KAGAMI_URL")]
+    server: String,
+    /// An admin token (block uploads are admin-only for now).
+    #[arg(long, env = "KAGAMI_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The new image's name.
+    #[arg(long)]
+    name: String,
+    /// system or data.
+    #[arg(long, default_value = "system", value_parser = ["system", "data"])]
+    kind: String,
+    /// The disk (block device or file) to capture; it must not be mounted.
+    #[arg(long)]
+    disk: PathBuf,
+    /// Capture even a mounted disk (safe only for a read-only mount).
+    #[arg(long)]
+    force: bool,
+    /// Disk reads in flight (io_uring queue depth).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    queue_depth: u16,
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: io::Choice,
+    /// How long to keep retrying when the server is away.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -190,6 +224,21 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run_agent(args),
+        Command::Capture(a) => {
+            let report = runtime()?.block_on(capture::run(capture::Options {
+                server: a.server,
+                token: a.token,
+                name: a.name,
+                kind: a.kind,
+                disk: a.disk,
+                force: a.force,
+                queue_depth: a.queue_depth.into(),
+                engine: a.engine,
+                patience: a.retry_for,
+            }))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::Inventory => {
             println!("{}", serde_json::to_string_pretty(&inventory::collect())?);
             Ok(())

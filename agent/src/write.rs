@@ -109,11 +109,44 @@ struct Ctx {
     image: String,
     manifest: Arc<Manifest>,
     files: Arc<Files>,
-    pool: Pool,
     counters: Arc<Counters>,
     patience: Duration,
-    jobs: mpsc::Sender<Job>,
-    done: mpsc::UnboundedReceiver<Finished>,
+    link: Link,
+}
+
+/// The coordinator's side of the I/O thread: jobs go in, finished jobs come back, and the
+/// pool of aligned segment buffers bounds how many are out.
+pub(crate) struct Link {
+    pub jobs: mpsc::Sender<Job>,
+    pub done: mpsc::UnboundedReceiver<Finished>,
+    pub pool: Pool,
+}
+
+/// Starts the I/O thread for `files` with `buffers` segment buffers.
+pub(crate) fn start_io(
+    files: Arc<Files>,
+    engine: io::Choice,
+    queue_depth: usize,
+    threads: usize,
+    buffers: usize,
+) -> anyhow::Result<(
+    Link,
+    &'static str,
+    std::thread::JoinHandle<std::io::Result<()>>,
+)> {
+    let engine = io::engine(files, engine, queue_depth, threads)?;
+    let name = engine.name();
+    let (jobs_tx, jobs_rx) = mpsc::channel(queue_depth.max(4));
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("kagami-io".into())
+        .spawn(move || io::serve(engine, jobs_rx, done_tx))?;
+    let link = Link {
+        jobs: jobs_tx,
+        done: done_rx,
+        pool: Pool::new(buffers),
+    };
+    Ok((link, name, thread))
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
@@ -143,13 +176,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let direct_io = target.direct.is_some();
     let block_device = target.block_device;
     let files = Arc::new(Files::new(target.direct, target.buffered));
-    let engine = io::engine(
+    let (link, engine_name, io_thread) = start_io(
         files.clone(),
         opts.engine,
         opts.queue_depth,
         opts.jobs.max(2),
+        opts.jobs + 2,
     )?;
-    let engine_name = engine.name();
     tracing::info!(
         "writing image {} ({} bytes) to {} with {engine_name}{}",
         opts.image,
@@ -157,22 +190,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         opts.disk.display(),
         if direct_io { ", O_DIRECT" } else { "" }
     );
-    let (jobs_tx, jobs_rx) = mpsc::channel(opts.queue_depth.max(4));
-    let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let io_thread = std::thread::Builder::new()
-        .name("kagami-io".into())
-        .spawn(move || io::serve(engine, jobs_rx, done_tx))?;
     let manifest = Arc::new(manifest);
     let mut ctx = Ctx {
         client,
         image: opts.image.clone(),
         manifest: manifest.clone(),
         files: files.clone(),
-        pool: Pool::new(opts.jobs + 2),
         counters: counters.clone(),
         patience: opts.patience,
-        jobs: jobs_tx,
-        done: done_rx,
+        link,
     };
     let progress = Progress::start(counters.clone(), opts.progress.clone());
 
@@ -230,7 +256,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 
 /// Reusable aligned segment buffers; their number bounds the agent's memory.
 #[derive(Clone)]
-struct Pool {
+pub(crate) struct Pool {
     free: Arc<Mutex<Vec<AlignedBuf>>>,
     available: Arc<Semaphore>,
 }
@@ -386,7 +412,8 @@ async fn plan_differential(
     }
     let mut plans = Vec::new();
     let counters = ctx.counters.clone();
-    scan(ctx, to_scan, |index, found| {
+    let size = manifest.virtual_size();
+    scan(&mut ctx.link, size, to_scan, |index, found, _| {
         let want = manifest.segment_blocks(index);
         let mut plan = SegmentPlan {
             index,
@@ -417,24 +444,26 @@ async fn plan_differential(
     Ok((plans, ranges))
 }
 
-/// Reads segments `indices` from the disk (direct reads, as many in flight as there are
-/// buffers), hashes their blocks on the blocking pool, and calls `each` with every segment's
-/// block ids (holes for zero blocks) in completion order.
-async fn scan(
-    ctx: &mut Ctx,
+/// Reads segments `indices` of a `size`-byte disk (direct reads, as many in flight as there
+/// are buffers), hashes their blocks on the blocking pool, and calls `each` with every
+/// segment's block ids (holes for zero blocks) and bytes, in completion order.
+pub(crate) async fn scan(
+    link: &mut Link,
+    size: u64,
     indices: Vec<usize>,
-    mut each: impl FnMut(usize, Vec<BlockId>) -> anyhow::Result<()>,
+    mut each: impl FnMut(usize, Vec<BlockId>, &[u8]) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut next = indices.into_iter().peekable();
     let mut reading = 0usize;
-    let mut hashing: JoinSet<(usize, Vec<BlockId>, AlignedBuf)> = JoinSet::new();
+    let mut hashing: JoinSet<(usize, Vec<BlockId>, AlignedBuf, usize)> = JoinSet::new();
     loop {
         while let Some(&index) = next.peek() {
-            let Some(buf) = ctx.pool.try_take() else {
+            let Some(buf) = link.pool.try_take() else {
                 break;
             };
             next.next();
-            let len = segment_len(&ctx.manifest, index) as usize;
+            let start = index as u64 * SEGMENT_SIZE as u64;
+            let len = (size - start).min(SEGMENT_SIZE as u64) as usize;
             let job = Job {
                 tag: index as u64,
                 buf: Some(buf),
@@ -445,7 +474,7 @@ async fn scan(
                     len,
                 }],
             };
-            ctx.jobs
+            link.jobs
                 .send(job)
                 .await
                 .map_err(|_| anyhow!("the I/O thread stopped"))?;
@@ -455,7 +484,7 @@ async fn scan(
             return Ok(());
         }
         tokio::select! {
-            finished = ctx.done.recv(), if reading > 0 => {
+            finished = link.done.recv(), if reading > 0 => {
                 let (job, result) = finished.ok_or_else(|| anyhow!("the I/O thread stopped"))?;
                 reading -= 1;
                 let index = job.tag as usize;
@@ -467,13 +496,14 @@ async fn scan(
                 let len = job.ops.first().map_or(0, |op| op.len);
                 hashing.spawn_blocking(move || {
                     let ids = buf.as_slice()[..len].chunks(BLOCK_SIZE).map(BlockId::of).collect();
-                    (index, ids, buf)
+                    (index, ids, buf, len)
                 });
             }
             Some(hashed) = hashing.join_next(), if !hashing.is_empty() => {
-                let (index, ids, buf) = hashed?;
-                ctx.pool.put(buf);
-                each(index, ids)?;
+                let (index, ids, buf, len) = hashed?;
+                let outcome = each(index, ids, &buf.as_slice()[..len]);
+                link.pool.put(buf);
+                outcome?;
             }
         }
     }
@@ -484,7 +514,8 @@ async fn verify(ctx: &mut Ctx, indices: Vec<usize>) -> anyhow::Result<()> {
     let manifest = ctx.manifest.clone();
     let counters = ctx.counters.clone();
     let mut bad = Vec::new();
-    scan(ctx, indices, |index, found| {
+    let size = manifest.virtual_size();
+    scan(&mut ctx.link, size, indices, |index, found, _| {
         for (w, have) in manifest.segment_blocks(index).zip(found) {
             if w.id != have {
                 bad.push((w.index, w.offset, w.id, have));
@@ -525,7 +556,8 @@ async fn write_all(
                 len: len as usize,
             }],
         };
-        ctx.jobs
+        ctx.link
+            .jobs
             .send(job)
             .await
             .map_err(|_| anyhow!("the I/O thread stopped"))?;
@@ -538,10 +570,10 @@ async fn write_all(
             client: ctx.client.clone(),
             image: ctx.image.clone(),
             manifest: ctx.manifest.clone(),
-            pool: ctx.pool.clone(),
+            pool: ctx.link.pool.clone(),
             counters: ctx.counters.clone(),
             patience: ctx.patience,
-            jobs: ctx.jobs.clone(),
+            jobs: ctx.link.jobs.clone(),
         };
         let queue = queue.clone();
         fetchers.spawn(async move { fetcher.run(queue).await });
@@ -555,7 +587,7 @@ async fn write_all(
                     outcome??;
                 }
             }
-            done = ctx.done.recv() => {
+            done = ctx.link.done.recv() => {
                 let (job, result) = done.ok_or_else(|| anyhow!("the I/O thread stopped"))?;
                 let what = if job.tag & RANGE_TAG != 0 {
                     let op = job.ops.first().copied();
@@ -572,7 +604,7 @@ async fn write_all(
                     counter.fetch_add(op.len as u64, Ordering::Relaxed);
                 }
                 if let Some(buf) = job.buf {
-                    ctx.pool.put(buf);
+                    ctx.link.pool.put(buf);
                 }
                 finished += 1;
             }
