@@ -61,8 +61,9 @@ pub struct Report {
     pub seconds: f64,
 }
 
-/// Segments re-read and uploaded per request (≤ 32 MiB of frames).
-const UPLOAD_SEGMENTS: usize = 8;
+/// Segments re-read and uploaded per request (≤ 16 MiB of frames, held once: retries share
+/// the same bytes).
+const UPLOAD_SEGMENTS: usize = 4;
 /// Ids per `blocks/missing` request.
 const MISSING_BATCH: usize = 65536;
 
@@ -125,7 +126,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     };
     let mut missing: HashSet<BlockId> = HashSet::new();
     for batch in distinct.chunks(MISSING_BATCH) {
-        let body = wire::encode_ids(batch);
+        let body = bytes::Bytes::from(wire::encode_ids(batch));
         let answer = retrying("asking which blocks are missing", opts.patience, || {
             client.send_body(
                 Method::POST,
@@ -170,6 +171,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
         uploaded_blocks += sent;
         uploaded_bytes += frames.len() as u64;
+        let frames = bytes::Bytes::from(frames);
         retrying("uploading blocks", opts.patience, || {
             client.send_body(
                 Method::POST,
@@ -199,7 +201,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         client.send_body(
             Method::POST,
             "/images",
-            new.to_string().into_bytes(),
+            bytes::Bytes::from(new.to_string()),
             "application/json",
         )
     })
@@ -209,7 +211,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .as_str()
         .ok_or_else(|| anyhow!("the server did not return an image id"))?
         .to_string();
-    let bundle = manifest.encode_bundle();
+    let bundle = bytes::Bytes::from(manifest.encode_bundle());
     let path = format!("/images/{id}/manifest");
     retrying("committing the manifest", opts.patience, || {
         client.send_body(

@@ -77,7 +77,7 @@ impl Client {
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Vec<u8>,
+        body: Bytes,
         content_type: &str,
     ) -> Result<Bytes, FetchError> {
         let url = format!("{}/v1{path}", self.base);
