@@ -48,3 +48,22 @@ pub fn frames(data: &[u8]) {
     let _ = wire::decode_frames(data);
     let _ = wire::decode_ids(data);
 }
+
+/// xorshift64*: the seeded generator of the property tests that stand in for the fuzz targets
+/// in CI (deterministic, so a failure reproduces from its seed).
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}

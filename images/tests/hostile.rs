@@ -5,22 +5,7 @@
 
 use std::process::Command;
 
-use kagami_images::fuzzing;
-
-/// xorshift64*: deterministic, so a failure reproduces from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use kagami_images::fuzzing::{self, Rng};
 
 const INTERESTING: [u64; 9] = [
     0,
@@ -120,7 +105,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
             }
             _ => {
                 let at = hot(rng, m.len());
-                let v = rng.next().to_le_bytes();
+                let v = rng.next_u64().to_le_bytes();
                 let end = (at + 8).min(m.len());
                 m[at..end].copy_from_slice(&v[..end - at]);
             }
@@ -159,7 +144,7 @@ fn random_manifests_and_frames_never_panic() {
         fuzzing::manifest(&input);
         fuzzing::frames(&input);
         let len = rng.below(200);
-        let noise: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let noise: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         fuzzing::manifest(&noise);
         fuzzing::frames(&noise);
     }

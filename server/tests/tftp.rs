@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{Server, noise, same_bytes, write_file};
+use kagami_images::fuzzing::Rng;
 
 const SMALL: usize = 1000;
 
@@ -660,21 +661,6 @@ fn a_silent_client_is_dropped_after_bounded_retries() {
     );
 }
 
-/// xorshift64*, seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 #[test]
 fn malformed_packets_are_answered_or_ignored_and_service_goes_on() {
     let lab = lab(&[]);
@@ -725,7 +711,7 @@ fn malformed_packets_are_answered_or_ignored_and_service_goes_on() {
                 1 => p.truncate(rng.below(p.len() + 1)),
                 _ => {
                     let i = rng.below(p.len() + 1);
-                    p.insert(i, rng.next() as u8);
+                    p.insert(i, rng.next_u64() as u8);
                 }
             }
         }

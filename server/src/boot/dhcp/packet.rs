@@ -327,6 +327,7 @@ pub fn fuzz(data: &[u8]) {
 mod tests {
     use super::*;
     use dhcproto::v4::{Architecture, UnknownOption};
+    use kagami_images::fuzzing::Rng;
 
     /// An option dhcproto does not name (e.g. 175, iPXE's encapsulated options).
     fn raw_option(code: u8, data: &[u8]) -> DhcpOption {
@@ -475,21 +476,6 @@ mod tests {
         assert!(parse(&msg.to_vec().expect("encode")).is_err(), "BOOTP");
     }
 
-    /// xorshift64*: deterministic, so a failure reproduces from its seed.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
-
     /// The fuzz target's entry point, bounded and seeded: requests of every kind mutated many
     /// ways (bit flips, truncations, bytes inserted, lengths stretched) decode or are refused,
     /// and what decodes is answered without a panic.
@@ -525,13 +511,13 @@ mod tests {
                     2 if !p.is_empty() => {
                         // Mostly in the fixed header and the first options.
                         let i = rng.below(p.len().min(260));
-                        p[i] = rng.next() as u8;
+                        p[i] = rng.next_u64() as u8;
                     }
                     3 => {
                         let i = rng.below(p.len() + 1);
-                        p.insert(i, rng.next() as u8);
+                        p.insert(i, rng.next_u64() as u8);
                     }
-                    _ => p.extend(std::iter::repeat_n(rng.next() as u8, rng.below(600))),
+                    _ => p.extend(std::iter::repeat_n(rng.next_u64() as u8, rng.below(600))),
                 }
             }
             fuzz(&p);

@@ -365,6 +365,7 @@ pub fn fuzz(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kagami_images::fuzzing::Rng;
 
     fn rrq(parts: &[&str]) -> Vec<u8> {
         let mut out = RRQ.to_be_bytes().to_vec();
@@ -465,21 +466,6 @@ mod tests {
         assert_eq!(error(1, "a\0b"), b"\x00\x05\x00\x01ab\x00");
     }
 
-    /// xorshift64*: deterministic, so a failure reproduces from its seed.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
-
     /// The same entry point as the cargo-fuzz target, bounded and seeded: valid packets of every
     /// kind mutated many ways (bit flips, truncations, zero bytes moved, bytes inserted, lengths
     /// stretched) must decode or be refused, never panic.
@@ -512,9 +498,9 @@ mod tests {
                     }
                     3 => {
                         let i = rng.below(p.len() + 1);
-                        p.insert(i, rng.next() as u8);
+                        p.insert(i, rng.next_u64() as u8);
                     }
-                    4 => p.extend(std::iter::repeat_n(rng.next() as u8, rng.below(1200))),
+                    4 => p.extend(std::iter::repeat_n(rng.next_u64() as u8, rng.below(1200))),
                     _ => {
                         let i = rng.below(p.len() + 1);
                         p.insert(i, 0);
