@@ -26,7 +26,7 @@ use kagami_images::split::ManifestBuilder;
 use kagami_images::{BlockId, Manifest, wire};
 use reqwest::Method;
 
-use crate::client::{Backoff, Client, FetchError};
+use crate::client::{Client, retrying};
 use crate::disk::Target;
 use crate::io::{self, Files};
 use crate::write::{scan, start_io};
@@ -66,20 +66,6 @@ pub struct Report {
 const UPLOAD_SEGMENTS: usize = 4;
 /// Ids per `blocks/missing` request.
 const MISSING_BATCH: usize = 65536;
-
-async fn retrying<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> Result<T, FetchError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, FetchError>>,
-{
-    let mut backoff = Backoff::new(patience);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) => backoff.wait(what, e).await?,
-        }
-    }
-}
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let started = Instant::now();

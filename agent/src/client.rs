@@ -265,3 +265,19 @@ impl Backoff {
         Ok(())
     }
 }
+
+/// Calls `f` until it succeeds, waiting out transient failures with a [`Backoff`] of
+/// `patience`; a fatal failure, or running out of patience, is returned.
+pub async fn retrying<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, FetchError>>,
+{
+    let mut backoff = Backoff::new(patience);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) => backoff.wait(what, e).await?,
+        }
+    }
+}

@@ -15,7 +15,7 @@ use anyhow::{Context, anyhow, bail};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::{Backoff, Client, FetchError};
+use crate::client::{Client, retrying};
 use crate::write;
 
 #[derive(Debug, Deserialize)]
@@ -57,21 +57,6 @@ pub fn from_cmdline(cmdline: &str) -> (Option<String>, Option<String>) {
             .map(str::to_string)
     };
     (get("kagami.url="), get("kagami.token="))
-}
-
-/// Calls `f` until it succeeds, retrying transient failures for `patience`.
-async fn retrying<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> Result<T, FetchError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, FetchError>>,
-{
-    let mut backoff = Backoff::new(patience);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) => backoff.wait(what, e).await?,
-        }
-    }
 }
 
 /// Runs the agent's task; `Ok(true)` when a deployment was written (the caller may reboot).

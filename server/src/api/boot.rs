@@ -88,7 +88,7 @@ async fn script(
                     format!(
                         "host {} is {}; booting the local disk",
                         host.mac,
-                        state_name(state)
+                        state.as_str()
                     ),
                 ),
             };
@@ -121,13 +121,6 @@ async fn script(
         ipxe::script(&boot, &why),
     )
         .into_response())
-}
-
-fn state_name(state: HostState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 async fn ramdisk_file(

@@ -37,7 +37,7 @@ pub enum HostState {
 }
 
 impl HostState {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             HostState::Discovered => "discovered",
             HostState::Ready => "ready",

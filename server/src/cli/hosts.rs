@@ -68,16 +68,9 @@ fn host_line(h: &Host) {
         "{}\t{}\t{}\t{}\t{deployment}",
         h.mac,
         h.name.as_deref().unwrap_or("-"),
-        state_text(h),
+        h.state.as_str(),
         h.state_reason
     );
-}
-
-fn state_text(h: &Host) -> String {
-    serde_json::to_value(h.state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 fn progress_text(d: &Deployment) -> String {
@@ -173,7 +166,7 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
                     &json!({}),
                 )
                 .await?;
-            println!("host {} released; it is {}", h.mac, state_text(&h));
+            println!("host {} released; it is {}", h.mac, h.state.as_str());
         }
         HostCommand::Forget { host } => {
             client
