@@ -35,27 +35,12 @@ impl Target {
     /// Opens `path` for writing after the safety checks; `force` overrides the in-use and root
     /// checks (never the size check, which the caller makes against the image).
     pub fn open(path: &Path, force: bool) -> anyhow::Result<Target> {
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("cannot open the disk {}", path.display()))?;
-        let block_device = meta.file_type().is_block_device();
-        if !block_device && !meta.file_type().is_file() {
-            bail!(
-                "{} is neither a block device nor a regular file",
+        let block_device = check_target(path, force, "writing", |e| {
+            format!(
+                "refusing to write {}: {e} (--force overrides)",
                 path.display()
-            );
-        }
-        if block_device {
-            let dev = (major(meta.rdev()) as u32, minor(meta.rdev()) as u32);
-            if let Err(e) = check_not_in_use(dev) {
-                if !force {
-                    bail!(
-                        "refusing to write {}: {e} (--force overrides)",
-                        path.display()
-                    );
-                }
-                tracing::warn!("{}: {e}; writing anyway (--force)", path.display());
-            }
-        }
+            )
+        })?;
         let mut options = File::options();
         options.read(true).write(true);
         if block_device {
@@ -63,7 +48,7 @@ impl Target {
             // nobody can mount it while we write.
             options.custom_flags(nix::libc::O_EXCL);
         }
-        let mut buffered = match options.open(path) {
+        let buffered = match options.open(path) {
             Ok(f) => f,
             Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) && force => File::options()
                 .read(true)
@@ -79,9 +64,6 @@ impl Target {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
         };
-        let size = buffered
-            .seek(SeekFrom::End(0))
-            .with_context(|| format!("cannot size {}", path.display()))?;
         let direct = match open_direct(path) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -92,6 +74,39 @@ impl Target {
                 None
             }
         };
+        Target::sized(path, buffered, direct, block_device)
+    }
+
+    /// Opens `path` to read it whole (capture): a file system mounted from it (or the running
+    /// root) changes under the reader and makes an inconsistent image, so that is refused
+    /// unless `force`.
+    pub fn open_read(path: &Path, force: bool) -> anyhow::Result<Target> {
+        let block_device = check_target(path, force, "capturing", |e| {
+            format!(
+                "refusing to capture {}: {e}, so its content may change while it is read; \
+                 unmount it (or --force for a read-only mount)",
+                path.display()
+            )
+        })?;
+        let buffered =
+            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let direct = File::options()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(path)
+            .ok();
+        Target::sized(path, buffered, direct, block_device)
+    }
+
+    fn sized(
+        path: &Path,
+        mut buffered: File,
+        direct: Option<File>,
+        block_device: bool,
+    ) -> anyhow::Result<Target> {
+        let size = buffered
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("cannot size {}", path.display()))?;
         Ok(Target {
             direct,
             buffered,
@@ -101,50 +116,34 @@ impl Target {
     }
 }
 
-impl Target {
-    /// Opens `path` to read it whole (capture): a file system mounted from it (or the running
-    /// root) changes under the reader and makes an inconsistent image, so that is refused
-    /// unless `force`.
-    pub fn open_read(path: &Path, force: bool) -> anyhow::Result<Target> {
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("cannot open the disk {}", path.display()))?;
-        let block_device = meta.file_type().is_block_device();
-        if !block_device && !meta.file_type().is_file() {
-            bail!(
-                "{} is neither a block device nor a regular file",
-                path.display()
-            );
-        }
-        if block_device {
-            let dev = (major(meta.rdev()) as u32, minor(meta.rdev()) as u32);
-            if let Err(e) = check_not_in_use(dev) {
-                if !force {
-                    bail!(
-                        "refusing to capture {}: {e}, so its content may change while it is \
-                         read; unmount it (or --force for a read-only mount)",
-                        path.display()
-                    );
-                }
-                tracing::warn!("{}: {e}; capturing anyway (--force)", path.display());
-            }
-        }
-        let mut buffered =
-            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let size = buffered
-            .seek(SeekFrom::End(0))
-            .with_context(|| format!("cannot size {}", path.display()))?;
-        let direct = File::options()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(path)
-            .ok();
-        Ok(Target {
-            direct,
-            buffered,
-            size,
-            block_device,
-        })
+/// The checks both opens make: `path` is a block device or a regular file, and a block device
+/// is not in use — refused with `refusal(reason)` unless `force` (then `doing` goes on, and the
+/// log says so). Whether `path` is a block device.
+fn check_target(
+    path: &Path,
+    force: bool,
+    doing: &str,
+    refusal: impl FnOnce(&str) -> String,
+) -> anyhow::Result<bool> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot open the disk {}", path.display()))?;
+    let block_device = meta.file_type().is_block_device();
+    if !block_device && !meta.file_type().is_file() {
+        bail!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        );
     }
+    if block_device {
+        let dev = (major(meta.rdev()) as u32, minor(meta.rdev()) as u32);
+        if let Err(e) = check_not_in_use(dev) {
+            if !force {
+                bail!(refusal(&e));
+            }
+            tracing::warn!("{}: {e}; {doing} anyway (--force)", path.display());
+        }
+    }
+    Ok(block_device)
 }
 
 /// `Err(reason)` when device `dev`, a partition of it, or a device built on it is mounted,
