@@ -109,6 +109,9 @@ async fn write_disks(
     mode: &str,
     disks: &[Disk],
 ) -> anyhow::Result<()> {
+    if disks.is_empty() {
+        bail!("the deployment lists no disk");
+    }
     for (i, disk) in disks.iter().enumerate() {
         let device = match &disk.device {
             Some(d) => PathBuf::from(d),
@@ -171,9 +174,6 @@ async fn write_disks(
             report.counters.fetched_blocks,
             report.counters.written_bytes
         );
-    }
-    if disks.is_empty() {
-        bail!("the deployment lists no disk");
     }
     Ok(())
 }
