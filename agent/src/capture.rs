@@ -28,8 +28,8 @@ use reqwest::Method;
 
 use crate::client::{Client, retrying};
 use crate::disk::Target;
+use crate::io::link::{scan, start_io};
 use crate::io::{self, Files};
-use crate::write::{scan, start_io};
 
 #[derive(Debug)]
 pub struct Options {

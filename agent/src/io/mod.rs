@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use nix::fcntl::{FallocateFlags, fallocate};
 
+pub mod link;
 pub mod uring;
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT` (a 4 KiB-sector disk's needs).
