@@ -82,18 +82,40 @@ class Loop:
             self.dev = None
 
 
-def agent(binary, srv, image, dev, *extra):
-    """Runs the agent; returns (seconds, cpu seconds, peak RSS MiB, report)."""
+def measured(cmd):
+    """Runs `kagami-agent …` printing a JSON report; returns (seconds, CPU seconds, peak RSS
+    MiB, report), the CPU and RSS its own (wait4)."""
     t = time.monotonic()
-    p = subprocess.Popen([binary, "write", "--server", srv.url, "--token", srv.token, "--image", image,
-                          "--disk", dev, "--json", *extra], stdout=subprocess.PIPE,
-                         env=dict(os.environ, KAGAMI_LOG="warn"))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=dict(os.environ, KAGAMI_LOG="warn"))
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
     secs = time.monotonic() - t
     if status != 0:
-        raise SystemExit(f"agent failed with status {status}")
+        raise SystemExit(f"{' '.join(cmd[:2])} failed with status {status}")
     return secs, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, json.loads(out)
+
+
+def agent(binary, srv, image, dev, *extra):
+    """Runs the agent's write; see `measured`."""
+    return measured([binary, "write", "--server", srv.url, "--token", srv.token, "--image", image,
+                     "--disk", dev, "--json", *extra])
+
+
+def prepare(description, default_dir):
+    """Arguments, the release build and bench/formats.py's disk: (args, release dir, raw disk
+    path, its size, its data blocks)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--disk-gib", type=float, default=3)
+    ap.add_argument("--dir", default=default_dir)
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    run(["cargo", "build", "--release", "--locked", "--bin", "kagami", "--bin", "kagami-agent"], cwd=ROOT)
+    target = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+    raw = os.path.join(args.dir, "os.raw")
+    size = int(args.disk_gib * (1 << 30))
+    make_disk(raw, size)
+    return args, target, raw, size, data_blocks(raw)
 
 
 def damage(dev, blocks, fraction, seed):
@@ -111,18 +133,7 @@ def damage(dev, blocks, fraction, seed):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--disk-gib", type=float, default=3)
-    ap.add_argument("--dir", default="/var/tmp/kagami-bench-agent")
-    args = ap.parse_args()
-    os.makedirs(args.dir, exist_ok=True)
-    run(["cargo", "build", "--release", "--locked", "--bin", "kagami", "--bin", "kagami-agent"], cwd=ROOT)
-    target = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
-    raw = os.path.join(args.dir, "os.raw")
-    size = int(args.disk_gib * (1 << 30))
-    make_disk(raw, size)
-    blocks = data_blocks(raw)
+    args, target, raw, size, blocks = prepare(__doc__, "/var/tmp/kagami-bench-agent")
     runs = segment_runs(blocks)
     data = os.path.join(args.dir, "data")
     subprocess.run(["rm", "-rf", data])

@@ -14,44 +14,23 @@ fresh release `kagami serve`:
 Prints medians of same-run ratios (ceiling time / capture time: above 1 means faster) and the
 uploaded bytes against the changed blocks' bytes.
 """
-import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from agent import BLOCK, Loop, damage, data_blocks  # noqa: E402
-from formats import make_disk  # noqa: E402
-from ingest import ROOT, Server, run, timed  # noqa: E402
+from agent import BLOCK, Loop, damage, measured, prepare  # noqa: E402
+from ingest import Server, run, timed  # noqa: E402
 
 
 def capture(binary, srv, dev, name):
-    t = time.monotonic()
-    p = subprocess.Popen([binary, "capture", "--server", srv.url, "--token", srv.token, "--name", name,
-                          "--disk", dev], stdout=subprocess.PIPE, env=dict(os.environ, KAGAMI_LOG="warn"))
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    if status != 0:
-        raise SystemExit(f"capture failed ({status})")
-    return time.monotonic() - t, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, json.loads(out)
+    return measured([binary, "capture", "--server", srv.url, "--token", srv.token, "--name", name,
+                     "--disk", dev])
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--disk-gib", type=float, default=3)
-    ap.add_argument("--dir", default="/var/tmp/kagami-bench-capture")
-    args = ap.parse_args()
-    os.makedirs(args.dir, exist_ok=True)
-    run(["cargo", "build", "--release", "--locked", "--bin", "kagami", "--bin", "kagami-agent"], cwd=ROOT)
-    target = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
-    raw = os.path.join(args.dir, "os.raw")
-    size = int(args.disk_gib * (1 << 30))
-    make_disk(raw, size)
-    blocks = data_blocks(raw)
+    args, target, raw, size, blocks = prepare(__doc__, "/var/tmp/kagami-bench-capture")
     agent = os.path.join(target, "kagami-agent")
     rows = []
     for r in range(args.runs):
