@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use std::time::Duration;
 
-use super::{Admin, ApiBytes, ApiJson, ApiQuery, AppState};
+use super::{Admin, ApiBytes, ApiJson, ApiQuery, AppState, UrlCaller};
 use crate::catalog::blocks;
 use crate::catalog::images::{self as catalog_images, ImagePatch, ListQuery, NewImage, parse_id};
 use crate::catalog::tenancy::Caller;
@@ -51,6 +51,7 @@ pub fn routes(config: &Config) -> Router<AppState> {
                 .layer(DefaultBodyLimit::max(config.limits.max_block_batch_bytes)),
         )
         .route("/images/{id}/segments/{index}", get(segment))
+        .route("/images/{id}/content", get(content))
 }
 
 async fn create(
@@ -455,6 +456,7 @@ struct DownloadQuery {
 async fn download(
     State(app): State<AppState>,
     caller: Caller,
+    method: Method,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<DownloadQuery>,
     req_headers: HeaderMap,
@@ -464,15 +466,49 @@ async fn download(
     if let Some(format) = q.format.filter(|f| *f != DiskFormat::Raw) {
         return export(&app, &image, manifest, format);
     }
+    Ok(logical_bytes(&app, &image, manifest, &method, &req_headers))
+}
+
+/// `GET|HEAD /v1/images/{id}/content`: the image's logical bytes (any kind, ISO included) for
+/// clients that read a disk in ranges: iPXE's `sanboot http://…` above all, which sends `HEAD`
+/// for the size and then hundreds of small `Range` requests on one kept-alive connection.
+///
+/// iPXE cannot send an `Authorization` header, so this route (and only this one: it reads, and
+/// reads one image) also takes the token as `?token=`. A token in a URL can end up in a proxy's
+/// or a shell's history; Kagami logs no request URLs. The transitional-boot work will put a
+/// per-boot token scoped to that host's ISO in the URLs it hands iPXE, never an operator's.
+async fn content(
+    State(app): State<AppState>,
+    UrlCaller(caller): UrlCaller,
+    method: Method,
+    Path(id): Path<String>,
+    req_headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let (image, manifest) = load_manifest(&app, caller, id).await?;
+    Ok(logical_bytes(&app, &image, manifest, &method, &req_headers))
+}
+
+/// The logical disk as an HTTP body, shared by `/file` and `/content`: a single `Range` is
+/// honoured (206, or 416 past the end) unless `If-Range` names another version; `HEAD` gets the
+/// same headers and no body, and starts no read.
+fn logical_bytes(
+    app: &AppState,
+    image: &Image,
+    manifest: Arc<Manifest>,
+    method: &Method,
+    req_headers: &HeaderMap,
+) -> Response {
     let size = manifest.virtual_size();
     let range = match req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(text) => parse_range(text, size)?,
-        None => None,
+        Some(text) if if_range_holds(req_headers, image) => match parse_range(text, size) {
+            Ok(range) => range,
+            Err(e) => return e.into_response(),
+        },
+        _ => None,
     };
     let (start, end) = range.unwrap_or((0, size));
-    let rx = app.reader.stream_range(manifest, start, end);
-    let stream = stream::body(rx);
-    let mut headers = digest_headers(&image, "application/octet-stream");
+    let mut headers = digest_headers(image, "application/octet-stream");
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     let status = if range.is_some() {
@@ -483,7 +519,28 @@ async fn download(
     } else {
         StatusCode::OK
     };
-    Ok((status, headers, Body::from_stream(stream)).into_response())
+    if method == Method::HEAD {
+        return (status, headers).into_response();
+    }
+    let rx = app.reader.stream_range(manifest, start, end);
+    (status, headers, Body::from_stream(stream::body(rx))).into_response()
+}
+
+/// Whether a `Range` may be served (RFC 9110 §13.1.5): with no `If-Range`, or one that names
+/// this image's entity tag (strong: an image's bytes never change under its digest). A date
+/// never matches, since no `Last-Modified` is sent; the client then gets the whole body.
+fn if_range_holds(req_headers: &HeaderMap, image: &Image) -> bool {
+    let Some(value) = req_headers.get(header::IF_RANGE) else {
+        return true;
+    };
+    let (Ok(value), Some(digest)) = (value.to_str(), image.digest.as_deref()) else {
+        return false;
+    };
+    value
+        .trim()
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        == Some(digest)
 }
 
 /// Streams the image as an image file of another format (no Range: the file is generated).

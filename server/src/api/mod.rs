@@ -85,6 +85,42 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// The caller of a read that a client without headers makes (iPXE's `sanboot`): the bearer
+/// token as usual, or failing that `?token=` in the URL (see the `/content` route for why; no
+/// other route accepts a token in its URL, and this one takes no other parameter).
+#[derive(Debug)]
+pub struct UrlCaller(pub Caller);
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+impl FromRequestParts<AppState> for UrlCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let ApiQuery(q) = ApiQuery::<TokenQuery>::from_request_parts(parts, state).await?;
+        if parts.headers.contains_key(header::AUTHORIZATION) {
+            return Ok(UrlCaller(Caller::from_request_parts(parts, state).await?));
+        }
+        let secret = q
+            .token
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or(ApiError::Unauthorized)?;
+        let caller = state
+            .catalog
+            .run(move |c| tenancy::authenticate(c, &secret))
+            .await?
+            .ok_or(ApiError::Unauthorized)?;
+        Ok(UrlCaller(caller))
+    }
+}
+
 /// The bearer token of a request. The scheme name is case-insensitive (RFC 9110 §11.1).
 pub(crate) fn bearer(parts: &Parts) -> Result<String, ApiError> {
     let secret = parts
