@@ -21,6 +21,7 @@ pub struct Config {
     pub boot: BootConfig,
     pub tftp: TftpConfig,
     pub dhcp: DhcpConfig,
+    pub nbd: NbdConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -154,6 +155,29 @@ impl TftpConfig {
         self.listen.parse().map(Some).map_err(|_| {
             anyhow::anyhow!(
                 "invalid configuration: tftp.listen must be ADDR:PORT or empty, not {:?}",
+                self.listen
+            )
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    /// Address of the read-only NBD export, `ADDR:PORT` (10809 is NBD's port); empty turns it
+    /// off (the default).
+    pub listen: String,
+}
+
+impl NbdConfig {
+    /// The address to listen on, or `None` when NBD is off.
+    pub fn listen_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "invalid configuration: nbd.listen must be ADDR:PORT or empty, not {:?}",
                 self.listen
             )
         })
@@ -348,6 +372,7 @@ pub struct Overrides {
     pub advertise_url: Option<String>,
     pub ramdisk_dir: Option<PathBuf>,
     pub tftp_listen: Option<SocketAddr>,
+    pub nbd_listen: Option<SocketAddr>,
     pub boot_dir: Option<PathBuf>,
     pub dhcp_interface: Option<String>,
     pub dhcp_mode: Option<String>,
@@ -373,6 +398,9 @@ impl Config {
         }
         if let Some(addr) = overrides.tftp_listen {
             fig = fig.merge(("tftp.listen", addr.to_string()));
+        }
+        if let Some(addr) = overrides.nbd_listen {
+            fig = fig.merge(("nbd.listen", addr.to_string()));
         }
         if let Some(dir) = overrides.boot_dir {
             fig = fig.merge(("boot.dir", dir));
@@ -418,6 +446,7 @@ impl Config {
             anyhow::bail!("invalid configuration: server.region must not be empty");
         }
         self.dhcp.check()?;
+        self.nbd.listen_addr()?;
         let tftp = &self.tftp;
         tftp.listen_addr()?;
         if !(8..=65464).contains(&tftp.max_blksize) {

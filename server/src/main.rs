@@ -57,6 +57,10 @@ enum Command {
         /// Serve TFTP on this address (port 69 for PXE clients) [default: off].
         #[arg(long, value_name = "ADDR:PORT")]
         tftp_listen: Option<SocketAddr>,
+        /// Serve every image read-only over NBD on this address (port 10809 by convention)
+        /// [default: off].
+        #[arg(long, value_name = "ADDR:PORT")]
+        nbd_listen: Option<SocketAddr>,
         /// The files PXE clients fetch (iPXE binaries) [default: /srv/kagami/boot].
         #[arg(long, value_name = "DIR")]
         boot_dir: Option<PathBuf>,
@@ -180,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             advertise_url,
             ramdisk_dir,
             tftp_listen,
+            nbd_listen,
             boot_dir,
             dhcp_interface,
             dhcp_mode,
@@ -193,6 +198,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     advertise_url,
                     ramdisk_dir,
                     tftp_listen,
+                    nbd_listen,
                     boot_dir,
                     dhcp_interface,
                     dhcp_mode,

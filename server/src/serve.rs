@@ -110,6 +110,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(tftp.run());
     }
 
+    // NBD before the API too: an address the API reports is one that answers.
+    if let Some(nbd) =
+        crate::stream::nbd::Server::from_config(&config, state.reader.clone()).await?
+    {
+        tracing::info!(addr = %nbd.local_addr()?, "serving images over NBD (read-only)");
+        tokio::spawn(nbd.run());
+    }
+
     // DHCP before the API too: "serving" means PXE clients are answered.
     if let Some(dhcp) =
         crate::boot::dhcp::Server::from_config(&config, state.catalog.clone()).await?

@@ -6,6 +6,7 @@ mod admin;
 mod agent;
 mod blocks;
 mod boot;
+mod exports;
 mod formats;
 mod hosts;
 mod images;
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
                 .merge(blocks::routes(&state.config))
                 .merge(admin::routes(json_limit))
                 .merge(formats::routes())
+                .merge(exports::routes())
                 .merge(jobs::routes())
                 .merge(hosts::routes())
                 .merge(agent::routes()),

@@ -35,6 +35,16 @@ impl Client {
         })
     }
 
+    /// The server's base URL, as given.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The bearer token in use (export names carry it: see `kagami image export-nbd`).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.base))

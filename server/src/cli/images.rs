@@ -117,6 +117,9 @@ pub enum ImageCommand {
         #[arg(long)]
         no_verify: bool,
     },
+    /// Print the NBD URL that reads the image as a block device (`nbdcopy`, `nbdinfo`,
+    /// `qemu-img`): `nbd://HOST:PORT/ID/TOKEN`. The URL holds your token: treat it as one.
+    ExportNbd { id: String },
 }
 
 /// Metadata given at creation.
@@ -295,6 +298,7 @@ pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
             format,
             output,
         } => inspect(&file, format, output)?,
+        ImageCommand::ExportNbd { id } => println!("{}", nbd_url(client, &id).await?),
         ImageCommand::Create { meta, output } => {
             let image: Image = client
                 .call(Method::POST, "/v1/images", &meta.body())
@@ -635,4 +639,43 @@ async fn download(
         human_bytes(manifest.virtual_size())
     );
     Ok(())
+}
+
+/// The NBD URL of image `id` for this client's token, once the server confirms the token can
+/// read the image and that NBD is on. A listener on every address (`0.0.0.0:10809`) is named by
+/// the host the CLI reaches the API at.
+async fn nbd_url(client: &Client, id: &str) -> anyhow::Result<String> {
+    let image: Image = client.get(&format!("/v1/images/{id}")).await?;
+    if image.status != ImageStatus::Active {
+        bail!(
+            "image {id} is {}; only active images can be exported",
+            image.status
+        );
+    }
+    let exports: Value = client.get("/v1/exports").await?;
+    let Some(listen) = exports["nbd"].as_str() else {
+        bail!(
+            "the server does not serve NBD; start it with --nbd-listen ADDR:PORT (or [nbd] listen)"
+        );
+    };
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("the server reported an NBD address {listen:?}"))?;
+    let host = if addr.ip().is_unspecified() {
+        reqwest::Url::parse(client.base())
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_else(|| "localhost".into())
+    } else {
+        match addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        }
+    };
+    Ok(format!(
+        "nbd://{host}:{}/{}/{}",
+        addr.port(),
+        image.id,
+        client.token()
+    ))
 }

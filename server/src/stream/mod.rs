@@ -2,7 +2,7 @@
 //! (segment reads for agents and peers). Every block read from a pack is re-hashed before it is
 //! served when `store.verify_reads` is on, so a corrupt pack is reported, never passed on.
 //!
-//! NBD and iSCSI serving arrive with the block-serving work and will read through here.
+//! The NBD export ([`nbd`]) reads through here too; iSCSI will.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +14,8 @@ use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_BLOCKS, SEGMENT_SIZE}
 use crate::catalog::{Catalog, blocks};
 use crate::error::ApiError;
 use crate::store::{Location, PackStore};
+
+pub mod nbd;
 
 /// What reading needs: the catalog (block locations) and the store (bytes).
 #[derive(Clone, Debug)]
@@ -273,6 +275,60 @@ impl Reader {
         })
     }
 
+    /// Fills `out` with the logical bytes at `offset` (holes as zeroes): what a block protocol
+    /// (NBD) asks for. Every block touched is read whole and verified like any other read; a
+    /// whole block lands straight in `out`, a partly wanted one goes through a scratch block.
+    /// Runs on the calling thread: a server answering many requests at once gets its
+    /// parallelism from them.
+    pub fn read_at(
+        &self,
+        manifest: &Manifest,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), ApiError> {
+        let end = offset
+            .checked_add(out.len() as u64)
+            .filter(|&end| end <= manifest.virtual_size())
+            .ok_or_else(|| ApiError::Internal("read past the end of the disk".into()))?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let block = BLOCK_SIZE as u64;
+        let first = offset / block;
+        let ids: Vec<BlockId> = (first..end.div_ceil(block))
+            .map(|i| block_at(manifest, i))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::Internal("the manifest has no such block".into()))?;
+        let locations = self.catalog.run_blocking(|c| blocks::locate(c, &ids))?;
+        let mut scratch = Vec::new();
+        for (i, id) in (first..).zip(&ids) {
+            let start = i * block;
+            let (from, to) = (offset.max(start), end.min(start + block));
+            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
+            if id.is_hole() {
+                dst.fill(0);
+                continue;
+            }
+            let loc = *locations
+                .get(id)
+                .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
+            if from == start && dst.len() == loc.len as usize {
+                self.read_one(id, loc, dst)?;
+                continue;
+            }
+            scratch.resize(BLOCK_SIZE, 0);
+            let n = self.read_one(id, loc, &mut scratch)?;
+            let part = scratch
+                .get((from - start) as usize..(to - start) as usize)
+                .filter(|_| (to - start) as usize <= n)
+                .ok_or_else(|| {
+                    ApiError::Internal(format!("block {id} is shorter than its slot"))
+                })?;
+            dst.copy_from_slice(part);
+        }
+        Ok(())
+    }
+
     /// Streams bytes `start..end` of the logical disk, one segment at a time, from a blocking
     /// thread. Holes come out as zeroes without touching the store. Memory: one segment's blocks.
     pub fn stream_range(
@@ -327,4 +383,17 @@ impl Reader {
         });
         rx
     }
+}
+
+/// The id of block `index` of `manifest` (a hole inside a hole segment), if the disk has it.
+fn block_at(manifest: &Manifest, index: u64) -> Option<BlockId> {
+    let seg = manifest
+        .segments()
+        .get((index / SEGMENT_BLOCKS as u64) as usize)?;
+    if seg.is_hole() {
+        return Some(BlockId::HOLE);
+    }
+    seg.blocks
+        .get((index % SEGMENT_BLOCKS as u64) as usize)
+        .copied()
 }
