@@ -181,7 +181,8 @@ impl Client {
 }
 
 /// The response if its status is a success; otherwise the server's message, transient for a
-/// 5xx or 429 and fatal for any other refusal.
+/// 5xx or 429 and fatal for any other refusal — and for a block the server found corrupt in
+/// its own store (`block_corrupt`), which asking again cannot mend.
 async fn check(
     response: reqwest::Response,
     method: &str,
@@ -192,13 +193,19 @@ async fn check(
         return Ok(response);
     }
     let body = response.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<serde_json::Value>(&body)
+    let error = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or(body);
+        .map(|v| v["error"].clone());
+    let field = |key: &str| {
+        error
+            .as_ref()
+            .and_then(|e| e[key].as_str().map(str::to_string))
+    };
+    let message = field("message").unwrap_or(body);
     let e = format!("{method} {url}: {status}: {message}");
+    let corrupt = field("code").as_deref() == Some("block_corrupt");
     Err(
-        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        if !corrupt && (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS) {
             FetchError::Transient(e)
         } else {
             FetchError::Fatal(e)

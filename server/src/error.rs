@@ -35,6 +35,10 @@ pub enum ApiError {
     /// Something on the server side failed (disk, catalog); the request may be retried.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A stored block no longer matches its hash: asking again returns the same bad bytes, so
+    /// clients stop (code `block_corrupt`) instead of retrying a transient 500.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 impl ApiError {
@@ -76,6 +80,7 @@ impl ApiError {
             ApiError::NoRoute(_) => ("no_route", StatusCode::NOT_FOUND),
             ApiError::MethodNotAllowed => ("method_not_allowed", StatusCode::METHOD_NOT_ALLOWED),
             ApiError::Internal(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR),
+            ApiError::Corrupt(_) => ("block_corrupt", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 }

@@ -398,7 +398,7 @@ fn an_export_stops_at_a_corrupt_block_and_says_so() {
         );
     }
     assert!(
-        s.log_text().contains("is corrupt in pack"),
+        s.log_text().contains("copy of block") && s.log_text().contains("is corrupt (pack"),
         "{}",
         s.log_text()
     );

@@ -157,8 +157,8 @@ impl Reader {
             Err(e) => return Err(e.into()),
         };
         if self.verify && BlockId::hash(&dst[..n]) != *id {
-            return Err(ApiError::Internal(format!(
-                "block {id} is corrupt in pack {:016x}; run a scrub",
+            return Err(ApiError::Corrupt(format!(
+                "the server's copy of block {id} is corrupt (pack {:016x}); run a scrub",
                 loc.pack
             )));
         }
