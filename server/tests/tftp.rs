@@ -439,6 +439,18 @@ fn traversal_and_symlinks_out_of_the_boot_directory_are_refused() {
     );
     nothing_in(&out);
     assert!(lab.log_has("leaves the boot directory"));
+
+    // DHCP's UEFI file is a symlink out of the folder (as Debian's /usr/lib/ipxe/ipxe.efi
+    // is): the operator is told at start-up, and UEFI HTTP boot refuses it as TFTP does.
+    let efi = self::lab(&[("KAGAMI__DHCP__EFI_FILE", "escape_abs")]);
+    assert!(
+        efi.log_has("escape_abs cannot be served (access violation: the path leaves"),
+        "{}",
+        efi.server.log_text()
+    );
+    let r = efi.server.curl(None, "GET", "/boot/files/escape_abs", &[]);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(!r.text().contains("root:"), "{}", r.text());
 }
 
 #[test]

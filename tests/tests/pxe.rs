@@ -1,224 +1,326 @@
-//! A machine deployed over the network, end to end: a QEMU machine (TCG) with QEMU's iPXE
-//! ROM boots from the network; its DHCP answer (QEMU's user-mode network, for now) points at
-//! Kagami's `/boot/ipxe`; Kagami's script boots the agent ramdisk built by `kagami ramdisk
-//! build`; the agent writes the assigned image onto the machine's disk, reports, and reboots;
-//! the next script sends the machine to its disk, whose boot sector prints a marker on the
-//! serial console. Nothing is mocked: the kernel is Debian's, the agent is ours.
+//! Machines deployed over the network, end to end, on a provisioning network of their own: a
+//! namespace with a bridge, `kagami serve` on it answering DHCP (full or proxy), TFTP and HTTP,
+//! and QEMU machines (TCG) plugged into the bridge through taps. A machine with an empty disk
+//! powers on, boots from the network (BIOS: QEMU's iPXE ROM; UEFI: OVMF's own PXE, which
+//! fetches `ipxe.efi` over Kagami's TFTP), gets the agent ramdisk built by `kagami ramdisk
+//! build`; the agent writes the assigned image onto the disk, reports, and reboots; the next
+//! script sends the machine to its disk, which prints the image's marker on the serial console.
+//! Nothing is mocked: the firmware, iPXE and the kernel are Debian's, the agent is ours.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod common;
+use std::time::Duration;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use kagami_e2e::common::Server;
+use kagami_e2e::{
+    DISK_BYTES, Firmware, Lab, NOISE_AT, SERVER_ADDR, empty_disk, in_order, marker_disk,
+    nonzero_blocks,
+};
 
-use common::Server;
+const LIMIT: Duration = Duration::from_secs(300);
 
-const MAC: &str = "52:54:00:4b:47:01";
-
-/// The lab from `scripts/lab-setup`.
-fn lab() -> PathBuf {
-    let dir = std::env::var_os("KAGAMI_LAB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kagami/lab")
-        });
-    assert!(
-        dir.join("kernel/vmlinuz").is_file(),
-        "no lab kernel in {}: run scripts/lab-setup (scripts/test does)",
-        dir.display()
-    );
-    dir
+fn full_dhcp() -> [&'static str; 4] {
+    [
+        "--dhcp-mode",
+        "full",
+        "--dhcp-range",
+        "10.79.0.100,10.79.0.150",
+    ]
 }
 
-/// A 16 MiB disk whose boot sector prints `marker` on COM1 and halts, with some data and
-/// holes behind it.
-fn marker_disk(path: &Path, marker: &str) {
-    // xor ax,ax; mov ds,ax; cld; mov si,0x7c16; mov dx,0x3f8;
-    // next: lodsb; test al,al; jz done; out dx,al; jmp next; done: hlt; jmp done
-    let mut sector = vec![
-        0x31, 0xC0, 0x8E, 0xD8, 0xFC, 0xBE, 0x16, 0x7C, 0xBA, 0xF8, 0x03, 0xAC, 0x84, 0xC0, 0x74,
-        0x03, 0xEE, 0xEB, 0xF8, 0xF4, 0xEB, 0xFD,
-    ];
-    sector.extend_from_slice(format!("\r\n{marker}\r\n\0").as_bytes());
-    sector.resize(510, 0);
-    sector.extend_from_slice(&[0x55, 0xAA]);
-    let mut disk = vec![0u8; 16 << 20];
-    disk[..512].copy_from_slice(&sector);
-    disk[(5 << 20)..(6 << 20)].copy_from_slice(&common::noise(3, 1 << 20));
-    std::fs::write(path, disk).expect("disk");
+fn image_id(s: &Server, file: &std::path::Path, name: &str) -> String {
+    s.import(file, name)["id"].as_str().expect("id").to_string()
 }
 
-/// A QEMU machine, killed on drop.
-struct Machine {
-    child: Child,
-    console: PathBuf,
+fn host(s: &Server, name: &str) -> serde_json::Value {
+    s.cli_json(&["host", "show", name])
 }
 
-impl Machine {
-    fn boot(dir: &Path, disk: &Path, script_url: &str, name: &str) -> Machine {
-        let console = dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&console).expect("console log");
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "512",
-                "-nographic",
-                "-no-user-config",
-            ])
-            .args(["-netdev", &format!("user,id=n0,bootfile={script_url}")])
-            .args([
-                "-device",
-                &format!("virtio-net-pci,netdev=n0,mac={MAC},bootindex=1"),
-            ])
-            .args([
-                "-drive",
-                &format!("file={},if=none,id=d0,format=raw", disk.display()),
-            ])
-            .args(["-device", "virtio-blk-pci,drive=d0,bootindex=2"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("qemu-system-x86_64 (scripts/lab-setup installs it)");
-        Machine { child, console }
-    }
-
-    fn console(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
-    }
-
-    /// Waits until the console shows `text`; panics with the console after `limit`.
-    fn wait_for(&mut self, text: &str, limit: Duration) -> Duration {
-        let start = Instant::now();
-        loop {
-            if self.console().contains(text) {
-                return start.elapsed();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "QEMU exited ({status}) before '{text}':\n{}",
-                    self.console()
-                );
-            }
-            assert!(
-                start.elapsed() < limit,
-                "no '{text}' on the console after {limit:?}:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(250));
+/// Waits until the host's state is `state`.
+fn wait_state(s: &Server, name: &str, state: &str) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let h = host(s, name);
+        if h["state"] == state {
+            return h;
         }
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(start.elapsed() < LIMIT, "host never {state}: {h}");
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
 #[test]
-fn a_machine_boots_from_the_network_gets_its_image_and_boots_it() {
-    let lab = lab();
-    let s = Server::start();
-    let dir = tempfile::tempdir().expect("tmp");
-    let agent = common::kagami().with_file_name("kagami-agent");
-    let ramdisk = s.data_dir().join("ramdisk");
-    let out = s.cli(&[
-        "ramdisk",
-        "build",
-        "--kernel",
-        lab.join("kernel/vmlinuz").to_str().expect("path"),
-        "--modules",
-        lab.join("kernel/modules").to_str().expect("path"),
-        "--out",
-        ramdisk.to_str().expect("path"),
-        "--agent",
-        agent.to_str().expect("path"),
-        "--module",
-        "virtio_pci",
-        "--module",
-        "virtio_net",
-        "--module",
-        "virtio_blk",
-    ]);
-    assert!(out.contains("virtio_net"), "{out}");
-
-    let marker = format!("KAGAMI-DEPLOYED-{}", std::process::id());
-    let image_file = dir.path().join("marker.raw");
-    marker_disk(&image_file, &marker);
-    let image = s.import(&image_file, "marker");
-    let id = image["id"].as_str().expect("id");
-    s.cli(&["host", "add", MAC, "--name", "vm1"]);
-    s.cli(&["host", "deploy", "vm1", "--image", id]);
+fn a_bios_machine_gets_its_lease_and_image_from_kagami_and_boots_it() {
+    let lab = Lab::new(&full_dhcp(), &[]);
+    lab.build_ramdisk();
+    let marker = format!("KAGAMI-BIOS-{}", std::process::id());
+    let image_file = lab.dir.path().join("marker.raw");
+    marker_disk(lab.dir.path(), &image_file, &marker, 3);
+    let s = lab.server();
+    let id = image_id(s, &image_file, "marker");
+    s.cli(&["host", "add", "52:54:00:4b:47:01", "--name", "vm1"]);
+    s.cli(&["host", "deploy", "vm1", "--image", &id]);
 
     // The machine's own disk starts empty: only a deployment can make it print the marker.
-    let disk = dir.path().join("disk.raw");
-    std::fs::File::create(&disk)
-        .expect("disk")
-        .set_len(64 << 20)
-        .expect("size");
-    // QEMU's user network reaches the host's loopback at 10.0.2.2.
-    let url = format!("http://10.0.2.2:{}/boot/ipxe", s.port);
-    let mut vm = Machine::boot(dir.path(), &disk, &url, "first-boot");
-    let limit = Duration::from_secs(240);
-    let script = vm.wait_for("/boot/ramdisk/initrd.img", limit);
-    let agent_up = vm.wait_for("inventory reported", limit);
-    let written = vm.wait_for("written and reported", limit);
-    let booted = vm.wait_for(&marker, limit);
+    let disk = lab.dir.path().join("disk.raw");
+    empty_disk(&disk, 64 << 20);
+    let mut vm = lab.machine(Firmware::Bios, &disk, "52:54:00:4b:47:01", "bios-first");
+    let script = vm.wait_for("/boot/ramdisk/initrd.img", LIMIT);
+    let agent_up = vm.wait_for("inventory reported", LIMIT);
+    let written = vm.wait_for("written and reported", LIMIT);
+    let booted = vm.wait_for(&marker, LIMIT);
     eprintln!(
-        "PXE to the agent ramdisk: {script:?}; agent up: {agent_up:?}; image written: \
-         {written:?}; booted from its disk: {booted:?}"
+        "BIOS: PXE to the agent ramdisk {script:?}; agent up {agent_up:?}; image written \
+         {written:?}; booted from its disk {booted:?}"
     );
+    let console = vm.console();
     drop(vm);
 
-    let h = s.cli_json(&["host", "show", "vm1"]);
+    // Each phase, in order: the lease (ours), the script, the kernel, the agent, the write
+    // (every data block fetched once), the report, the local boot (no boot file this time).
+    let image_bytes = std::fs::read(&image_file).expect("image");
+    let blocks = nonzero_blocks(&image_bytes);
+    in_order(
+        &console,
+        &[
+            &format!("Next server: {SERVER_ADDR}"),
+            "/boot/ipxe",
+            "host 52:54:00:4b:47:01 is deploying",
+            "/boot/ramdisk/vmlinuz",
+            "/boot/ramdisk/initrd.img",
+            "kagami: network on eth0",
+            "inventory reported",
+            &format!("written: {blocks} blocks fetched"),
+            "written and reported",
+            &marker,
+        ],
+    );
+    let log = s.log_text();
+    in_order(
+        &log,
+        &[
+            "dhcp: lease mac=52:54:00:4b:47:01",
+            "boot script: host 52:54:00:4b:47:01 is deploying",
+            // Deployed: no boot file, the firmware goes to the disk.
+            "dhcp: no boot file: the host boots its own disk mac=52:54:00:4b:47:01",
+        ],
+    );
+
+    let h = host(s, "vm1");
     assert_eq!(h["state"], "deployed", "{h}");
     let d = &h["deployment"];
     assert_eq!(d["state"], "succeeded", "{d}");
-    assert_eq!(d["disks"][0]["bytes_done"], 16 << 20);
+    assert_eq!(
+        d["disks"][0]["bytes_done"], DISK_BYTES,
+        "progress reached the end: {d}"
+    );
+    // Each phase timed by the server (and the write by the agent), in order.
+    let p = &d["phases"];
+    for phase in ["power_on", "ipxe", "agent_up", "write", "reboot"] {
+        assert!(p[phase].as_f64().is_some_and(|s| s >= 0.0), "{phase}: {d}");
+    }
+    let t = &d["timings"];
+    let at = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("{k}: {d}"));
+    assert!(
+        at("dhcp_at") <= at("script_at")
+            && at("script_at") <= at("agent_at")
+            && at("agent_at") <= at("result_at")
+            && at("result_at") <= at("local_boot_at"),
+        "milestones in order: {d}"
+    );
+    let shown = s.cli(&["host", "show", "vm1"]);
+    assert!(shown.contains("phases: power_on"), "{shown}");
     assert_eq!(h["inventory"]["disks"][0]["path"], "/dev/vda", "{h}");
     assert_eq!(
-        h["inventory"]["nics"][0]["mac"], MAC,
+        h["inventory"]["nics"][0]["mac"], "52:54:00:4b:47:01",
         "the inventory names the NIC it booted from: {h}"
     );
     // The disk is the image, byte for byte (the rest of the larger disk stays zero).
-    let image_bytes = std::fs::read(&image_file).expect("image");
     let written = std::fs::read(&disk).expect("disk");
-    assert!(written[..16 << 20] == image_bytes[..]);
+    assert!(
+        written[..DISK_BYTES] == image_bytes[..],
+        "the disk is the image"
+    );
+    assert!(written[DISK_BYTES..].iter().all(|&b| b == 0));
 
     // A reprovision: one block of the machine's disk drifts while it is off; a differential
     // deployment fetches and writes that block only, and the machine boots the image again.
     let mut drifted = written;
-    drifted[(5 << 20) + 100] ^= 0xff;
+    drifted[NOISE_AT + 100] ^= 0xff;
     std::fs::write(&disk, &drifted).expect("drift");
     s.cli(&[
         "host",
         "deploy",
         "vm1",
         "--image",
-        id,
+        &id,
         "--mode",
         "differential",
     ]);
-    let mut vm = Machine::boot(dir.path(), &disk, &url, "second-boot");
-    vm.wait_for("written and reported", limit);
-    vm.wait_for(&marker, limit);
+    let mut vm = lab.machine(Firmware::Bios, &disk, "52:54:00:4b:47:01", "bios-second");
+    vm.wait_for("written and reported", LIMIT);
+    vm.wait_for(&marker, LIMIT);
     let console = vm.console();
     drop(vm);
     assert!(
         console.contains("written: 1 blocks fetched, 65536 bytes written"),
         "only the drifted block travels:\n{console}"
     );
-    let h = s.cli_json(&["host", "show", "vm1"]);
+    let h = host(s, "vm1");
     assert_eq!(h["state"], "deployed", "{h}");
     assert_eq!(h["deployment"]["mode"], "differential");
     let rewritten = std::fs::read(&disk).expect("disk");
     assert!(
-        rewritten[..16 << 20] == image_bytes[..],
+        rewritten[..DISK_BYTES] == image_bytes[..],
         "the disk is the image again"
+    );
+}
+
+#[test]
+fn a_uefi_machine_fetches_ipxe_over_tftp_and_boots_its_image() {
+    let lab = Lab::new(&full_dhcp(), &[]);
+    lab.build_ramdisk();
+    let marker = format!("KAGAMI-UEFI-{}", std::process::id());
+    let image_file = lab.dir.path().join("marker.raw");
+    marker_disk(lab.dir.path(), &image_file, &marker, 4);
+    let s = lab.server();
+    let id = image_id(s, &image_file, "marker");
+    s.cli(&["host", "add", "52:54:00:4b:47:02", "--name", "uefi1"]);
+    s.cli(&["host", "deploy", "uefi1", "--image", &id]);
+
+    let disk = lab.dir.path().join("disk.raw");
+    empty_disk(&disk, 64 << 20);
+    let mut vm = lab.machine(Firmware::Uefi, &disk, "52:54:00:4b:47:02", "uefi");
+    let ipxe = vm.wait_for("iPXE initialising devices", LIMIT);
+    let written = vm.wait_for("written and reported", LIMIT);
+    let booted = vm.wait_for(&marker, LIMIT);
+    eprintln!("UEFI: iPXE over TFTP {ipxe:?}; image written {written:?}; booted {booted:?}");
+    let console = vm.console();
+    drop(vm);
+    in_order(
+        &console,
+        &[
+            "NBP filename is ipxe.efi",
+            "NBP file downloaded successfully",
+            "iPXE initialising devices",
+            "/boot/ipxe",
+            "/boot/ramdisk/initrd.img",
+            "inventory reported",
+            "written and reported",
+            &marker,
+        ],
+    );
+    let log = s.log_text();
+    in_order(
+        &log,
+        &[
+            "dhcp: lease mac=52:54:00:4b:47:02",
+            "tftp transfer done",
+            "boot script: host 52:54:00:4b:47:02 is deploying",
+            "dhcp: no boot file: the host boots its own disk mac=52:54:00:4b:47:02",
+        ],
+    );
+    assert!(
+        log.contains("file=ipxe.efi bytes="),
+        "iPXE came over Kagami's TFTP:\n{log}"
+    );
+    let h = host(s, "uefi1");
+    assert_eq!(h["state"], "deployed", "{h}");
+    let image_bytes = std::fs::read(&image_file).expect("image");
+    let written = std::fs::read(&disk).expect("disk");
+    assert!(
+        written[..DISK_BYTES] == image_bytes[..],
+        "the disk is the image"
+    );
+}
+
+/// Proxy mode beside the site's DHCP server (busybox udhcpd hands out the addresses): the
+/// machine boots the agent all the same. An image whose stored block went bad fails the
+/// deployment loudly — the host is `failed` with the block named — and deploying a good image
+/// again succeeds on the same machine, which reboots into the agent on its own.
+#[test]
+fn proxy_mode_beside_the_sites_dhcp_boots_and_a_corrupt_block_fails_the_deploy_loudly() {
+    let mut lab = Lab::new(&["--dhcp-mode", "proxy"], &[]);
+    let tmp = lab.dir.path().to_path_buf();
+    let conf = tmp.join("udhcpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.79.0.200\nend 10.79.0.220\ninterface br0\nlease_file {}\npidfile {}\n\
+             opt subnet 255.255.255.0\nopt router {SERVER_ADDR}\n",
+            tmp.join("udhcpd.leases").display(),
+            tmp.join("udhcpd.pid").display(),
+        ),
+    )
+    .expect("udhcpd.conf");
+    std::fs::write(tmp.join("udhcpd.leases"), b"").expect("leases");
+    lab.spawn("busybox", &["udhcpd", "-f", conf.to_str().expect("path")]);
+    lab.build_ramdisk();
+
+    let bad_file = tmp.join("bad.raw");
+    let good_file = tmp.join("good.raw");
+    let good_marker = format!("KAGAMI-GOOD-{}", std::process::id());
+    marker_disk(&tmp, &bad_file, "KAGAMI-NEVER-BOOTED", 5);
+    marker_disk(&tmp, &good_file, &good_marker, 6);
+    let s = lab.server();
+    let bad = image_id(s, &bad_file, "bad");
+    // One byte flipped in a block only the bad image has (its noise), in the pack on disk.
+    let noise = &std::fs::read(&bad_file).expect("bad")[NOISE_AT + (256 << 10)..][..4096];
+    let mut flipped = false;
+    for pack in std::fs::read_dir(s.data_dir().join("packs")).expect("packs") {
+        let path = pack.expect("pack").path();
+        let mut bytes = std::fs::read(&path).expect("pack");
+        if let Some(at) = bytes.windows(noise.len()).position(|w| w == noise) {
+            bytes[at + 1000] ^= 0xff;
+            std::fs::write(&path, &bytes).expect("pack");
+            flipped = true;
+        }
+    }
+    assert!(flipped, "the noise block is in a pack");
+    let good = image_id(s, &good_file, "good");
+    s.cli(&["host", "add", "52:54:00:4b:47:03", "--name", "px1"]);
+    s.cli(&["host", "deploy", "px1", "--image", &bad]);
+
+    let disk = tmp.join("disk.raw");
+    empty_disk(&disk, 64 << 20);
+    let mut vm = lab.machine(Firmware::Bios, &disk, "52:54:00:4b:47:03", "proxy");
+    let h = wait_state(s, "px1", "failed");
+    let reason = h["state_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("corrupt") && reason.contains("block"),
+        "the reason names the corrupt block: {h}"
+    );
+    assert_eq!(h["deployment"]["state"], "failed", "{h}");
+    // The agent reboots 10 s after a failure; a new deployment catches it.
+    s.cli(&["host", "deploy", "px1", "--image", &good]);
+    vm.wait_for(&good_marker, LIMIT);
+    let console = vm.console();
+    drop(vm);
+    in_order(
+        &console,
+        &[
+            "/boot/ramdisk/initrd.img",
+            "corrupt",
+            "kagami: the agent exited",
+            "/boot/ramdisk/initrd.img",
+            "written and reported",
+            &good_marker,
+        ],
+    );
+    assert!(
+        console.contains("10.79.0.2"),
+        "the address came from the site's server (10.79.0.200-220):\n{console}"
+    );
+    let log = s.log_text();
+    assert!(
+        !log.contains("dhcp: lease"),
+        "proxy mode leases nothing:\n{log}"
+    );
+    assert!(log.contains("dhcp: proxy"), "{log}");
+    let h = host(s, "px1");
+    assert_eq!(h["state"], "deployed", "{h}");
+    let image_bytes = std::fs::read(&good_file).expect("image");
+    let written = std::fs::read(&disk).expect("disk");
+    assert!(
+        written[..DISK_BYTES] == image_bytes[..],
+        "the disk is the good image"
     );
 }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::{ApiQuery, AppState};
 use crate::boot::ipxe::{self, Boot};
+use crate::boot::tftp::BootDir;
 use crate::catalog::hosts::{self, HostState};
 use crate::config::UnknownHosts;
 use crate::error::ApiError;
@@ -69,31 +70,29 @@ async fn script(
         .catalog
         .run(move |c| {
             let host = hosts::first_contact(c, &mac)?;
-            let (agent, why) = match host.state {
-                HostState::Deploying => (true, format!("host {} is deploying", host.mac)),
-                HostState::Discovered | HostState::Ready if discover => (
-                    true,
-                    format!(
-                        "host {} is {}; booting the agent to wait for a task",
-                        host.mac,
-                        if host.state == HostState::Ready {
-                            "ready"
-                        } else {
-                            "new"
-                        }
-                    ),
+            let agent = host.state.boots_agent(discover);
+            let why = match host.state {
+                HostState::Deploying => format!("host {} is deploying", host.mac),
+                HostState::Discovered | HostState::Ready if agent => format!(
+                    "host {} is {}; booting the agent to wait for a task",
+                    host.mac,
+                    if host.state == HostState::Ready {
+                        "ready"
+                    } else {
+                        "new"
+                    }
                 ),
-                state => (
-                    false,
-                    format!(
-                        "host {} is {}; booting the local disk",
-                        host.mac,
-                        state.as_str()
-                    ),
+                state => format!(
+                    "host {} is {}; booting the local disk",
+                    host.mac,
+                    state.as_str()
                 ),
             };
             if !agent || !have_ramdisk {
                 return Ok((false, why, String::new()));
+            }
+            if host.state == HostState::Deploying {
+                hosts::mark(c, host.id, hosts::Milestone::Script)?;
             }
             Ok((true, why, hosts::mint_agent_token(c, host.id)?))
         })
@@ -154,7 +153,18 @@ async fn boot_file(
             dhcp.efi_file, dhcp.bios_file
         )));
     }
-    send_file(&app.config.boot.dir.join(&file)).await
+    // Opened beneath the folder, exactly as TFTP opens it: one rule for what may be served.
+    let dir = app.config.boot.dir.clone();
+    let (f, len) = tokio::task::spawn_blocking(move || {
+        BootDir::open(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .open_file(std::path::Path::new(&file))
+            .map_err(|refused| format!("{}/{file}: {}", dir.display(), refused.message))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(ApiError::NotFound)?;
+    Ok(file_response(tokio::fs::File::from_std(f), len))
 }
 
 async fn send_file(path: &std::path::Path) -> Result<Response, ApiError> {
@@ -166,7 +176,11 @@ async fn send_file(path: &std::path::Path) -> Result<Response, ApiError> {
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .len();
-    Ok((
+    Ok(file_response(f, len))
+}
+
+fn file_response(f: tokio::fs::File, len: u64) -> Response {
+    (
         [
             (
                 header::CONTENT_TYPE,
@@ -176,5 +190,5 @@ async fn send_file(path: &std::path::Path) -> Result<Response, ApiError> {
         ],
         Body::from_stream(tokio_util::io::ReaderStream::new(f)),
     )
-        .into_response())
+        .into_response()
 }

@@ -117,6 +117,20 @@ impl Server {
                 config.boot.dir.display()
             )
         })?;
+        // What DHCP names must be servable; say so at start rather than to a machine's PXE ROM
+        // ("PXE-E23") later. A symlink out of the folder (Debian's /usr/lib/ipxe/ipxe.efi
+        // points to /boot) is refused like any path that leaves it.
+        for name in [&config.dhcp.bios_file, &config.dhcp.efi_file] {
+            if let Err(refused) = dir.open_file(Path::new(name)) {
+                tracing::warn!(
+                    "tftp: {}/{name} cannot be served ({}); copy the file itself into the folder \
+                     (e.g. cp -L /usr/lib/ipxe/{name} {}/)",
+                    config.boot.dir.display(),
+                    refused.message,
+                    config.boot.dir.display()
+                );
+            }
+        }
         let settings = Settings {
             max_blksize: config.tftp.max_blksize,
             max_windowsize: config.tftp.max_windowsize,
@@ -290,9 +304,9 @@ pub struct BootDir {
 
 /// Why a request is refused: the TFTP error code and the message sent (and logged).
 #[derive(Debug)]
-struct Refusal {
+pub struct Refusal {
     code: u16,
-    message: String,
+    pub message: String,
 }
 
 impl Refusal {
@@ -343,7 +357,7 @@ impl BootDir {
     }
 
     /// Opens a regular file beneath the directory, and returns it with its size.
-    fn open_file(&self, relative: &Path) -> Result<(File, u64), Refusal> {
+    pub fn open_file(&self, relative: &Path) -> Result<(File, u64), Refusal> {
         let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
         let opened = match rustix::fs::openat2(
             &self.fd,

@@ -47,6 +47,16 @@ impl HostState {
         }
     }
 
+    /// Whether a host in this state boots the agent ramdisk from the network (else its own
+    /// disk); `discover`: idle hosts wait in the agent for a task (`provision.unknown_hosts`).
+    pub fn boots_agent(self, discover: bool) -> bool {
+        match self {
+            HostState::Deploying => true,
+            HostState::Discovered | HostState::Ready => discover,
+            HostState::Deployed | HostState::Failed => false,
+        }
+    }
+
     fn parse(s: &str) -> HostState {
         match s {
             "ready" => HostState::Ready,
@@ -97,8 +107,15 @@ pub struct Deployment {
     /// full | differential.
     pub mode: String,
     pub disks: Vec<DeployDisk>,
-    /// Seconds per phase, as the agent measured them.
+    /// What was measured: the agent's durations (`write`, seconds) and the milestones the
+    /// server saw (`*_at`: seconds since the deployment was created, see [`Milestone`]).
     pub timings: BTreeMap<String, f64>,
+    /// The phases of the deployment in seconds, from `timings`: `power_on` (from the
+    /// deployment's creation to the machine's first DHCP request), `ipxe` (DHCP to the agent's
+    /// iPXE script), `agent_up` (script to the agent's first report: kernel, ramdisk, network),
+    /// `write` (the agent's write, verification included), `reboot` (result to the local boot).
+    #[serde(default)]
+    pub phases: BTreeMap<String, f64>,
     pub error: Option<String>,
     pub created_by: String,
     pub created_at: String,
@@ -244,18 +261,87 @@ fn row_to_host(r: &Row<'_>) -> rusqlite::Result<Host> {
 
 const DEPLOY_COLUMNS: &str = "id, host_id, state, mode, disks, timings, error, created_by, created_at, updated_at, finished_at";
 
+/// A moment of a deployment the server sees, kept in its timings under `key()` as seconds since
+/// the deployment was created — the first time only, and only in the deployment's states where
+/// it means something. The phases between them are [`Deployment::phases`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Milestone {
+    /// The machine's DHCP request while it is deploying (a boot file is handed out).
+    Dhcp,
+    /// Its iPXE script, booting the agent.
+    Script,
+    /// The agent's first report (its inventory).
+    Agent,
+    /// The agent's result.
+    Result,
+    /// The machine's next DHCP request after success: no boot file, it boots its disk.
+    LocalBoot,
+}
+
+impl Milestone {
+    fn key(self) -> &'static str {
+        match self {
+            Milestone::Dhcp => "dhcp_at",
+            Milestone::Script => "script_at",
+            Milestone::Agent => "agent_at",
+            Milestone::Result => "result_at",
+            Milestone::LocalBoot => "local_boot_at",
+        }
+    }
+}
+
+/// Records `milestone` on the host's latest deployment (see [`Milestone`]).
+pub fn mark(conn: &Connection, host: Uuid, milestone: Milestone) -> Result<(), ApiError> {
+    let states = match milestone {
+        Milestone::LocalBoot => "('succeeded')",
+        Milestone::Result => "('pending', 'running', 'succeeded', 'failed')",
+        _ => "('pending', 'running')",
+    };
+    conn.execute(
+        &format!(
+            "UPDATE deployments SET timings = json_set(timings, '$.' || ?2, round((?3 - created_at) / 1000.0, 3)) \
+             WHERE id = (SELECT id FROM deployments WHERE host_id = ?1 ORDER BY created_at DESC, rowid DESC LIMIT 1) \
+               AND state IN {states} AND json_extract(timings, '$.' || ?2) IS NULL"
+        ),
+        params![host.to_string(), milestone.key(), now_ms()],
+    )?;
+    Ok(())
+}
+
+/// The phases between the milestones (and the agent's own write time).
+fn phases(t: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let at = |m: Milestone| t.get(m.key()).copied();
+    let between = |a: Option<f64>, b: Option<f64>| Some(b? - a?).filter(|d| *d >= 0.0);
+    let dhcp = at(Milestone::Dhcp);
+    let script = at(Milestone::Script);
+    let agent = at(Milestone::Agent);
+    let result = at(Milestone::Result);
+    [
+        ("power_on", dhcp),
+        ("ipxe", between(dhcp, script)),
+        ("agent_up", between(script, agent)),
+        ("write", t.get("write").copied().or(between(agent, result))),
+        ("reboot", between(result, at(Milestone::LocalBoot))),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_string(), (v? * 1000.0).round() / 1000.0)))
+    .collect()
+}
+
 fn row_to_deployment(r: &Row<'_>) -> rusqlite::Result<Deployment> {
     let id: String = r.get(0)?;
     let host: String = r.get(1)?;
     let disks: String = r.get(4)?;
     let timings: String = r.get(5)?;
+    let timings: BTreeMap<String, f64> = serde_json::from_str(&timings).unwrap_or_default();
     Ok(Deployment {
+        phases: phases(&timings),
         id: id.parse().unwrap_or_default(),
         host_id: host.parse().unwrap_or_default(),
         state: r.get(2)?,
         mode: r.get(3)?,
         disks: serde_json::from_str(&disks).unwrap_or_default(),
-        timings: serde_json::from_str(&timings).unwrap_or_default(),
+        timings,
         error: r.get(6)?,
         created_by: r.get(7)?,
         created_at: rfc3339(r.get(8)?),
@@ -278,6 +364,31 @@ fn host_not_found(key: &str) -> ApiError {
         "no host '{}' (give its id, MAC or name)",
         key.chars().take(64).collect::<String>()
     ))
+}
+
+/// Whether the DHCP server hands `mac` a boot file: yes for a machine not known yet (its first
+/// iPXE script enrols it) and for a host whose next boot is the agent; no for one that boots
+/// its own disk, whose firmware then goes straight to the disk instead of through iPXE — and
+/// a UEFI machine is not chained back into iPXE by its next network boot entry (HTTP boot)
+/// after iPXE's `exit`, a loop that would never reach the disk.
+/// The request is a deploying host's [`Milestone::Dhcp`], or a deployed one's
+/// [`Milestone::LocalBoot`].
+pub fn wants_boot_file(conn: &Connection, mac: &str, discover: bool) -> Result<bool, ApiError> {
+    let host: Option<(String, String)> = conn
+        .query_row("SELECT id, state FROM hosts WHERE mac = ?1", [mac], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((id, state)) = host else {
+        return Ok(true);
+    };
+    let (id, state) = (id.parse().unwrap_or_default(), HostState::parse(&state));
+    match state {
+        HostState::Deploying => mark(conn, id, Milestone::Dhcp)?,
+        HostState::Deployed => mark(conn, id, Milestone::LocalBoot)?,
+        _ => {}
+    }
+    Ok(state.boots_agent(discover))
 }
 
 /// A host by id, MAC or name, with its latest deployment.
@@ -621,6 +732,7 @@ pub fn record_inventory(
             "inventory reported by the agent",
         )?;
     }
+    mark(&tx, host.id, Milestone::Agent)?;
     tx.commit()?;
     get_by_id(conn, agent.host_id)
 }
@@ -674,11 +786,13 @@ pub fn record_outcome(
     o: &Outcome,
 ) -> Result<Host, ApiError> {
     let tx = conn.transaction()?;
+    mark(&tx, agent.host_id, Milestone::Result)?;
     let mut d = agents_deployment(&tx, agent, o.deployment)?;
     let now = now_ms();
     d.timings.extend(
         o.timings
             .iter()
+            .filter(|(k, _)| !k.ends_with("_at"))
             .map(|(k, v)| (k.chars().take(32).collect(), *v))
             .take(32),
     );
@@ -732,6 +846,43 @@ mod tests {
             "aa:bb:cc:dd:ee:ff:00",
         ] {
             assert!(normalize_mac(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn phases_are_the_gaps_between_milestones_in_order() {
+        let t: BTreeMap<String, f64> = [
+            ("dhcp_at", 4.0),
+            ("script_at", 9.5),
+            ("agent_at", 30.0),
+            ("result_at", 33.0),
+            ("local_boot_at", 40.0),
+            ("write", 2.5),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let p = phases(&t);
+        let want = [
+            ("power_on", 4.0),
+            ("ipxe", 5.5),
+            ("agent_up", 20.5),
+            ("write", 2.5),
+            ("reboot", 7.0),
+        ];
+        for (k, v) in want {
+            assert_eq!(p.get(k), Some(&v), "{k}: {p:?}");
+        }
+        // Without the agent's own figure, the write is agent report to result; a milestone
+        // missing (or out of order) leaves its phase out rather than inventing one.
+        let mut t = t;
+        t.remove("write");
+        t.remove("dhcp_at");
+        t.insert("local_boot_at".into(), 1.0);
+        let p = phases(&t);
+        assert_eq!(p.get("write"), Some(&3.0));
+        for gone in ["power_on", "ipxe", "reboot"] {
+            assert!(!p.contains_key(gone), "{gone}: {p:?}");
         }
     }
 }

@@ -121,6 +121,16 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
                                 human_bytes(disk.bytes_total)
                             );
                         }
+                        if !dep.phases.is_empty() {
+                            let phases: Vec<String> =
+                                ["power_on", "ipxe", "agent_up", "write", "reboot"]
+                                    .iter()
+                                    .filter_map(|p| {
+                                        Some(format!("{p} {:.1} s", dep.phases.get(*p)?))
+                                    })
+                                    .collect();
+                            println!("  phases: {}", phases.join(", "));
+                        }
                         if let Some(e) = &dep.error {
                             println!("  error: {e}");
                         }

@@ -35,12 +35,14 @@ pub fn kagami() -> PathBuf {
     path
 }
 
+#[derive(Debug)]
 pub struct Server {
     child: Option<Child>,
     env: Vec<(String, String)>,
     args: Vec<String>,
-    /// Run inside this network namespace (`ip netns exec`); its API is not reachable from the
-    /// test, so start-up is read from the log.
+    /// Run inside this network namespace (`ip netns exec`), listening on all of its addresses
+    /// (machines on its bridges reach the API); the CLI and curl run inside it too, and
+    /// start-up is read from the log.
     netns: Option<String>,
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -109,19 +111,17 @@ impl Server {
             .open(&self.log)
             .expect("log");
         let started = self.log_text().matches("kagami: serving").count();
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns]).arg(kagami());
-                cmd
-            }
-            None => Command::new(kagami()),
+        let host = if self.netns.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
         };
-        let child = cmd
+        let child = self
+            .command(kagami())
             .args([
                 "serve",
                 "--listen",
-                &format!("127.0.0.1:{}", self.port),
+                &format!("{host}:{}", self.port),
                 "--data-dir",
             ])
             .arg(self.data_dir())
@@ -160,6 +160,18 @@ impl Server {
             .to_string();
     }
 
+    /// `program`, run in the server's namespace when it has one.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -179,7 +191,7 @@ impl Server {
 
     /// Runs the `kagami` CLI against this server with `token`.
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(kagami())
+        self.command(kagami())
             .args(args)
             .env("KAGAMI_URL", &self.url)
             .env("KAGAMI_TOKEN", token)
@@ -231,7 +243,7 @@ impl Server {
         extra: &[&str],
         out: &Path,
     ) -> Response {
-        let mut cmd = Command::new("curl");
+        let mut cmd = self.command("curl");
         cmd.args(["-s", "-S", "-X", method, "-o"]).arg(out).args([
             "-D",
             "-",
@@ -300,6 +312,7 @@ impl Drop for Server {
     }
 }
 
+#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     /// Raw response headers, lower-cased.

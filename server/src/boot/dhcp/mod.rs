@@ -14,7 +14,9 @@
 //! The boot file follows option 93 ([`packet::parse`]): BIOS → `dhcp.bios_file` over TFTP,
 //! UEFI x64 → `dhcp.efi_file` over TFTP, UEFI HTTP boot → that file's HTTP URL, and iPXE → its
 //! script's URL (`/boot/ipxe?mac=${net0/mac}`). The TFTP server is this interface's address
-//! (`siaddr`).
+//! (`siaddr`). A host whose next boot is its own disk (deployed, failed, or idle when idle hosts
+//! boot locally) gets no boot file: its firmware goes to the disk at once
+//! ([`hosts::wants_boot_file`]).
 //!
 //! Replies go back to the sender's address when it has one (a renewing client, a client on
 //! port 4011, a relay), else to the broadcast address: a client without an address cannot be
@@ -35,8 +37,8 @@ use anyhow::Context;
 use dhcproto::v4::MessageType;
 use tokio::net::UdpSocket;
 
-use crate::catalog::{Catalog, now_ms};
-use crate::config::{Config, DhcpMode};
+use crate::catalog::{Catalog, hosts, now_ms};
+use crate::config::{Config, DhcpMode, UnknownHosts};
 use leases::Range;
 use packet::{Answer, BootFiles, Client, Firmware, Lease, Request};
 
@@ -58,6 +60,8 @@ pub struct Server {
     catalog: Catalog,
     dhcp: UdpSocket,
     pxe: UdpSocket,
+    /// Idle hosts boot the agent (`provision.unknown_hosts = "discover"`).
+    discover: bool,
     router_advertisements: bool,
 }
 
@@ -129,6 +133,7 @@ impl Server {
             dhcp: bind(&c.interface, SERVER_PORT)?,
             pxe: bind(&c.interface, PXE_PORT)?,
             router_advertisements: c.router_advertisements,
+            discover: config.provision.unknown_hosts == UnknownHosts::Discover,
         };
         tracing::info!(
             mode = ?server.mode,
@@ -191,7 +196,13 @@ impl Server {
     async fn answer(&self, req: &Request, port: u16) -> anyhow::Result<Option<Vec<u8>>> {
         let mac = mac_text(&req.mac);
         let boot = match req.client {
-            Client::Boot(firmware) => Some((firmware, self.files.for_firmware(firmware))),
+            Client::Boot(firmware) if self.wants_boot_file(&mac).await? => {
+                Some((firmware, self.files.for_firmware(firmware)))
+            }
+            Client::Boot(_) => {
+                tracing::debug!(%mac, "dhcp: no boot file: the host boots its own disk");
+                None
+            }
             Client::UnsupportedArch(arch) => {
                 tracing::warn!(%mac, arch, "dhcp: no boot file for this client architecture");
                 None
@@ -253,6 +264,15 @@ impl Server {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Whether `mac` should boot from the network now ([`hosts::wants_boot_file`]).
+    async fn wants_boot_file(&self, mac: &str) -> anyhow::Result<bool> {
+        let (mac, discover) = (mac.to_string(), self.discover);
+        Ok(self
+            .catalog
+            .run(move |c| hosts::wants_boot_file(c, &mac, discover))
+            .await?)
     }
 
     async fn offer(
