@@ -74,14 +74,14 @@ def make_image(path, data_path, size):
 
 
 class Server:
-    def __init__(self, binary, data_dir):
+    def __init__(self, binary, data_dir, host="127.0.0.1", args=(), env=None):
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
         s.close()
-        env = dict(os.environ, KAGAMI__GC__INTERVAL_SECS="0", KAGAMI_LOG="warn")
+        env = dict(os.environ, KAGAMI__GC__INTERVAL_SECS="0", KAGAMI_LOG="warn", **(env or {}))
         self.proc = subprocess.Popen(
-            [binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", data_dir],
+            [binary, "serve", "--listen", f"{host}:{self.port}", "--data-dir", data_dir, *args],
             env=env, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(200):

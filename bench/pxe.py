@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
-"""Power-on to a deployed, booted machine: Kagami against a plain HTTP server + `wget | dd`.
+"""Power-on to a deployed, booted machine: Kagami against dnsmasq + a plain HTTP server + `wget | dd`.
 
     python3 bench/pxe.py [--runs 3] [--image-mib 256] [--data-mib 64] [--dir /var/tmp/kagami-bench-pxe]
 
 Needs root, scripts/lab-setup (QEMU, iPXE ROMs, busybox, a Debian kernel) and a debug or
-release build (`--profile release` builds release). Both flows run the same QEMU machine (TCG,
-512 MiB, virtio NIC and disk, QEMU's iPXE ROM) on the same user-mode network, whose DHCP hands
-out the same kind of boot URL, and boot the same Debian kernel with the same driver modules:
+release build (`--profile release` builds release). Both flows run in a network namespace of
+their own holding a bridge (10.79.0.1/24) and one tap: the same QEMU machine (TCG, 512 MiB,
+virtio NIC and disk, QEMU's iPXE ROM), the same Debian kernel with the same driver modules, and
+router advertisements on the bridge for both (else iPXE waits 16 s for IPv6):
 
-  - kagami: `kagami serve`, the image imported, `kagami host deploy`; the machine's iPXE fetches
-    /boot/ipxe, boots the agent ramdisk, the agent writes the disk (every block verified, holes
-    punched), reports and reboots; the next script boots the disk.
-  - peer:   Python's http.server serving the raw image, kernel and a ramdisk whose init runs
-    `wget -O - http://…/image.raw | dd of=/dev/vda bs=4M` then reboots (the ramdisk is Kagami's
-    with a different /init appended, so kernel, modules and busybox are identical); a script
-    that turns into `exit` once the write is done.
+  - kagami: `kagami serve` with its own DHCP (full mode) on the bridge, the image imported,
+    `kagami host deploy`; the machine's iPXE gets /boot/ipxe from Kagami's DHCP, boots the agent
+    ramdisk, the agent writes the disk (every block verified, holes punched), reports and
+    reboots; the next DHCP answer has no boot file and the machine boots its disk.
+  - peer:   dnsmasq (DHCP with an iPXE tag → the script URL, RA) and Python's http.server
+    serving the raw image, kernel and a ramdisk whose init runs `wget -O - …/image.raw | dd
+    of=/dev/vda bs=4M` then reboots (Kagami's ramdisk with a different /init appended, so kernel,
+    modules and busybox are identical); a script that turns into `exit` once the write is done.
 
 The image: IMAGE_MIB with DATA_MIB of random data in 1 MiB stretches, holes between, and a boot
 sector that prints a marker on COM1. Time is taken from QEMU's start to each phase's first line
-on the serial console. Medians of RUNS runs, and the same-run ratio peer / kagami.
+on the serial console. Medians of RUNS runs, and the same-run ratio peer / kagami. Kagami's own
+view of the phases (`kagami host show`: ipxe, agent_up, write, reboot) is printed too.
 """
 import argparse
 import http.server
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest import ROOT, Server, run  # noqa: E402
 
 MAC = "52:54:00:4b:47:02"
+ADDR = "10.79.0.1"
 MODULES = ["virtio_pci", "virtio_net", "virtio_blk"]
 MARKER = "KAGAMI-BENCH-MARKER"
 PEER_INIT = """#!/bin/busybox sh
@@ -46,9 +50,9 @@ while read -r m; do insmod /lib/modules/$m; done < /etc/kagami/modules
 ip link set lo up; ip link set eth0 up
 udhcpc -i eth0 -n -q -t 5 -T 2 -s /etc/kagami/udhcpc.script >/dev/null 2>&1
 echo "peer: writing"
-wget -q -O - http://10.0.2.2:PORT/image.raw | dd of=/dev/vda bs=4M 2>/dev/null
+wget -q -O - http://ADDR:PORT/image.raw | dd of=/dev/vda bs=4M 2>/dev/null
 sync
-wget -q -O /dev/null http://10.0.2.2:PORT/done
+wget -q -O /dev/null http://ADDR:PORT/done
 echo "peer: written"
 reboot -f
 """
@@ -93,12 +97,12 @@ def free_port():
 
 
 class Machine:
-    def __init__(self, disk, url, console):
+    def __init__(self, disk, console):
         self.console = console
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nographic", "-no-user-config",
-             "-netdev", f"user,id=n0,bootfile={url}",
+             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
              "-device", f"virtio-net-pci,netdev=n0,mac={MAC},bootindex=1",
              "-drive", f"file={disk},if=none,id=d0,format=raw",
              "-device", "virtio-blk-pci,drive=d0,bootindex=2"],
@@ -124,7 +128,10 @@ def kagami_run(binary, work, image, ramdisk_src, r):
     data = os.path.join(work, f"data{r}")
     shutil.rmtree(data, ignore_errors=True)
     os.makedirs(data)
-    srv = Server(binary, data)
+    srv = Server(binary, data, host="0.0.0.0",
+                 args=["--dhcp-mode", "full", "--dhcp-interface", "br0",
+                       "--dhcp-range", "10.79.0.100,10.79.0.150"],
+                 env={"KAGAMI__DHCP__ROUTER_ADVERTISEMENTS": "true"})
     try:
         shutil.copytree(ramdisk_src, os.path.join(data, "ramdisk"))
         env = dict(os.environ, KAGAMI_URL=srv.url, KAGAMI_TOKEN=srv.token)
@@ -135,8 +142,10 @@ def kagami_run(binary, work, image, ramdisk_src, r):
         disk = os.path.join(work, "disk.raw")
         with open(disk, "wb") as f:
             f.truncate(os.path.getsize(image) + (16 << 20))
-        vm = Machine(disk, f"http://10.0.2.2:{srv.port}/boot/ipxe", os.path.join(work, f"kagami{r}.log"))
-        return vm.phases(["/boot/ramdisk/initrd.img", "inventory reported", "written and reported", MARKER])
+        vm = Machine(disk, os.path.join(work, f"kagami{r}.log"))
+        marks = vm.phases(["/boot/ramdisk/initrd.img", "inventory reported", "written and reported", MARKER])
+        host = json.loads(cli("host", "show", MAC, "--output", "json"))
+        return marks, host["deployment"]["phases"]
     finally:
         srv.stop()
 
@@ -147,7 +156,7 @@ def peer_run(work, image, ramdisk_src, r):
     shutil.rmtree(served, ignore_errors=True)
     os.makedirs(served)
     shutil.copy(os.path.join(ramdisk_src, "vmlinuz"), served)
-    init = PEER_INIT.replace("PORT", str(port)).encode()
+    init = PEER_INIT.replace("PORT", str(port)).replace("ADDR", ADDR).encode()
     with open(os.path.join(served, "initrd.img"), "wb") as f:
         f.write(open(os.path.join(ramdisk_src, "initrd.img"), "rb").read())
         f.write(newc([("init", 0o100755, init)]))
@@ -164,8 +173,8 @@ def peer_run(work, image, ramdisk_src, r):
                 body = b"ok"
             elif self.path.startswith("/boot.ipxe"):
                 body = (b"#!ipxe\nexit\n" if state["done"] else
-                        f"#!ipxe\nkernel http://10.0.2.2:{port}/vmlinuz initrd=initrd.img console=ttyS0\n"
-                        f"initrd http://10.0.2.2:{port}/initrd.img\nboot\n".encode())
+                        f"#!ipxe\nkernel http://{ADDR}:{port}/vmlinuz initrd=initrd.img console=ttyS0\n"
+                        f"initrd http://{ADDR}:{port}/initrd.img\nboot\n".encode())
             else:
                 return super().do_GET()
             self.send_response(200)
@@ -176,16 +185,41 @@ def peer_run(work, image, ramdisk_src, r):
         def log_message(self, *a):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    httpd = http.server.ThreadingHTTPServer((ADDR, port), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    leases = os.path.join(work, "dnsmasq.leases")
+    open(leases, "w").close()
+    # DHCP for the bridge, iPXE clients (option 175) sent to the script, router advertisements.
+    dnsmasq = subprocess.Popen(
+        ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--interface=br0",
+         "--bind-interfaces", f"--dhcp-leasefile={leases}", "--dhcp-range=10.79.0.100,10.79.0.150,1h",
+         "--dhcp-match=set:ipxe,175", f"--dhcp-boot=tag:ipxe,http://{ADDR}:{port}/boot.ipxe",
+         "--enable-ra", "--dhcp-range=::,constructor:br0,ra-only"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         disk = os.path.join(work, "disk.raw")
         with open(disk, "wb") as f:
             f.truncate(os.path.getsize(image) + (16 << 20))
-        vm = Machine(disk, f"http://10.0.2.2:{port}/boot.ipxe", os.path.join(work, f"peer{r}.log"))
+        vm = Machine(disk, os.path.join(work, f"peer{r}.log"))
         return vm.phases(["/initrd.img", "peer: writing", "peer: written", MARKER])
     finally:
+        dnsmasq.terminate()
+        dnsmasq.wait()
         httpd.shutdown()
+
+
+def namespace(name):
+    """A namespace with bridge br0 (ADDR/24 and an IPv6 prefix for the peer's RA) and tap0."""
+    ip = lambda *a: run(["ip", *a])  # noqa: E731
+    subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+    ip("netns", "add", name)
+    ip("-n", name, "link", "set", "lo", "up")
+    ip("-n", name, "link", "add", "br0", "type", "bridge")
+    ip("-n", name, "addr", "add", f"{ADDR}/24", "dev", "br0")
+    ip("-n", name, "addr", "add", "fd00:79::1/64", "dev", "br0")
+    ip("-n", name, "link", "set", "br0", "up")
+    ip("-n", name, "tuntap", "add", "dev", "tap0", "mode", "tap")
+    ip("-n", name, "link", "set", "tap0", "master", "br0", "up")
 
 
 def main():
@@ -195,26 +229,40 @@ def main():
     ap.add_argument("--data-mib", type=int, default=64)
     ap.add_argument("--profile", default="dev", choices=["dev", "release"])
     ap.add_argument("--dir", default="/var/tmp/kagami-bench-pxe")
+    ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    run(["cargo", "build", "--locked", "--profile", args.profile, "--bin", "kagami", "--bin", "kagami-agent"],
-        cwd=ROOT)
     target = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
                           "debug" if args.profile == "dev" else "release")
     binary = os.path.join(target, "kagami")
-    lab = os.environ.get("KAGAMI_LAB_DIR", os.path.expanduser("~/.cache/kagami/lab"))
     image = os.path.join(args.dir, "image.raw")
-    make_image(image, args.image_mib, args.data_mib)
     ramdisk = os.path.join(args.dir, "ramdisk")
-    run([binary, "ramdisk", "build", "--kernel", f"{lab}/kernel/vmlinuz", "--modules", f"{lab}/kernel/modules",
-         "--out", ramdisk, "--agent", os.path.join(target, "kagami-agent"),
-         *sum((["--module", m] for m in MODULES), [])], capture_output=True)
+    if not args.inside:
+        run(["cargo", "build", "--locked", "--profile", args.profile, "--bin", "kagami", "--bin", "kagami-agent"],
+            cwd=ROOT)
+        lab = os.environ.get("KAGAMI_LAB_DIR", os.path.expanduser("~/.cache/kagami/lab"))
+        make_image(image, args.image_mib, args.data_mib)
+        shutil.rmtree(ramdisk, ignore_errors=True)
+        run([binary, "ramdisk", "build", "--kernel", f"{lab}/kernel/vmlinuz", "--modules",
+             f"{lab}/kernel/modules", "--out", ramdisk, "--agent", os.path.join(target, "kagami-agent"),
+             *sum((["--module", m] for m in MODULES), [])], capture_output=True)
+        # The runs happen inside a namespace of their own (the servers bind to its bridge).
+        ns = f"kgbench{os.getpid()}"
+        namespace(ns)
+        try:
+            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__),
+                                   "--inside", *sys.argv[1:]]).returncode
+        finally:
+            run(["ip", "netns", "del", ns])
     rows = []
+    seen = []
     for r in range(args.runs):
-        k = kagami_run(binary, args.dir, image, ramdisk, r)
+        k, phases = kagami_run(binary, args.dir, image, ramdisk, r)
         p = peer_run(args.dir, image, ramdisk, r)
         rows.append((k, p))
-        print(f"run {r + 1}: kagami {[round(x, 1) for x in k]}  peer {[round(x, 1) for x in p]}", file=sys.stderr)
+        seen.append(phases)
+        print(f"run {r + 1}: kagami {[round(x, 1) for x in k]}  peer {[round(x, 1) for x in p]}  "
+              f"kagami's phases {phases}", file=sys.stderr)
     med = lambda f: statistics.median(f(row) for row in rows)  # noqa: E731
     names = ["PXE to ramdisk loaded", "agent/writer running", "disk written", "booted from the disk"]
     print(f"\n{args.runs} runs; image {args.image_mib} MiB with {args.data_mib} MiB of data; "
@@ -228,7 +276,10 @@ def main():
     print(f"| writing the disk (phase length) | {write_k:.1f} | {write_p:.1f} |")
     print(f"\npower-on to booted image, peer / Kagami (same run, median): "
           f"**{med(lambda row: row[1][3] / row[0][3]):.2f}x**")
+    names = ["power_on", "ipxe", "agent_up", "write", "reboot"]
+    print("\nKagami's phases as `kagami host show` reports them (server clock, medians): " + ", ".join(
+        f"{n} {statistics.median(p.get(n, float('nan')) for p in seen):.1f} s" for n in names))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
