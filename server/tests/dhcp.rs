@@ -323,6 +323,54 @@ fn full_mode_leases_addresses_to_udhcpc_and_keeps_them_across_a_restart() {
     assert!(in_range(&c) && c != a && c != b, "{a} {b} {c}");
 }
 
+/// ISC dhclient, the other client a site's machines run: a lease from the range, with the
+/// server's identifier, in its lease file.
+#[test]
+fn full_mode_leases_an_address_to_isc_dhclient() {
+    let mut lab = Lab::new(&["br0"]);
+    lab.start(&[
+        "--dhcp-mode",
+        "full",
+        "--dhcp-range",
+        "10.77.0.100,10.77.0.110",
+    ]);
+    let leases = lab.tmp.path().join("dhclient.leases");
+    let pidfile = lab.tmp.path().join("dhclient.pid");
+    // In the foreground (-d), as the lab's child: killed by PID however the test ends.
+    let child = lab
+        .in_client(0, "dhclient")
+        .args(["-d", "-v", "-sf", "/bin/true", "-lf"])
+        .arg(&leases)
+        .arg("-pf")
+        .arg(&pidfile)
+        .arg("eth0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dhclient (scripts/test installs isc-dhcp-client)");
+    lab.children.push(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lease = loop {
+        let text = std::fs::read_to_string(&leases).unwrap_or_default();
+        if text.contains("fixed-address") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no lease:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let addr = lease
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("fixed-address "))
+        .map(|a| a.trim_end_matches(';'))
+        .expect("fixed-address");
+    assert!(in_range(addr), "{lease}");
+    assert!(
+        lease.contains("option dhcp-server-identifier 10.77.0.1;"),
+        "{lease}"
+    );
+    assert!(lease.contains("option subnet-mask 255.255.255.0;"), "{lease}");
+}
+
 #[test]
 fn proxy_mode_answers_pxe_clients_with_their_boot_file_and_no_address() {
     let mut lab = Lab::new(&["br0", "br1"]);
