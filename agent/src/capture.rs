@@ -11,6 +11,12 @@
 //! 4. Create the image and commit the manifest (`PUT /v1/images/{id}/manifest`): the image
 //!    exists only once all of it is stored; a failed capture leaves its blocks to GC.
 //!
+//! A whole-machine capture (`--kind whole`, several `--disk`, the system disk first) captures
+//! each disk as its own image (`NAME-disk0` a system image, the others data images), then makes
+//! the whole-machine image that groups them; if any step fails, the disk images already made
+//! are deleted again. Every image records its source host (`--source`, by default this
+//! machine's hostname) and disk, and the server links it to the previous capture of them.
+//!
 //! The second read costs the first capture of a disk a second pass over its data; keeping
 //! segments in memory until the server answered would bound that by RAM instead. Uploads
 //! through a per-boot agent token (host capture) come with the capture deployment work.
@@ -36,14 +42,37 @@ pub struct Options {
     pub server: String,
     pub token: String,
     pub name: String,
+    /// system or data (one disk), or whole (the disks in order, system disk first).
     pub kind: String,
-    pub disk: PathBuf,
+    pub disks: Vec<PathBuf>,
+    /// The host the disks belong to, for the images' lineage.
+    pub source: String,
     pub force: bool,
     pub queue_depth: usize,
     pub engine: io::Choice,
     pub patience: Duration,
 }
 
+/// What a capture made: the image (a whole-machine image for several disks), totals over its
+/// disks, and each disk's report.
+#[derive(Debug, serde::Serialize)]
+pub struct Capture {
+    pub image: String,
+    pub kind: String,
+    /// The disk image's digest (a whole-machine image has one per disk).
+    pub digest: Option<String>,
+    /// Bytes of all its disks.
+    pub virtual_size: u64,
+    pub read_bytes: u64,
+    pub data_blocks: u64,
+    pub known_blocks: u64,
+    pub uploaded_blocks: u64,
+    pub uploaded_bytes: u64,
+    pub seconds: f64,
+    pub disks: Vec<Report>,
+}
+
+/// One disk's capture.
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub image: String,
@@ -67,20 +96,136 @@ const UPLOAD_SEGMENTS: usize = 4;
 /// Ids per `blocks/missing` request.
 const MISSING_BATCH: usize = 65536;
 
-pub async fn run(opts: Options) -> anyhow::Result<Report> {
+/// This machine's hostname: the default source of its captures.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<Capture> {
     let started = Instant::now();
+    let whole = opts.kind == "whole";
+    match (whole, opts.disks.len()) {
+        (_, 0) => anyhow::bail!("give the disk to capture (--disk)"),
+        (false, n) if n > 1 => anyhow::bail!(
+            "{n} disks for one {} image: capture several disks as a whole-machine image \
+             (--kind whole, the system disk first)",
+            opts.kind
+        ),
+        (true, n) if n > MAX_DISKS => {
+            anyhow::bail!("a whole-machine image holds at most {MAX_DISKS} disks, not {n}")
+        }
+        _ => {}
+    }
     let client = Client::new(&opts.server, &opts.token)?;
-    let target = Target::open_read(&opts.disk, opts.force)?;
+    let mut reports: Vec<Report> = Vec::new();
+    for (i, disk) in opts.disks.iter().enumerate() {
+        let (name, kind) = match (whole, i) {
+            (false, _) => (opts.name.clone(), opts.kind.as_str()),
+            (true, 0) => (format!("{}-disk0", opts.name), "system"),
+            (true, _) => (format!("{}-disk{i}", opts.name), "data"),
+        };
+        match capture_disk(&client, &opts, disk, &name, kind).await {
+            Ok(report) => reports.push(report),
+            Err(e) => {
+                forget(&client, &reports).await;
+                return Err(e.context(format!("capturing {}", disk.display())));
+            }
+        }
+    }
+    let image = if whole {
+        let members: Vec<&str> = reports.iter().map(|r| r.image.as_str()).collect();
+        let new = serde_json::json!({"name": opts.name, "kind": "whole", "members": members,
+                                     "source_host": opts.source});
+        match create_image(&client, &opts, &new).await {
+            Ok(id) => id,
+            Err(e) => {
+                forget(&client, &reports).await;
+                return Err(e.context("making the whole-machine image"));
+            }
+        }
+    } else {
+        reports[0].image.clone()
+    };
+    let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum();
+    Ok(Capture {
+        image,
+        kind: opts.kind.clone(),
+        digest: (!whole).then(|| reports[0].digest.clone()),
+        virtual_size: sum(|r| r.virtual_size),
+        read_bytes: sum(|r| r.read_bytes),
+        data_blocks: sum(|r| r.data_blocks),
+        known_blocks: sum(|r| r.known_blocks),
+        uploaded_blocks: sum(|r| r.uploaded_blocks),
+        uploaded_bytes: sum(|r| r.uploaded_bytes),
+        seconds: started.elapsed().as_secs_f64(),
+        disks: reports,
+    })
+}
+
+/// Disks in one whole-machine image (the server's limit).
+const MAX_DISKS: usize = 32;
+
+/// Deletes the disk images of a capture that failed half way (their blocks go to GC); a
+/// failure here is logged, the capture's own error is the one reported.
+async fn forget(client: &Client, reports: &[Report]) {
+    for r in reports {
+        let path = format!("/images/{}", r.image);
+        if let Err(e) = client
+            .send_body(
+                Method::DELETE,
+                &path,
+                bytes::Bytes::new(),
+                "application/json",
+            )
+            .await
+        {
+            tracing::warn!(
+                "could not delete image {} of the failed capture: {e}",
+                r.image
+            );
+        }
+    }
+}
+
+/// Creates an image from its JSON description; its id.
+async fn create_image(
+    client: &Client,
+    opts: &Options,
+    new: &serde_json::Value,
+) -> anyhow::Result<String> {
+    let body = bytes::Bytes::from(new.to_string());
+    let created = retrying("creating the image", opts.patience, || {
+        client.send_body(Method::POST, "/images", body.clone(), "application/json")
+    })
+    .await?;
+    let created: serde_json::Value = serde_json::from_slice(&created)?;
+    Ok(created["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server did not return an image id"))?
+        .to_string())
+}
+
+/// Captures one disk into a new image named `name` of `kind`.
+async fn capture_disk(
+    client: &Client,
+    opts: &Options,
+    disk: &std::path::Path,
+    name: &str,
+    kind: &str,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let target = Target::open_read(disk, opts.force)?;
     let size = target.size;
     if size == 0 {
-        anyhow::bail!("{} is empty", opts.disk.display());
+        anyhow::bail!("{} is empty", disk.display());
     }
     let files = Arc::new(Files::new(target.direct, target.buffered));
     let (mut link, engine, io_thread) = start_io(files, opts.engine, opts.queue_depth, 2, 6)?;
-    tracing::info!(
-        "capturing {} ({size} bytes) with {engine}",
-        opts.disk.display()
-    );
+    tracing::info!("capturing {} ({size} bytes) with {engine}", disk.display());
 
     // 1. Hash every block.
     let count = Manifest::segment_count(size);
@@ -182,21 +327,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
 
     // 4. The image, committed whole.
-    let new = serde_json::json!({"name": opts.name, "kind": opts.kind});
-    let created = retrying("creating the image", opts.patience, || {
-        client.send_body(
-            Method::POST,
-            "/images",
-            bytes::Bytes::from(new.to_string()),
-            "application/json",
-        )
-    })
-    .await?;
-    let created: serde_json::Value = serde_json::from_slice(&created)?;
-    let id = created["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the server did not return an image id"))?
-        .to_string();
+    let new = serde_json::json!({"name": name, "kind": kind, "source_host": opts.source,
+                                 "source_disk": disk.display().to_string()});
+    let id = create_image(client, opts, &new).await?;
     let bundle = bytes::Bytes::from(manifest.encode_bundle());
     let path = format!("/images/{id}/manifest");
     retrying("committing the manifest", opts.patience, || {
@@ -210,7 +343,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     .await?;
     Ok(Report {
         image: id,
-        disk: opts.disk,
+        disk: disk.to_path_buf(),
         digest: format!("sha256:{}", manifest.digest()),
         virtual_size: size,
         read_bytes,

@@ -59,6 +59,26 @@ pub fn from_cmdline(cmdline: &str) -> (Option<String>, Option<String>) {
     (get("kagami.url="), get("kagami.token="))
 }
 
+/// The device of each disk: its own, or — for those that name none, in order — the host's
+/// fixed disks (`candidates`, in the inventory's order) that no other entry names.
+fn choose_devices(disks: &[Disk], candidates: &[String]) -> anyhow::Result<Vec<PathBuf>> {
+    let named: Vec<&str> = disks.iter().filter_map(|d| d.device.as_deref()).collect();
+    let mut free = candidates.iter().filter(|c| !named.contains(&c.as_str()));
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match &d.device {
+            Some(dev) => Ok(PathBuf::from(dev)),
+            None => free.next().map(PathBuf::from).ok_or_else(|| {
+                anyhow!(
+                    "disk {i} of the deployment names no device and this host has no fixed disk \
+                     left for it (fixed disks: {candidates:?})"
+                )
+            }),
+        })
+        .collect()
+}
+
 /// Runs the agent's task; `Ok(true)` when a deployment was written (the caller may reboot).
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let client = Client::new(&opts.server, &opts.token)?;
@@ -112,15 +132,8 @@ async fn write_disks(
     if disks.is_empty() {
         bail!("the deployment lists no disk");
     }
-    for (i, disk) in disks.iter().enumerate() {
-        let device = match &disk.device {
-            Some(d) => PathBuf::from(d),
-            None => PathBuf::from(
-                crate::inventory::system_disk()
-                    .ok_or_else(|| anyhow!("this host has no disk to write"))?
-                    .path,
-            ),
-        };
+    let devices = choose_devices(disks, &crate::inventory::fixed_disks())?;
+    for (i, (disk, device)) in disks.iter().zip(devices).enumerate() {
         let (tx, mut rx) = tokio::sync::watch::channel(crate::progress::Snapshot::default());
         let reporter = {
             let (client, deployment) = (client.clone(), deployment.to_string());
@@ -188,5 +201,22 @@ mod tests {
         assert_eq!(url.as_deref(), Some("http://10.0.0.1:8470"));
         assert_eq!(token.as_deref(), Some("kgm_ab"));
         assert_eq!(super::from_cmdline("quiet"), (None, None));
+    }
+
+    #[test]
+    fn disks_without_a_device_take_the_free_fixed_disks_in_order() {
+        let disk = |device: Option<&str>| super::Disk {
+            device: device.map(str::to_string),
+            image_id: "i".into(),
+        };
+        let fixed = ["/dev/vda", "/dev/vdb", "/dev/vdc"].map(str::to_string);
+        let chosen =
+            super::choose_devices(&[disk(None), disk(Some("/dev/vda")), disk(None)], &fixed)
+                .expect("enough disks");
+        let chosen: Vec<_> = chosen.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(chosen, ["/dev/vdb", "/dev/vda", "/dev/vdc"]);
+        let e = super::choose_devices(&[disk(None), disk(None)], &fixed[..1])
+            .expect_err("one disk short");
+        assert!(e.to_string().contains("disk 1"), "{e}");
     }
 }

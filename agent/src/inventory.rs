@@ -55,9 +55,14 @@ pub fn disks() -> Vec<Disk> {
     out
 }
 
-/// The disk an image goes on when the deployment names none: the first fixed disk.
-pub fn system_disk() -> Option<Disk> {
-    disks().into_iter().find(|d| !d.removable)
+/// The disks images go on when a deployment names none, in order: the fixed (not removable)
+/// ones, the first being the system disk.
+pub fn fixed_disks() -> Vec<String> {
+    disks()
+        .into_iter()
+        .filter(|d| !d.removable)
+        .map(|d| d.path)
+        .collect()
 }
 
 fn nics() -> Vec<Value> {

@@ -113,15 +113,20 @@ struct CaptureArgs {
     /// An admin token (block uploads are admin-only for now).
     #[arg(long, env = "KAGAMI_TOKEN", hide_env_values = true)]
     token: String,
-    /// The new image's name.
+    /// The new image's name (a whole-machine image's disks are NAME-disk0, NAME-disk1, …).
     #[arg(long)]
     name: String,
-    /// system or data.
-    #[arg(long, default_value = "system", value_parser = ["system", "data"])]
+    /// system or data (one --disk), or whole: every --disk, the system disk first.
+    #[arg(long, default_value = "system", value_parser = ["system", "data", "whole"])]
     kind: String,
-    /// The disk (block device or file) to capture; it must not be mounted.
+    /// The disk (block device or file) to capture; it must not be mounted. Repeat for a
+    /// whole-machine image.
+    #[arg(long, required = true)]
+    disk: Vec<PathBuf>,
+    /// The host these disks belong to, recorded as the images' source: captures of the same
+    /// source (and disk) form a chain (`kagami image history`) [default: this hostname].
     #[arg(long)]
-    disk: PathBuf,
+    source: Option<String>,
     /// Capture even a mounted disk (safe only for a read-only mount).
     #[arg(long)]
     force: bool,
@@ -230,7 +235,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 token: a.token,
                 name: a.name,
                 kind: a.kind,
-                disk: a.disk,
+                disks: a.disk,
+                source: a.source.unwrap_or_else(capture::hostname),
                 force: a.force,
                 queue_depth: a.queue_depth.into(),
                 engine: a.engine,

@@ -12,10 +12,13 @@ use serde_json::Value;
 use support::*;
 
 fn capture(s: &Server, disk: &str, name: &str) -> Value {
+    capture_with(s, &["--name", name, "--disk", disk])
+}
+
+fn capture_with(s: &Server, args: &[&str]) -> Value {
     let out = Command::new(AGENT)
-        .args([
-            "capture", "--server", &s.url, "--name", name, "--disk", disk,
-        ])
+        .args(["capture", "--server", &s.url])
+        .args(args)
         .env("KAGAMI_TOKEN", &s.token)
         .env("KAGAMI_LOG", "warn")
         .output()
@@ -87,4 +90,134 @@ fn a_capture_is_the_disk_and_a_second_one_uploads_only_what_changed() {
         same_prefix(&raw, &disk, 40 * MIB),
         "the second image is the changed disk"
     );
+}
+
+/// A host with a system and a data disk, captured as one whole-machine image; 1 % of the data
+/// disk changes; the second capture uploads only those blocks and follows the first in the
+/// lineage; the image deploys back onto two other disks byte for byte.
+#[test]
+fn a_whole_machine_capture_is_differential_keeps_its_lineage_and_deploys_back() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let system = dir.path().join("system.img");
+    std::fs::copy(image_file(dir.path()), &system).expect("copy");
+    // The data disk: 24 MiB, 384 blocks, every one of them data.
+    let data = dirty_disk(dir.path(), "data.img", 24 * MIB);
+    let (a, b) = (Loop::over(&system), Loop::over(&data));
+    let whole = |s: &Server| {
+        capture_with(
+            s,
+            &[
+                "--name",
+                "rack1-u07",
+                "--kind",
+                "whole",
+                "--disk",
+                &a.0,
+                "--disk",
+                &b.0,
+                "--source",
+                "rack1-u07",
+            ],
+        )
+    };
+    let first = whole(&s);
+    let id = first["image"].as_str().expect("id").to_string();
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["kind"], "whole", "{image}");
+    assert_eq!(image["status"], "active", "{image}");
+    assert_eq!(image["virtual_size"], 64 * MIB, "{image}");
+    let members: Vec<String> = image["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m.as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(members.len(), 2, "{image}");
+    for (i, (m, kind, disk)) in [(0, "system", &a.0), (1, "data", &b.0)]
+        .into_iter()
+        .map(|(i, k, d)| (i, (&members[i], k, d)))
+    {
+        let member = s.admin("GET", &format!("/v1/images/{m}"), &[]).json();
+        assert_eq!(member["kind"], kind, "{member}");
+        assert_eq!(member["parent"], id.as_str(), "{member}");
+        assert_eq!(member["disk_index"], i, "{member}");
+        assert_eq!(member["source_host"], "rack1-u07", "{member}");
+        assert_eq!(member["source_disk"], disk.as_str(), "{member}");
+        assert_eq!(member["name"], format!("rack1-u07-disk{i}"), "{member}");
+    }
+
+    // 1 % of the data disk (4 of its 384 blocks) changes.
+    for block in [3u64, 100, 200, 383] {
+        write_at(
+            &data,
+            block * BLOCK as u64 + 7,
+            b"changed since the first capture",
+        );
+    }
+    let second = whole(&s);
+    assert_eq!(second["uploaded_blocks"], 4, "{second}");
+    let uploaded = second["uploaded_bytes"].as_u64().expect("bytes");
+    assert!(
+        uploaded as f64 <= 1.1 * 4.0 * BLOCK as f64,
+        "at most 1.1x the changed blocks travel: {uploaded} bytes"
+    );
+    let second_id = second["image"].as_str().expect("id").to_string();
+    let history = s
+        .admin("GET", &format!("/v1/images/{second_id}/history"), &[])
+        .json();
+    let chain: Vec<&str> = history
+        .as_array()
+        .expect("chain")
+        .iter()
+        .map(|i| i["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(chain, [second_id.as_str(), id.as_str()], "{history}");
+    let shown = s.cli(&["image", "history", &second_id]);
+    assert!(shown.contains(&id) && shown.contains(&second_id), "{shown}");
+    let second_image = s
+        .admin("GET", &format!("/v1/images/{second_id}"), &[])
+        .json();
+    let second_members = second_image["members"].as_array().expect("members").clone();
+    let data_member = s
+        .admin(
+            "GET",
+            &format!("/v1/images/{}", second_members[1].as_str().expect("id")),
+            &[],
+        )
+        .json();
+    assert_eq!(
+        data_member["previous"],
+        members[1].as_str(),
+        "{data_member}"
+    );
+
+    // Restore onto two other disks (full of noise): each disk image onto its own disk.
+    let system2 = dirty_disk(dir.path(), "system2.img", 48 * MIB);
+    let data2 = dirty_disk(dir.path(), "data2.img", 24 * MIB);
+    let (c, d) = (Loop::over(&system2), Loop::over(&data2));
+    for (member, dev) in second_members.iter().zip([&c.0, &d.0]) {
+        report(&agent(&s, &s.url, member.as_str().expect("id"), dev, &[]));
+    }
+    drop((a, b, c, d));
+    assert!(same_prefix(&system2, &system, 40 * MIB), "the system disk");
+    assert!(same_prefix(&data2, &data, 24 * MIB), "the data disk");
+
+    // A disk image goes only with its whole-machine image, and takes nothing else along.
+    let member = second_members[0].as_str().expect("id");
+    let refused = s.admin("DELETE", &format!("/v1/images/{member}"), &[]);
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    assert!(
+        refused.text().contains("in_whole_image"),
+        "{}",
+        refused.text()
+    );
+    let deleted = s.admin("DELETE", &format!("/v1/images/{second_id}"), &[]);
+    assert!(deleted.status < 300, "{}", deleted.text());
+    assert_eq!(
+        s.admin("GET", &format!("/v1/images/{member}"), &[]).status,
+        404
+    );
+    let first_again = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(first_again["members"].as_array().map(Vec::len), Some(2));
 }

@@ -138,6 +138,22 @@ pub struct Image {
     pub tags: Vec<String>,
     pub properties: BTreeMap<String, String>,
     pub protected: bool,
+    /// A whole-machine image's disk images, in order (the system disk first); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Uuid>,
+    /// The whole-machine image this disk image is part of, and its place there.
+    #[serde(default)]
+    pub parent: Option<Uuid>,
+    #[serde(default)]
+    pub disk_index: Option<u32>,
+    /// Lineage of a capture: the host and disk it was made from, and the previous capture of
+    /// the same host (and disk) in the same project.
+    #[serde(default)]
+    pub source_host: Option<String>,
+    #[serde(default)]
+    pub source_disk: Option<String>,
+    #[serde(default)]
+    pub previous: Option<Uuid>,
     /// RFC 3339 UTC timestamps.
     pub created_at: String,
     pub updated_at: String,

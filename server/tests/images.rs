@@ -3,6 +3,7 @@
 mod common;
 
 use common::{BLOCK, Server, data_blocks, noise, same_bytes, sparse_file};
+use serde_json::Value;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
@@ -552,4 +553,98 @@ fn the_raw_path_takes_only_raw_and_iso_images_only_isos() {
         &["--data-binary", &format!("@{}", iso_file.display())],
     );
     assert_eq!((r.status, r.code()), (400, "format_mismatch".to_string()));
+}
+
+/// A whole-machine image groups active disk images of its project, once each; it holds no data
+/// of its own, and a deployment of it is a deployment of its disks, in order.
+#[test]
+fn whole_machine_images_group_disk_images_and_deploy_as_their_disks() {
+    let s = Server::start();
+    let d = s.dir.path();
+    let a = s.import(&sparse_file(d, "a.raw", 8 << 20, &[(0, 4096)], 1), "a");
+    let b = s.import(&sparse_file(d, "b.raw", 4 << 20, &[(0, 4096)], 2), "b");
+    let (a, b) = (a["id"].as_str().expect("id"), b["id"].as_str().expect("id"));
+    let create = |body: String| {
+        s.admin(
+            "POST",
+            "/v1/images",
+            &["-H", "content-type: application/json", "-d", &body],
+        )
+    };
+    let whole = |members: &[&str]| {
+        create(serde_json::json!({"name": "w", "kind": "whole", "members": members}).to_string())
+    };
+    let refused = |r: common::Response, status: u16, code: &str| {
+        assert_eq!(r.status, status, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], code, "{}", r.text());
+    };
+    refused(whole(&[]), 400, "invalid_members");
+    refused(whole(&[a, a]), 400, "invalid_members");
+    let queued = create(r#"{"name": "q"}"#.into()).json();
+    refused(
+        whole(&[a, queued["id"].as_str().expect("id")]),
+        409,
+        "not_active",
+    );
+    refused(
+        create(serde_json::json!({"name": "s", "members": [a]}).to_string()),
+        400,
+        "invalid_members",
+    );
+
+    let w = whole(&[a, b]);
+    assert!(w.status < 300, "{}", w.text());
+    let w = w.json();
+    let id = w["id"].as_str().expect("id");
+    assert_eq!(w["status"], "active", "{w}");
+    assert_eq!(w["virtual_size"], 12 << 20, "{w}");
+    assert_eq!(w["members"], serde_json::json!([a, b]), "{w}");
+    let member = s.admin("GET", &format!("/v1/images/{b}"), &[]).json();
+    assert_eq!(member["parent"], id, "{member}");
+    assert_eq!(member["disk_index"], 1, "{member}");
+    refused(whole(&[a]), 409, "in_whole_image");
+    refused(
+        s.admin("GET", &format!("/v1/images/{id}/manifest"), &[]),
+        409,
+        "whole_image",
+    );
+    refused(
+        s.admin(
+            "PUT",
+            &format!("/v1/images/{id}/file"),
+            &["--data-binary", "@/dev/null"],
+        ),
+        409,
+        "whole_image",
+    );
+
+    // Deployed: its disks in order, onto the host's disks in order (no device named).
+    s.cli(&["host", "add", "52:54:00:4b:47:77"]);
+    let dep = s.cli_json(&["host", "deploy", "52:54:00:4b:47:77", "--image", id]);
+    let disks: Vec<(&Value, &Value)> = dep["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| (&d["image_id"], &d["device"]))
+        .collect();
+    assert_eq!(
+        disks,
+        [
+            (&Value::from(a), &Value::Null),
+            (&Value::from(b), &Value::Null)
+        ],
+        "{dep}"
+    );
+    s.cli(&["host", "release", "52:54:00:4b:47:77"]);
+    let mapped = s.admin(
+        "POST",
+        "/v1/hosts/52:54:00:4b:47:77/deploy",
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &serde_json::json!({"disks": [{"device": "/dev/sdb", "image": id}]}).to_string(),
+        ],
+    );
+    refused(mapped, 400, "invalid_device");
 }

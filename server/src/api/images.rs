@@ -35,6 +35,7 @@ pub fn routes(config: &Config) -> Router<AppState> {
     Router::new()
         .route("/images", get(list).post(create))
         .route("/images/{id}", get(show).patch(update).delete(delete))
+        .route("/images/{id}/history", get(history))
         .layer(DefaultBodyLimit::max(config.limits.max_json_bytes))
         .route(
             "/images/{id}/file",
@@ -88,6 +89,20 @@ async fn show(
     Ok(Json(
         app.catalog
             .run(move |c| catalog_images::get(c, &caller, id))
+            .await?,
+    ))
+}
+
+/// The image and the captures before it (`previous` links), newest first.
+async fn history(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Image>>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(
+        app.catalog
+            .run(move |c| catalog_images::history(c, &caller, id))
             .await?,
     ))
 }

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use kagami_images::model::ImageKind;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -87,7 +88,9 @@ pub struct Host {
 /// One disk of a deployment and its progress.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DeployDisk {
-    /// The device to write (`/dev/sda`); `None` lets the agent pick the host's first disk.
+    /// The device to write (`/dev/sda`); `None` lets the agent pick: the disks without a
+    /// device go onto the host's fixed disks in order, skipping those named by other entries
+    /// (a whole-machine image: system disk first).
     pub device: Option<String>,
     pub image_id: Uuid,
     #[serde(default)]
@@ -575,7 +578,9 @@ pub fn deploy(
     }
     let tx = conn.transaction()?;
     let host = get(&tx, key)?;
-    for d in &mut disks {
+    // A whole-machine image stands for its disk images, onto the host's disks in order.
+    let mut expanded = Vec::with_capacity(disks.len());
+    for mut d in disks {
         let image = images::get(&tx, caller, d.image_id)?;
         if image.status != kagami_images::model::ImageStatus::Active {
             return Err(ApiError::conflict(
@@ -586,7 +591,38 @@ pub fn deploy(
                 ),
             ));
         }
-        d.bytes_total = image.virtual_size.unwrap_or(0);
+        if image.kind != ImageKind::Whole {
+            d.bytes_total = image.virtual_size.unwrap_or(0);
+            expanded.push(d);
+            continue;
+        }
+        if d.device.is_some() {
+            return Err(ApiError::bad(
+                "invalid_device",
+                format!(
+                    "image {} is a whole-machine image: it goes onto the host's disks in order \
+                     (give it as the image), or map its disk images {:?} with --disk DEV=IMAGE",
+                    image.id, image.members
+                ),
+            ));
+        }
+        for member in &image.members {
+            let m = images::get(&tx, caller, *member)?;
+            expanded.push(DeployDisk {
+                device: None,
+                image_id: m.id,
+                phase: None,
+                bytes_done: 0,
+                bytes_total: m.virtual_size.unwrap_or(0),
+            });
+        }
+    }
+    let disks = expanded;
+    if disks.len() > 32 {
+        return Err(ApiError::bad(
+            "invalid_body",
+            "a deployment writes at most 32 disks",
+        ));
     }
     if host.state == HostState::Deploying {
         return Err(ApiError::conflict(

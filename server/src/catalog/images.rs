@@ -16,7 +16,11 @@ use crate::error::ApiError;
 
 const COLUMNS: &str = "id, name, description, owner, kind, visibility, status, status_reason, region, virtual_size, \
     data_size, data_blocks, digest, min_ram_mb, min_disk_gb, boot_mode, architecture, os_type, os_distro, os_version, \
-    tags, properties, protected, created_at, updated_at";
+    tags, properties, protected, created_at, updated_at, parent_id, disk_index, source_host, source_disk, previous_id, \
+    (SELECT json_group_array(m.id ORDER BY m.disk_index) FROM images AS m WHERE m.parent_id = images.id)";
+
+/// Disks in a whole-machine image (as in a deployment).
+pub const MAX_MEMBERS: usize = 32;
 
 /// Bounds on caller-supplied text, so no request can bloat the catalog.
 pub const MAX_NAME: usize = 255;
@@ -51,6 +55,13 @@ pub struct NewImage {
     pub properties: BTreeMap<String, String>,
     #[serde(default)]
     pub protected: bool,
+    /// For kind `whole`: the disk images it groups, in order (system disk first); each must be
+    /// an active system or data image of the same project, in no other whole-machine image.
+    #[serde(default)]
+    pub members: Vec<Uuid>,
+    /// Lineage of a capture: the host (and disk) it was made from.
+    pub source_host: Option<String>,
+    pub source_disk: Option<String>,
 }
 
 fn default_kind() -> ImageKind {
@@ -155,6 +166,8 @@ impl NewImage {
         check_optional("os_distro", self.os_distro.as_ref())?;
         check_optional("os_version", self.os_version.as_ref())?;
         check_tags(&self.tags)?;
+        check_optional("source_host", self.source_host.as_ref())?;
+        check_optional("source_disk", self.source_disk.as_ref())?;
         check_properties(&self.properties)
     }
 }
@@ -200,6 +213,15 @@ fn row_to_image(r: &Row<'_>) -> rusqlite::Result<Image> {
         protected: r.get(22)?,
         created_at: rfc3339(r.get(23)?),
         updated_at: rfc3339(r.get(24)?),
+        parent: r.get::<_, Option<String>>(25)?.map(parse).transpose()?,
+        disk_index: r.get::<_, Option<i64>>(26)?.map(|i| i as u32),
+        source_host: r.get(27)?,
+        source_disk: r.get(28)?,
+        previous: r.get::<_, Option<String>>(29)?.map(parse).transpose()?,
+        members: r
+            .get::<_, Option<String>>(30)?
+            .and_then(|m| serde_json::from_str(&m).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -224,6 +246,9 @@ pub fn parse_id(text: &str) -> Result<Uuid, ApiError> {
     })
 }
 
+/// Creates an image: `queued` until data arrives — or, for a whole-machine image, `active` at
+/// once over its (already active) disk images, which it takes as members in the same
+/// transaction. A capture's image records the previous capture of the same host and disk.
 pub fn create(
     conn: &Connection,
     caller: &Caller,
@@ -233,10 +258,28 @@ pub fn create(
     new.check()?;
     let id = Uuid::new_v4();
     let now = now_ms();
-    conn.execute(
+    let tx = conn.unchecked_transaction()?;
+    let members = whole_members(&tx, caller, &new)?;
+    let previous = previous_capture(&tx, &caller.project, &new)?;
+    let (status, virtual_size, data_size, data_blocks) = if new.kind == ImageKind::Whole {
+        let sum = |f: fn(&Image) -> Option<u64>| {
+            Some(members.iter().map(|m| f(m).unwrap_or(0)).sum::<u64>() as i64)
+        };
+        (
+            "active",
+            sum(|m| m.virtual_size),
+            sum(|m| m.data_size),
+            sum(|m| m.data_blocks),
+        )
+    } else {
+        ("queued", None, None, None)
+    };
+    tx.execute(
         "INSERT INTO images (id, name, description, owner, kind, visibility, status, region, min_ram_mb, min_disk_gb,
-             boot_mode, architecture, os_type, os_distro, os_version, tags, properties, protected, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?18)",
+             boot_mode, architecture, os_type, os_distro, os_version, tags, properties, protected, created_at, updated_at,
+             source_host, source_disk, previous_id, virtual_size, data_size, data_blocks)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?19, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?18,
+             ?20, ?21, ?22, ?23, ?24, ?25)",
         params![
             id.to_string(),
             new.name,
@@ -255,10 +298,120 @@ pub fn create(
             json_text(&new.tags),
             json_text(&new.properties),
             new.protected,
-            now
+            now,
+            status,
+            new.source_host,
+            new.source_disk,
+            previous.map(|p| p.to_string()),
+            virtual_size,
+            data_size,
+            data_blocks
         ],
     )?;
+    for (i, m) in members.iter().enumerate() {
+        tx.execute(
+            "UPDATE images SET parent_id = ?2, disk_index = ?3, updated_at = ?4 WHERE id = ?1",
+            params![m.id.to_string(), id.to_string(), i as i64, now],
+        )?;
+    }
+    tx.commit()?;
     get(conn, caller, id)
+}
+
+/// The disk images a new whole-machine image groups, checked; none for other kinds.
+fn whole_members(
+    conn: &Connection,
+    caller: &Caller,
+    new: &NewImage,
+) -> Result<Vec<Image>, ApiError> {
+    if new.kind != ImageKind::Whole {
+        if !new.members.is_empty() {
+            return Err(ApiError::bad(
+                "invalid_members",
+                "only a whole-machine image (kind whole) has members",
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    if new.members.is_empty() || new.members.len() > MAX_MEMBERS {
+        return Err(ApiError::bad(
+            "invalid_members",
+            format!(
+                "a whole-machine image groups 1–{MAX_MEMBERS} disk images (members, system disk \
+                 first); capture one with `kagami-agent capture --kind whole --disk … --disk …`"
+            ),
+        ));
+    }
+    let mut out: Vec<Image> = Vec::with_capacity(new.members.len());
+    for id in &new.members {
+        let m = get_owned(conn, caller, *id)?;
+        if out.iter().any(|o| o.id == m.id) {
+            return Err(ApiError::bad(
+                "invalid_members",
+                format!("image {id} is listed twice"),
+            ));
+        }
+        if !matches!(m.kind, ImageKind::System | ImageKind::Data) {
+            return Err(ApiError::bad(
+                "invalid_members",
+                format!(
+                    "image {id} is a {} image; members are system or data disk images",
+                    m.kind
+                ),
+            ));
+        }
+        if m.status != ImageStatus::Active {
+            return Err(ApiError::conflict(
+                "not_active",
+                format!("image {id} is {}; members must be active", m.status),
+            ));
+        }
+        if let Some(parent) = m.parent {
+            return Err(ApiError::conflict(
+                "in_whole_image",
+                format!("image {id} is already a disk of whole-machine image {parent}"),
+            ));
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// The latest active image of the same project, kind, source host and disk: the capture
+/// this one follows.
+fn previous_capture(
+    conn: &Connection,
+    project: &str,
+    new: &NewImage,
+) -> Result<Option<Uuid>, ApiError> {
+    let Some(host) = &new.source_host else {
+        return Ok(None);
+    };
+    let id: Option<String> = conn
+        .query_row(
+            "SELECT id FROM images WHERE owner = ?1 AND source_host = ?2 AND kind = ?3
+                 AND source_disk IS ?4 AND status = 'active'
+             ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            params![project, host, new.kind.as_str(), new.source_disk],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(id.and_then(|i| i.parse().ok()))
+}
+
+/// An image and the captures before it, newest first (those the caller may see; at most 1000).
+pub fn history(conn: &Connection, caller: &Caller, id: Uuid) -> Result<Vec<Image>, ApiError> {
+    let mut chain = vec![get(conn, caller, id)?];
+    while let Some(previous) = chain.last().and_then(|i| i.previous) {
+        if chain.len() >= 1000 || chain.iter().any(|i| i.id == previous) {
+            break;
+        }
+        match get(conn, caller, previous) {
+            Ok(image) => chain.push(image),
+            Err(_) => break,
+        }
+    }
+    Ok(chain)
 }
 
 /// An image the caller may see; anything else is "not found", so existence does not leak.
@@ -515,23 +668,66 @@ pub fn delete(conn: &mut Connection, caller: &Caller, id: Uuid) -> Result<(), Ap
             format!("image {id} is receiving data; retry when the upload ends"),
         ));
     }
-    let tx = conn.transaction()?;
-    let index: Option<Vec<u8>> = tx.query_row(
-        "SELECT manifest FROM images WHERE id = ?1",
-        [id.to_string()],
-        |r| r.get(0),
-    )?;
-    if let Some(index) = index {
-        blocks::release(&tx, &index, now_ms())?;
+    if let Some(parent) = image.parent {
+        return Err(ApiError::conflict(
+            "in_whole_image",
+            format!(
+                "image {id} is disk {} of whole-machine image {parent}; delete that image (its \
+                 disks go with it)",
+                image.disk_index.unwrap_or(0)
+            ),
+        ));
     }
-    tx.execute("DELETE FROM images WHERE id = ?1", [id.to_string()])?;
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    // A whole-machine image takes its disk images with it.
+    let gone: Vec<String> = image
+        .members
+        .iter()
+        .chain([&id])
+        .map(Uuid::to_string)
+        .collect();
+    for g in &gone {
+        let index: Option<Vec<u8>> =
+            tx.query_row("SELECT manifest FROM images WHERE id = ?1", [g], |r| {
+                r.get(0)
+            })?;
+        if let Some(index) = index {
+            blocks::release(&tx, &index, now)?;
+        }
+        // The lineage closes over the gap: what followed it now follows what it followed.
+        tx.execute(
+            "UPDATE images SET previous_id = (SELECT previous_id FROM images WHERE id = ?1)
+             WHERE previous_id = ?1",
+            [g],
+        )?;
+        tx.execute("UPDATE images SET parent_id = NULL WHERE id = ?1", [g])?;
+    }
+    for g in &gone {
+        tx.execute("DELETE FROM images WHERE id = ?1", [g])?;
+    }
     tx.commit()?;
+    Ok(())
+}
+
+/// Refuses data for a whole-machine image: its disks are images of their own.
+fn refuse_whole(image: &Image) -> Result<(), ApiError> {
+    if image.kind == ImageKind::Whole {
+        return Err(ApiError::conflict(
+            "whole_image",
+            format!(
+                "image {} is a whole-machine image: its data is in its disk images (members)",
+                image.id
+            ),
+        ));
+    }
     Ok(())
 }
 
 /// queued|failed → saving. Only the owner uploads; an active image's content never changes.
 pub fn begin_upload(conn: &Connection, caller: &Caller, id: Uuid) -> Result<Image, ApiError> {
     let image = get_owned(conn, caller, id)?;
+    refuse_whole(&image)?;
     let now = now_ms();
     let changed = conn.execute(
         "UPDATE images SET status = 'saving', status_reason = NULL, upload_started_at = ?2, updated_at = ?2
@@ -554,6 +750,7 @@ pub fn begin_upload(conn: &Connection, caller: &Caller, id: Uuid) -> Result<Imag
 /// upload is staged, so a body is not received for nothing. [`begin_upload`] checks again.
 pub fn check_uploadable(conn: &Connection, caller: &Caller, id: Uuid) -> Result<Image, ApiError> {
     let image = get_owned(conn, caller, id)?;
+    refuse_whole(&image)?;
     if !matches!(image.status, ImageStatus::Queued | ImageStatus::Failed) {
         return Err(ApiError::conflict(
             "wrong_state",
@@ -636,6 +833,7 @@ pub fn manifest_index(
     id: Uuid,
 ) -> Result<(Image, Vec<u8>), ApiError> {
     let image = get(conn, caller, id)?;
+    refuse_whole(&image)?;
     if image.status != ImageStatus::Active {
         return Err(ApiError::conflict(
             "not_active",

@@ -153,6 +153,18 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     );
     "#,
+    // 6: whole-machine images (a `whole` image groups disk images: parent_id, disk_index) and
+    // the lineage of captures (source host and disk, the previous capture of them).
+    r#"
+    ALTER TABLE images ADD COLUMN parent_id TEXT REFERENCES images(id);
+    ALTER TABLE images ADD COLUMN disk_index INTEGER;
+    ALTER TABLE images ADD COLUMN source_host TEXT;
+    ALTER TABLE images ADD COLUMN source_disk TEXT;
+    ALTER TABLE images ADD COLUMN previous_id TEXT;
+    CREATE INDEX images_by_parent ON images(parent_id) WHERE parent_id IS NOT NULL;
+    CREATE INDEX images_by_source ON images(owner, source_host, created_at) WHERE source_host IS NOT NULL;
+    CREATE INDEX images_by_previous ON images(previous_id) WHERE previous_id IS NOT NULL;
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

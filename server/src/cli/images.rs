@@ -85,6 +85,13 @@ pub enum ImageCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// The chain of captures an image ends: the image, the capture of the same host (and disk)
+    /// before it, and so on, newest first, with what each one added.
+    History {
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Change an image's properties.
     Update {
         id: String,
@@ -120,6 +127,10 @@ pub enum ImageCommand {
     /// Print the NBD URL that reads the image as a block device (`nbdcopy`, `nbdinfo`,
     /// `qemu-img`): `nbd://HOST:PORT/ID/TOKEN`. The URL holds your token: treat it as one.
     ExportNbd { id: String },
+    /// Print the iSCSI URL of the image's target (`iscsi://HOST:PORT/IQN/0`) and the CHAP name
+    /// and secret to log in with, derived from your token (they let whoever holds them read
+    /// what your token may read, over iSCSI only). Public images need no CHAP.
+    ExportIscsi { id: String },
 }
 
 /// Metadata given at creation.
@@ -299,6 +310,7 @@ pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
             output,
         } => inspect(&file, format, output)?,
         ImageCommand::ExportNbd { id } => println!("{}", nbd_url(client, &id).await?),
+        ImageCommand::ExportIscsi { id } => export_iscsi(client, &id).await?,
         ImageCommand::Create { meta, output } => {
             let image: Image = client
                 .call(Method::POST, "/v1/images", &meta.body())
@@ -412,6 +424,22 @@ pub async fn run(client: &Client, cmd: ImageCommand) -> anyhow::Result<()> {
             let image: Image = client.get(&format!("/v1/images/{id}")).await?;
             print(output, &image, show)?;
         }
+        ImageCommand::History { id, output } => {
+            let chain: Vec<Image> = client.get(&format!("/v1/images/{id}/history")).await?;
+            print(output, &chain, |chain| {
+                for i in chain {
+                    println!(
+                        "{}  {}  {:<8} {:<6} {:>10} of data  {}",
+                        i.id,
+                        i.created_at,
+                        i.kind,
+                        i.status,
+                        i.data_size.map(human_bytes).unwrap_or_else(|| "-".into()),
+                        i.name
+                    );
+                }
+            })?;
+        }
         ImageCommand::Update { id, patch, output } => {
             let image: Image = client
                 .call(Method::PATCH, &format!("/v1/images/{id}"), &patch.body())
@@ -489,6 +517,24 @@ fn show(i: &Image) {
     }
     for (k, v) in &i.properties {
         println!("property:    {k}={v}");
+    }
+    for (n, m) in i.members.iter().enumerate() {
+        println!("disk {n}:      {m}");
+    }
+    if let Some(p) = i.parent {
+        println!(
+            "part of:     whole-machine image {p} (disk {})",
+            i.disk_index.unwrap_or(0)
+        );
+    }
+    if let Some(h) = &i.source_host {
+        match &i.source_disk {
+            Some(d) => println!("captured:    from {h}, disk {d}"),
+            None => println!("captured:    from {h}"),
+        }
+    }
+    if let Some(p) = i.previous {
+        println!("previous:    {p} (kagami image history {})", i.id);
     }
 }
 
@@ -645,6 +691,32 @@ async fn download(
 /// read the image and that NBD is on. A listener on every address (`0.0.0.0:10809`) is named by
 /// the host the CLI reaches the API at.
 async fn nbd_url(client: &Client, id: &str) -> anyhow::Result<String> {
+    let (image, host, port) = export_address(client, id, "nbd", "NBD").await?;
+    Ok(format!("nbd://{host}:{port}/{}/{}", image.id, client.token()))
+}
+
+/// Prints image `id`'s iSCSI URL and this client's CHAP credentials (see `kagami image
+/// export-iscsi --help`).
+async fn export_iscsi(client: &Client, id: &str) -> anyhow::Result<()> {
+    let (image, host, port) = export_address(client, id, "iscsi", "iSCSI").await?;
+    let target = crate::stream::iscsi::target_name(image.id);
+    let (name, secret) = crate::stream::iscsi::chap::credentials(client.token());
+    println!("iscsi://{host}:{port}/{target}/0");
+    println!("CHAP name:   {name}");
+    println!("CHAP secret: {secret}");
+    println!("libiscsi (qemu-img, iscsi-ls): iscsi://{name}%{secret}@{host}:{port}/{target}/0");
+    Ok(())
+}
+
+/// Image `id` (once the server confirms this client's token can read it and it is active) and
+/// the host and port of the server's `key` listener from `/v1/exports`. A listener on every
+/// address (`0.0.0.0:PORT`) is named by the host the CLI reaches the API at.
+async fn export_address(
+    client: &Client,
+    id: &str,
+    key: &str,
+    what: &str,
+) -> anyhow::Result<(Image, String, u16)> {
     let image: Image = client.get(&format!("/v1/images/{id}")).await?;
     if image.status != ImageStatus::Active {
         bail!(
@@ -653,14 +725,14 @@ async fn nbd_url(client: &Client, id: &str) -> anyhow::Result<String> {
         );
     }
     let exports: Value = client.get("/v1/exports").await?;
-    let Some(listen) = exports["nbd"].as_str() else {
+    let Some(listen) = exports[key].as_str() else {
         bail!(
-            "the server does not serve NBD; start it with --nbd-listen ADDR:PORT (or [nbd] listen)"
+            "the server does not serve {what}; start it with --{key}-listen ADDR:PORT (or [{key}] listen)"
         );
     };
     let addr: std::net::SocketAddr = listen
         .parse()
-        .with_context(|| format!("the server reported an NBD address {listen:?}"))?;
+        .with_context(|| format!("the server reported an {what} address {listen:?}"))?;
     let host = if addr.ip().is_unspecified() {
         reqwest::Url::parse(client.base())
             .ok()
@@ -672,10 +744,5 @@ async fn nbd_url(client: &Client, id: &str) -> anyhow::Result<String> {
             ip => ip.to_string(),
         }
     };
-    Ok(format!(
-        "nbd://{host}:{}/{}/{}",
-        addr.port(),
-        image.id,
-        client.token()
-    ))
+    Ok((image, host, addr.port()))
 }
