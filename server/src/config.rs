@@ -22,6 +22,7 @@ pub struct Config {
     pub tftp: TftpConfig,
     pub dhcp: DhcpConfig,
     pub nbd: NbdConfig,
+    pub iscsi: IscsiConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -178,6 +179,29 @@ impl NbdConfig {
         self.listen.parse().map(Some).map_err(|_| {
             anyhow::anyhow!(
                 "invalid configuration: nbd.listen must be ADDR:PORT or empty, not {:?}",
+                self.listen
+            )
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IscsiConfig {
+    /// Address of the read-only iSCSI target, `ADDR:PORT` (3260 is iSCSI's port); empty turns
+    /// it off (the default).
+    pub listen: String,
+}
+
+impl IscsiConfig {
+    /// The address to listen on, or `None` when iSCSI is off.
+    pub fn listen_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "invalid configuration: iscsi.listen must be ADDR:PORT or empty, not {:?}",
                 self.listen
             )
         })
@@ -373,6 +397,7 @@ pub struct Overrides {
     pub ramdisk_dir: Option<PathBuf>,
     pub tftp_listen: Option<SocketAddr>,
     pub nbd_listen: Option<SocketAddr>,
+    pub iscsi_listen: Option<SocketAddr>,
     pub boot_dir: Option<PathBuf>,
     pub dhcp_interface: Option<String>,
     pub dhcp_mode: Option<String>,
@@ -401,6 +426,9 @@ impl Config {
         }
         if let Some(addr) = overrides.nbd_listen {
             fig = fig.merge(("nbd.listen", addr.to_string()));
+        }
+        if let Some(addr) = overrides.iscsi_listen {
+            fig = fig.merge(("iscsi.listen", addr.to_string()));
         }
         if let Some(dir) = overrides.boot_dir {
             fig = fig.merge(("boot.dir", dir));
@@ -447,6 +475,7 @@ impl Config {
         }
         self.dhcp.check()?;
         self.nbd.listen_addr()?;
+        self.iscsi.listen_addr()?;
         let tftp = &self.tftp;
         tftp.listen_addr()?;
         if !(8..=65464).contains(&tftp.max_blksize) {

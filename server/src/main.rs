@@ -61,6 +61,10 @@ enum Command {
         /// [default: off].
         #[arg(long, value_name = "ADDR:PORT")]
         nbd_listen: Option<SocketAddr>,
+        /// Serve every image read-only as an iSCSI target (`iqn.2026-11.io.kagami:<id>`, LUN
+        /// 0) on this address (port 3260 by convention) [default: off].
+        #[arg(long, value_name = "ADDR:PORT")]
+        iscsi_listen: Option<SocketAddr>,
         /// The files PXE clients fetch (iPXE binaries) [default: /srv/kagami/boot].
         #[arg(long, value_name = "DIR")]
         boot_dir: Option<PathBuf>,
@@ -187,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ramdisk_dir,
             tftp_listen,
             nbd_listen,
+            iscsi_listen,
             boot_dir,
             dhcp_interface,
             dhcp_mode,
@@ -201,6 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ramdisk_dir,
                     tftp_listen,
                     nbd_listen,
+                    iscsi_listen,
                     boot_dir,
                     dhcp_interface,
                     dhcp_mode,

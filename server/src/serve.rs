@@ -118,6 +118,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(nbd.run());
     }
 
+    // iSCSI likewise.
+    if let Some(iscsi) =
+        crate::stream::iscsi::Server::from_config(&config, state.reader.clone()).await?
+    {
+        tracing::info!(addr = %iscsi.local_addr()?, "serving images over iSCSI (read-only)");
+        tokio::spawn(iscsi.run());
+    }
+
     // DHCP before the API too: "serving" means PXE clients are answered.
     if let Some(dhcp) =
         crate::boot::dhcp::Server::from_config(&config, state.catalog.clone()).await?

@@ -47,6 +47,15 @@ impl Caller {
         }
     }
 
+    /// A caller with no token (an iSCSI login without authentication): it sees public and
+    /// marketplace images only. Its project name is one no real project can have.
+    pub fn anonymous() -> Caller {
+        Caller {
+            project: "(anonymous)".into(),
+            role: Role::Member,
+        }
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
     }
@@ -170,6 +179,33 @@ pub fn authenticate(conn: &Connection, secret: &str) -> Result<Option<Caller>, A
             Role::Member
         },
     }))
+}
+
+/// The tokens whose secret's sha256 starts with `prefix`, with that whole hash: how the iSCSI
+/// target finds the token a CHAP name stands for (the name carries a prefix of the hash, the
+/// secret is derived from the whole of it; see `stream::iscsi::chap`).
+pub fn by_hash_prefix(
+    conn: &Connection,
+    prefix: &[u8],
+) -> Result<Vec<(Caller, Vec<u8>)>, ApiError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT project, role, secret_hash FROM tokens WHERE substr(secret_hash, 1, ?1) = ?2",
+    )?;
+    let rows = stmt.query_map(params![prefix.len() as i64, prefix], |r| {
+        let role: String = r.get(1)?;
+        Ok((
+            Caller {
+                project: r.get(0)?,
+                role: if role == "admin" {
+                    Role::Admin
+                } else {
+                    Role::Member
+                },
+            },
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub fn create_project(conn: &Connection, name: &str) -> Result<Project, ApiError> {

@@ -2,20 +2,72 @@
 //! (segment reads for agents and peers). Every block read from a pack is re-hashed before it is
 //! served when `store.verify_reads` is on, so a corrupt pack is reported, never passed on.
 //!
-//! The NBD export ([`nbd`]) reads through here too; iSCSI will.
+//! The block exports ([`nbd`], [`iscsi`]) read through here too, and share the accept loop
+//! and the access check below.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use kagami_images::format::read::Logical;
 use kagami_images::format::write::{Export, Piece};
 use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_BLOCKS, SEGMENT_SIZE};
 
-use crate::catalog::{Catalog, blocks};
+use crate::catalog::tenancy::Caller;
+use crate::catalog::{Catalog, blocks, images};
 use crate::error::ApiError;
 use crate::store::{Location, PackStore};
 
+pub mod iscsi;
 pub mod nbd;
+
+/// The manifest of image `id` if `caller` may read it and it is active: what a block export
+/// opens. A missing image and one the caller may not see are the same answer.
+pub fn open_image(
+    conn: &rusqlite::Connection,
+    caller: &Caller,
+    id: uuid::Uuid,
+) -> Result<Arc<Manifest>, ApiError> {
+    let (_, index) = images::manifest_index(conn, caller, id)?;
+    Ok(Arc::new(blocks::load_manifest(conn, &index)?))
+}
+
+/// Accepts connections on `listener` until the process ends, each served by `serve` on a task
+/// of its own; past `max` open connections, new ones are closed on arrival. `what` names the
+/// protocol in the log.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    max: usize,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                tracing::warn!("{what} accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "{what} connection refused: {max} already open");
+            continue;
+        };
+        let served = serve(stream, peer);
+        tokio::spawn(async move {
+            served.await;
+            drop(slot);
+        });
+    }
+}
 
 /// What reading needs: the catalog (block locations) and the store (bytes).
 #[derive(Clone, Debug)]

@@ -45,8 +45,8 @@ use uuid::Uuid;
 
 use self::proto::{Action, Opt};
 use super::{Reader, block_at};
-use crate::catalog::images::{self as catalog_images, parse_id};
-use crate::catalog::{blocks, tenancy};
+use crate::catalog::images::parse_id;
+use crate::catalog::tenancy;
 use crate::config::Config;
 use crate::error::ApiError;
 
@@ -77,7 +77,6 @@ pub struct Server {
 struct Shared {
     reader: Reader,
     buffers: Arc<Semaphore>,
-    connections: Arc<Semaphore>,
 }
 
 impl Server {
@@ -94,7 +93,6 @@ impl Server {
             shared: Arc::new(Shared {
                 reader,
                 buffers: Arc::new(Semaphore::new(BUFFER_BUDGET)),
-                connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             }),
         }))
     }
@@ -105,26 +103,14 @@ impl Server {
 
     /// Accepts connections until the process ends, each on a task of its own.
     pub async fn run(self) {
-        loop {
-            let (stream, peer) = match self.listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait rather than spin.
-                    tracing::warn!("NBD accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = self.shared.connections.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "NBD connection refused: {MAX_CONNECTIONS} already open");
-                continue;
-            };
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                connection(stream, peer, shared).await;
-                drop(slot);
-            });
-        }
+        let shared = self.shared;
+        super::accept_loop(
+            self.listener,
+            "NBD",
+            MAX_CONNECTIONS,
+            move |stream, peer| connection(stream, peer, shared.clone()),
+        )
+        .await;
     }
 }
 
@@ -177,8 +163,7 @@ fn authorize(conn: &rusqlite::Connection, name: &str) -> Result<(Uuid, tenancy::
 /// Authorizes `name` and loads its image's manifest.
 fn open(conn: &rusqlite::Connection, name: &str) -> Result<Export, Refusal> {
     let (id, caller) = authorize(conn, name)?;
-    let (_, index) = catalog_images::manifest_index(conn, &caller, id)?;
-    let manifest = Arc::new(blocks::load_manifest(conn, &index)?);
+    let manifest = super::open_image(conn, &caller, id)?;
     Ok(Export { id, manifest })
 }
 

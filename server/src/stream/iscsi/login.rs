@@ -1,0 +1,377 @@
+//! The login phase (RFC 7143 §6.3): security stage (AuthMethod None or CHAP), operational
+//! stage (text keys, [`keys`]), then full feature phase — for a discovery session or a normal
+//! session on one image's target, which the authenticated caller must be allowed to read.
+
+use std::sync::Arc;
+
+use kagami_images::Manifest;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use uuid::Uuid;
+
+use super::keys::{self, Params};
+use super::pdu::{self, LoginRequest};
+use super::{CMD_WINDOW, Pdu, chap, read_pdu, target_id};
+use crate::catalog::tenancy::{self, Caller};
+use crate::stream::{Reader, open_image};
+
+/// What kind of session was logged in.
+#[derive(Debug)]
+pub enum Kind {
+    /// SendTargets only.
+    Discovery,
+    /// One image's target, LUN 0.
+    Normal { id: Uuid, manifest: Arc<Manifest> },
+}
+
+/// A session at the start of its full feature phase.
+#[derive(Debug)]
+pub struct Session {
+    pub kind: Kind,
+    pub caller: Caller,
+    pub initiator: String,
+    pub params: Params,
+    /// The StatSN of the next response.
+    pub stat_sn: u32,
+    /// The CmdSN of the first command (the login's own).
+    pub exp_cmd_sn: u32,
+}
+
+/// Where the security stage stands.
+#[derive(Debug)]
+enum Auth {
+    /// Nothing offered yet: a login that skips the stage is a login without authentication.
+    NotOffered,
+    /// AuthMethod=None chosen: the anonymous caller.
+    None,
+    /// AuthMethod=CHAP chosen; the initiator's CHAP_A is next.
+    ChapChosen,
+    /// The challenge was sent; CHAP_N and CHAP_R are next.
+    Challenged {
+        id: u8,
+        challenge: [u8; chap::CHALLENGE_LEN],
+    },
+    /// CHAP verified for this caller.
+    Done(Caller),
+}
+
+/// Why a login failed, as the status the initiator gets (and a line for the log).
+#[derive(Debug)]
+struct Failure {
+    status: u16,
+    why: String,
+}
+
+fn fail(status: u16, why: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        why: why.into(),
+    }
+}
+
+/// Runs the login phase on a new connection. `Ok(None)`: the initiator was refused (the
+/// refusal was sent) or went away.
+pub async fn login<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    reader: &Reader,
+    tsih: u16,
+) -> std::io::Result<Option<Session>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut state = State {
+        auth: Auth::NotOffered,
+        stage: None,
+        initiator: None,
+        target: None,
+        discovery: None,
+        params: Params::default(),
+        declared: false,
+    };
+    let mut stat_sn: Option<u32> = None;
+    loop {
+        let Some(Pdu { header, data }) = read_pdu(rd).await? else {
+            return Ok(None);
+        };
+        if header.opcode != pdu::OP_LOGIN {
+            // Nothing but login PDUs before the full feature phase (§6.3): close.
+            return Ok(None);
+        }
+        let req = pdu::login_request(&header);
+        let sn = *stat_sn.get_or_insert(req.exp_stat_sn);
+        let step = state.step(&req, &data, reader).await;
+        let (keys, transit, nsg, status, done) = match step {
+            Ok(Step {
+                keys,
+                transit,
+                nsg,
+                done,
+            }) => (keys, transit, nsg, pdu::LOGIN_SUCCESS, done),
+            Err(f) => {
+                tracing::info!(
+                    initiator = state.initiator.as_deref().unwrap_or("?"),
+                    status = format!("{:#06x}", f.status),
+                    "iSCSI login refused: {}",
+                    f.why
+                );
+                (Vec::new(), false, 0, f.status, None)
+            }
+        };
+        let final_tsih = if done.is_some() { tsih } else { 0 };
+        let mut bhs = pdu::login_response(&req, transit, nsg, final_tsih, status, keys.len());
+        pdu::set_numbers(
+            &mut bhs,
+            sn,
+            req.cmd_sn,
+            req.cmd_sn.wrapping_add(CMD_WINDOW - 1),
+        );
+        wr.write_all(&bhs).await?;
+        wr.write_all(&keys).await?;
+        wr.write_all(&[0u8; 3][..pdu::padded(keys.len()) - keys.len()])
+            .await?;
+        wr.flush().await?;
+        stat_sn = Some(sn.wrapping_add(1));
+        if status != pdu::LOGIN_SUCCESS {
+            return Ok(None);
+        }
+        if let Some((kind, caller)) = done {
+            return Ok(Some(Session {
+                kind,
+                caller,
+                initiator: state.initiator.unwrap_or_default(),
+                params: state.params,
+                stat_sn: sn.wrapping_add(1),
+                exp_cmd_sn: req.cmd_sn,
+            }));
+        }
+    }
+}
+
+/// What one login response says.
+struct Step {
+    keys: Vec<u8>,
+    transit: bool,
+    nsg: u8,
+    /// Set when this response ends the login (T and NSG = full feature).
+    done: Option<(Kind, Caller)>,
+}
+
+struct State {
+    auth: Auth,
+    /// The current stage, once the first request named it.
+    stage: Option<u8>,
+    initiator: Option<String>,
+    target: Option<String>,
+    discovery: Option<bool>,
+    params: Params,
+    /// Our MaxRecvDataSegmentLength was declared.
+    declared: bool,
+}
+
+impl State {
+    async fn step(
+        &mut self,
+        req: &LoginRequest,
+        data: &[u8],
+        reader: &Reader,
+    ) -> Result<Step, Failure> {
+        let first = self.stage.is_none();
+        if first {
+            if req.version_min != 0 {
+                return Err(fail(
+                    pdu::LOGIN_UNSUPPORTED_VERSION,
+                    "only version 0 exists",
+                ));
+            }
+            // A TSIH names a session to add a connection to or reinstate: none here has more
+            // than one connection, and none outlives its connection.
+            if req.tsih != 0 {
+                return Err(fail(pdu::LOGIN_NO_SESSION, "no session to join"));
+            }
+        }
+        if req.cont {
+            return Err(fail(
+                pdu::LOGIN_INVALID_REQUEST,
+                "text split over several login PDUs is not supported",
+            ));
+        }
+        let csg = req.csg;
+        if csg != pdu::STAGE_SECURITY && csg != pdu::STAGE_OPERATIONAL {
+            return Err(fail(pdu::LOGIN_INITIATOR_ERROR, "no such login stage"));
+        }
+        if self.stage.is_some_and(|s| s != csg) {
+            return Err(fail(pdu::LOGIN_INITIATOR_ERROR, "stage out of step"));
+        }
+        self.stage = Some(csg);
+        let pairs =
+            pdu::decode_text(data).map_err(|e| fail(pdu::LOGIN_INITIATOR_ERROR, e.to_string()))?;
+        if csg == pdu::STAGE_OPERATIONAL {
+            match self.auth {
+                Auth::NotOffered => self.auth = Auth::None,
+                Auth::None | Auth::Done(_) => {}
+                // Leaving the security stage half-way through CHAP is not logging in.
+                _ => return Err(fail(pdu::LOGIN_AUTH_FAILED, "CHAP was not completed")),
+            }
+        }
+        let mut out = Vec::new();
+        let mut chap_name = None;
+        let mut chap_response = None;
+        for (key, value) in &pairs {
+            match *key {
+                "InitiatorName" => self.initiator = Some(value.to_string()),
+                "TargetName" => self.target = Some(value.to_lowercase()),
+                "SessionType" => match *value {
+                    "Discovery" => self.discovery = Some(true),
+                    "Normal" => self.discovery = Some(false),
+                    _ => {
+                        return Err(fail(
+                            pdu::LOGIN_UNSUPPORTED_SESSION_TYPE,
+                            "SessionType is Discovery or Normal",
+                        ));
+                    }
+                },
+                "AuthMethod" if csg == pdu::STAGE_SECURITY => {
+                    // The first of the initiator's choices we support (§6.2.1).
+                    let chosen = value.split(',').find(|m| matches!(*m, "CHAP" | "None"));
+                    match chosen {
+                        Some("CHAP") => self.auth = Auth::ChapChosen,
+                        Some(_) => self.auth = Auth::None,
+                        None => {
+                            return Err(fail(
+                                pdu::LOGIN_AUTH_FAILED,
+                                "AuthMethod offers neither CHAP nor None",
+                            ));
+                        }
+                    }
+                    pdu::push_key(&mut out, key, chosen.unwrap_or("Reject"));
+                }
+                "CHAP_A" if matches!(self.auth, Auth::ChapChosen) => {
+                    if !value.split(',').any(|a| a == chap::ALGORITHM_MD5) {
+                        return Err(fail(pdu::LOGIN_AUTH_FAILED, "CHAP_A offers no MD5 (5)"));
+                    }
+                    let (id, challenge) = chap::challenge()
+                        .map_err(|e| fail(pdu::LOGIN_TARGET_ERROR, e.to_string()))?;
+                    pdu::push_key(&mut out, "CHAP_A", chap::ALGORITHM_MD5);
+                    pdu::push_key(&mut out, "CHAP_I", &id.to_string());
+                    pdu::push_key(&mut out, "CHAP_C", &chap::encode(&challenge));
+                    self.auth = Auth::Challenged { id, challenge };
+                }
+                "CHAP_N" => chap_name = Some(value.to_string()),
+                "CHAP_R" => chap_response = Some(value.to_string()),
+                // The initiator asks us to prove ourselves too (mutual CHAP): there is no
+                // target secret to prove it with.
+                "CHAP_I" | "CHAP_C" => {
+                    return Err(fail(pdu::LOGIN_AUTH_FAILED, "mutual CHAP is not supported"));
+                }
+                "InitiatorAlias" => {}
+                _ => {
+                    let discovery = self.discovery.unwrap_or(false);
+                    if let Some(answer) = keys::answer(key, value, discovery, &mut self.params) {
+                        pdu::push_key(&mut out, key, &answer);
+                    }
+                }
+            }
+        }
+        if first {
+            if self.initiator.is_none() {
+                return Err(fail(pdu::LOGIN_MISSING_PARAMETER, "no InitiatorName"));
+            }
+            if self.discovery == Some(true) {
+                self.target = None;
+            } else if self.target.is_none() {
+                return Err(fail(pdu::LOGIN_MISSING_PARAMETER, "no TargetName"));
+            } else {
+                // §13.9: a normal session's first login response names the portal group.
+                pdu::push_key(&mut out, "TargetPortalGroupTag", "1");
+            }
+        }
+        if let (Some(name), Some(response)) = (chap_name, chap_response) {
+            let Auth::Challenged { id, challenge } = self.auth else {
+                return Err(fail(pdu::LOGIN_AUTH_FAILED, "CHAP_R before a challenge"));
+            };
+            let caller = check_chap(reader, &name, &response, id, challenge).await?;
+            self.auth = Auth::Done(caller);
+        }
+        if csg == pdu::STAGE_OPERATIONAL && !self.declared {
+            pdu::push_key(
+                &mut out,
+                "MaxRecvDataSegmentLength",
+                &keys::OUR_MAX_RECV.to_string(),
+            );
+            self.declared = true;
+        }
+        // The initiator asks to move on; we agree once authentication is done.
+        let authenticated = matches!(self.auth, Auth::NotOffered | Auth::None | Auth::Done(_));
+        let nsg = req.nsg;
+        let transit = req.transit
+            && authenticated
+            && nsg > csg
+            && (nsg == pdu::STAGE_OPERATIONAL || nsg == pdu::STAGE_FULL_FEATURE);
+        if transit {
+            self.stage = Some(nsg);
+        }
+        let mut done = None;
+        if transit && nsg == pdu::STAGE_FULL_FEATURE {
+            let caller = match &self.auth {
+                Auth::Done(caller) => caller.clone(),
+                _ => Caller::anonymous(),
+            };
+            let kind = match &self.target {
+                None => Kind::Discovery,
+                Some(name) => authorize(reader, &caller, name).await?,
+            };
+            done = Some((kind, caller));
+        }
+        Ok(Step {
+            keys: out,
+            transit,
+            nsg: if transit { nsg } else { 0 },
+            done,
+        })
+    }
+}
+
+/// Finds the token a CHAP name stands for and checks the response against its secret.
+async fn check_chap(
+    reader: &Reader,
+    name: &str,
+    response: &str,
+    id: u8,
+    challenge: [u8; chap::CHALLENGE_LEN],
+) -> Result<Caller, Failure> {
+    let refused = || {
+        fail(
+            pdu::LOGIN_AUTH_FAILED,
+            "CHAP name or response does not match a token (see `kagami image export-iscsi`)",
+        )
+    };
+    let prefix = chap::hash_prefix(name).ok_or_else(refused)?;
+    let got = chap::decode(response).ok_or_else(refused)?;
+    let candidates = reader
+        .catalog
+        .run(move |c| tenancy::by_hash_prefix(c, &prefix))
+        .await
+        .map_err(|e| fail(pdu::LOGIN_TARGET_ERROR, e.to_string()))?;
+    candidates
+        .into_iter()
+        .find(|(_, hash)| {
+            let (_, secret) = chap::credentials_for_hash(hash);
+            chap::verify(id, secret.as_bytes(), &challenge, &got)
+        })
+        .map(|(caller, _)| caller)
+        .ok_or_else(refused)
+}
+
+/// The image behind target `name`, if `caller` may read it. A malformed name, a missing
+/// image and one the caller may not read are the same answer: not found.
+async fn authorize(reader: &Reader, caller: &Caller, name: &str) -> Result<Kind, Failure> {
+    let not_found = |why: String| fail(pdu::LOGIN_NOT_FOUND, why);
+    let id = target_id(name)
+        .ok_or_else(|| not_found(format!("{name} is not one of this server's targets")))?;
+    let who = caller.clone();
+    match reader.catalog.run(move |c| open_image(c, &who, id)).await {
+        Ok(manifest) => Ok(Kind::Normal { id, manifest }),
+        Err(e) => Err(not_found(e.to_string())),
+    }
+}

@@ -1,0 +1,701 @@
+//! A read-only iSCSI target (`[iscsi] listen`, `kagami serve --iscsi-listen`): every image is a
+//! target of its own, `iqn.2026-11.io.kagami:<image-id>`, with one LUN (0) — what iPXE's
+//! `sanboot iscsi:…`, the Linux initiator, libiscsi (`iscsi-ls`, `qemu-img`) and Windows use.
+//!
+//! **Why our own code.** There is no iSCSI target crate for Rust (only initiator bindings to
+//! libiscsi); the part of RFC 7143 a read-only target with error recovery level 0 needs is small,
+//! and the codec that faces untrusted bytes is ours to bound and fuzz anyway.
+//!
+//! **Protocol.** RFC 7143: login with AuthMethod None or CHAP (MD5), text negotiation of the
+//! operational keys ([`keys`]: no digests, one connection per session, ERL 0), discovery
+//! sessions answering `SendTargets`, normal sessions running SCSI commands ([`scsi`]: INQUIRY
+//! with VPD pages, READ CAPACITY, READ, MODE SENSE with WP set, REPORT LUNS, …; writes get
+//! CHECK CONDITION, DATA PROTECT / WRITE PROTECTED). Reads go through [`Reader::read_at`],
+//! every block verified, and come back as Data-In PDUs of the initiator's
+//! MaxRecvDataSegmentLength, sequences of MaxBurstLength, status in the last one (phase
+//! collapse); NOP-Out pings are answered, task management waits for the commands in flight,
+//! logout closes. Commands of one connection run concurrently (up to [`CMD_WINDOW`], which is
+//! also the CmdSN window) and complete in any order. Logical blocks are 512 bytes; an image
+//! whose size is not a multiple of 512 reads as padded with zeros.
+//!
+//! **Access.** A discovery session lists, and a normal session opens, only images the caller
+//! may read by the catalog's tenancy rules (active ones):
+//! - *CHAP*: the CHAP name and secret are derived from a bearer token ([`chap`]; `kagami image
+//!   export-iscsi ID` prints them): the caller is that token's project and role.
+//! - *No authentication*: the anonymous caller, which sees public and marketplace images
+//!   only. A private or shared image is never readable without a token's CHAP credentials.
+//!
+//! A refused login says "authentication failure" for wrong credentials and "not found" for a
+//! target the caller may not read — the same as for one that does not exist. Mutual CHAP is
+//! refused (the target has no secret of its own). Per-boot credentials for hosts that
+//! `sanboot` an ISO come with the transitional boots.
+//!
+//! **Limits.** PDUs: [`pdu::MAX_DATA_SEGMENT`] of data, text within [`pdu::MAX_KEYS`]; login
+//! within [`LOGIN_TIMEOUT`]; [`scsi::MAX_TRANSFER_BLOCKS`] per command (advertised in the Block
+//! Limits VPD page); [`CONNECTION_BUDGET`] bytes of read buffers per connection and
+//! [`BUFFER_BUDGET`] across all; [`MAX_CONNECTIONS`]; [`MAX_TARGETS`] in one SendTargets answer.
+
+pub mod chap;
+pub mod keys;
+pub mod login;
+pub mod pdu;
+pub mod scsi;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use kagami_images::Manifest;
+use kagami_images::model::ImageStatus;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use uuid::Uuid;
+
+use self::keys::Params;
+use self::login::{Kind, Session};
+use self::pdu::Header;
+use super::Reader;
+use crate::catalog::images::{self as catalog_images, ListQuery};
+use crate::catalog::tenancy::Caller;
+use crate::config::Config;
+
+/// The prefix of every target name; the image id follows.
+pub const IQN_PREFIX: &str = "iqn.2026-11.io.kagami:";
+/// The login phase must end within this.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Commands of one connection in flight, and the CmdSN window (MaxCmdSN - ExpCmdSN + 1).
+pub const CMD_WINDOW: u32 = 32;
+/// Read buffers of one connection, in bytes: four of the largest commands.
+pub const CONNECTION_BUDGET: usize = 4 * (scsi::MAX_TRANSFER_BLOCKS as usize * 512);
+/// Read buffers across all connections, in bytes.
+pub const BUFFER_BUDGET: usize = 256 << 20;
+/// Connections at once; more are closed on arrival.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Targets listed in one SendTargets answer.
+pub const MAX_TARGETS: usize = 4096;
+
+/// The name of image `id`'s target.
+pub fn target_name(id: Uuid) -> String {
+    format!("{IQN_PREFIX}{id}")
+}
+
+/// The image id a target name stands for (iSCSI names compare case-insensitively).
+pub fn target_id(name: &str) -> Option<Uuid> {
+    let name = name.to_ascii_lowercase();
+    name.strip_prefix(IQN_PREFIX)?.parse().ok()
+}
+
+/// The iSCSI listener and what its connections share.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    reader: Reader,
+    buffers: Arc<Semaphore>,
+    /// The last TSIH handed out (never 0, which means "a new session").
+    tsih: AtomicU16,
+}
+
+impl Server {
+    /// Binds `iscsi.listen`, or returns `None` when it is empty (iSCSI off).
+    pub async fn from_config(config: &Config, reader: Reader) -> anyhow::Result<Option<Server>> {
+        let Some(addr) = config.iscsi.listen_addr()? else {
+            return Ok(None);
+        };
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen for iSCSI on {addr} (iscsi.listen / --iscsi-listen)")
+        })?;
+        Ok(Some(Server {
+            listener,
+            shared: Arc::new(Shared {
+                reader,
+                buffers: Arc::new(Semaphore::new(BUFFER_BUDGET)),
+                tsih: AtomicU16::new(0),
+            }),
+        }))
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until the process ends, each on a task of its own.
+    pub async fn run(self) {
+        let shared = self.shared;
+        super::accept_loop(
+            self.listener,
+            "iSCSI",
+            MAX_CONNECTIONS,
+            move |stream, peer| connection(stream, peer, shared.clone()),
+        )
+        .await;
+    }
+}
+
+/// A PDU as read: its header and data segment (AHS and padding dropped).
+#[derive(Debug)]
+pub struct Pdu {
+    pub header: Header,
+    pub data: Vec<u8>,
+}
+
+/// Reads one PDU; `None` at a clean end of stream. A header that does not decode is an
+/// `InvalidData` error: the stream is out of step and the connection closes.
+pub async fn read_pdu<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<Pdu>> {
+    let mut bhs = [0u8; pdu::BHS_LEN];
+    match rd.read_exact(&mut bhs).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let header =
+        pdu::decode_header(bhs).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // Bounded by the header's checks: at most 1020 + MAX_DATA_SEGMENT + 3 bytes.
+    let mut rest = vec![0u8; header.rest_len()];
+    rd.read_exact(&mut rest).await?;
+    rest.drain(..header.ahs_len);
+    rest.truncate(header.data_len);
+    Ok(Some(Pdu { header, data: rest }))
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().ok();
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    let tsih = loop {
+        let t = shared.tsih.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        if t != 0 {
+            break t;
+        }
+    };
+    let logged = tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        login::login(&mut rd, &mut wr, &shared.reader, tsih),
+    )
+    .await;
+    let session = match logged {
+        Ok(Ok(Some(session))) => session,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "iSCSI login ended: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "iSCSI login timed out");
+            return;
+        }
+    };
+    let initiator = session.initiator.clone();
+    let image = match &session.kind {
+        Kind::Discovery => None,
+        Kind::Normal { id, .. } => Some(*id),
+    };
+    tracing::info!(%peer, %initiator, ?image, "iSCSI session started");
+    match full_feature(rd, wr, session, local, &shared).await {
+        Ok(()) => tracing::info!(%peer, %initiator, ?image, "iSCSI session ended"),
+        Err(e) => tracing::info!(%peer, %initiator, ?image, "iSCSI connection ended: {e}"),
+    }
+}
+
+/// What the connection's writer sends. It fills in StatSN, ExpCmdSN and MaxCmdSN as it sends,
+/// so they are current on the wire whatever order commands complete in.
+#[derive(Debug)]
+enum Out {
+    /// One PDU; `status` when it carries a status and so takes a StatSN.
+    Pdu {
+        bhs: [u8; pdu::BHS_LEN],
+        data: Vec<u8>,
+        status: bool,
+    },
+    /// A command's data, split into Data-In PDUs with GOOD status in the last one, and the
+    /// read budget it holds until sent.
+    DataIn {
+        itt: u32,
+        lun: [u8; 8],
+        data: Vec<u8>,
+        expected: u32,
+        budget: Vec<OwnedSemaphorePermit>,
+    },
+}
+
+/// The full feature phase: PDUs are decoded here in order; reads run on the blocking pool
+/// (up to [`CMD_WINDOW`] at once) and everything is answered through one writer task.
+async fn full_feature<R, W>(
+    mut rd: R,
+    wr: W,
+    session: Session,
+    local: Option<SocketAddr>,
+    shared: &Shared,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let exp_cmd_sn = Arc::new(AtomicU32::new(session.exp_cmd_sn));
+    let (tx, rx) = mpsc::channel::<Out>(CMD_WINDOW as usize);
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        session.stat_sn,
+        exp_cmd_sn.clone(),
+        session.params,
+    ));
+    let in_flight = Arc::new(Semaphore::new(CMD_WINDOW as usize));
+    let connection_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET));
+    let unit = match &session.kind {
+        Kind::Normal { id, manifest } => Some(unit(*id, manifest)),
+        Kind::Discovery => None,
+    };
+    let portal = local.map(portal_address).unwrap_or_default();
+    // The rest of a text answer too long for one PDU: (its transfer tag, the bytes).
+    let mut pending_text: Option<(u32, Vec<u8>)> = None;
+    let ended: io::Result<()> = loop {
+        let Some(Pdu { header: h, data }) = read_pdu(&mut rd).await? else {
+            break Ok(());
+        };
+        // Non-immediate commands take a CmdSN; TCP keeps them in order on one connection.
+        let numbered = matches!(
+            h.opcode,
+            pdu::OP_SCSI_CMD | pdu::OP_TASK_MGMT | pdu::OP_TEXT | pdu::OP_LOGOUT | pdu::OP_NOP_OUT
+        );
+        if numbered && !h.immediate {
+            let next = h.cmd_sn().wrapping_add(1);
+            let exp = exp_cmd_sn.load(Ordering::Relaxed);
+            if (next.wrapping_sub(exp) as i32) > 0 {
+                exp_cmd_sn.store(next, Ordering::Relaxed);
+            }
+        }
+        let sent = match h.opcode {
+            pdu::OP_NOP_OUT => {
+                if h.itt() == pdu::RESERVED_TAG {
+                    continue; // the answer to a ping of ours, or one that wants no answer
+                }
+                let mut echo = data;
+                echo.truncate(session.params.max_send as usize);
+                send(
+                    &tx,
+                    pdu::nop_in(h.itt(), pdu::RESERVED_TAG, h.lun(), echo.len()),
+                    echo,
+                    true,
+                )
+                .await
+            }
+            pdu::OP_SCSI_CMD => match &unit {
+                Some((unit, manifest)) => {
+                    command(
+                        &h,
+                        unit,
+                        manifest,
+                        shared,
+                        &in_flight,
+                        &connection_budget,
+                        &tx,
+                    )
+                    .await
+                }
+                None => reject(&tx, &h, pdu::REJECT_PROTOCOL_ERROR).await,
+            },
+            pdu::OP_TASK_MGMT => {
+                let function = h.flags() & 0x7f;
+                let response = match function {
+                    pdu::TMF_ABORT_TASK
+                    | pdu::TMF_ABORT_TASK_SET
+                    | pdu::TMF_CLEAR_TASK_SET
+                    | pdu::TMF_LUN_RESET
+                    | pdu::TMF_TARGET_WARM_RESET => {
+                        // Reads are short: the tasks are done once the commands in flight
+                        // are, and their answers are queued ahead of this one.
+                        let _all = in_flight.acquire_many(CMD_WINDOW).await;
+                        pdu::TMF_COMPLETE
+                    }
+                    _ => pdu::TMF_NOT_SUPPORTED,
+                };
+                send(&tx, pdu::task_response(h.itt(), response), Vec::new(), true).await
+            }
+            pdu::OP_TEXT => {
+                let answer = match pending_text.take() {
+                    Some((ttt, rest)) if h.word20() == ttt => Ok(rest),
+                    _ => text_answer(&data, &session, &portal, shared).await,
+                };
+                match answer {
+                    Err(()) => reject(&tx, &h, pdu::REJECT_PROTOCOL_ERROR).await,
+                    Ok(mut text) => {
+                        let max = session.params.max_send as usize;
+                        let more = if text.len() > max {
+                            let rest = text.split_off(max);
+                            // Any tag but the reserved one; the initiator echoes it.
+                            let ttt = h.itt() & 0x7fff_ffff;
+                            pending_text = Some((ttt, rest));
+                            Some(ttt)
+                        } else {
+                            None
+                        };
+                        let bhs = pdu::text_response(h.itt(), h.lun(), more, text.len());
+                        send(&tx, bhs, text, true).await
+                    }
+                }
+            }
+            pdu::OP_LOGOUT => {
+                let _all = in_flight.acquire_many(CMD_WINDOW).await;
+                let _ = send(&tx, pdu::logout_response(h.itt()), Vec::new(), true).await;
+                break Ok(());
+            }
+            // Write data for a command already refused (we never send R2T): dropped.
+            pdu::OP_DATA_OUT => Ok(()),
+            // SNACK needs error recovery level 1; a login in full feature phase is an error.
+            _ => reject(&tx, &h, pdu::REJECT_COMMAND_NOT_SUPPORTED).await,
+        };
+        if sent.is_err() {
+            break Ok(()); // the writer failed: its error is reported below
+        }
+    };
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| io::Error::other(format!("iSCSI writer task failed: {e}")))?;
+    ended.and(written)
+}
+
+/// Queues one PDU for the writer; `Err` once the writer is gone.
+async fn send(
+    tx: &mpsc::Sender<Out>,
+    bhs: [u8; pdu::BHS_LEN],
+    data: Vec<u8>,
+    status: bool,
+) -> Result<(), ()> {
+    tx.send(Out::Pdu { bhs, data, status })
+        .await
+        .map_err(|_| ())
+}
+
+async fn reject(tx: &mpsc::Sender<Out>, h: &Header, reason: u8) -> Result<(), ()> {
+    send(tx, pdu::reject(reason), h.bhs.to_vec(), true).await
+}
+
+/// The unit image `id` is: its size in 512-byte blocks (rounded up) and its names.
+fn unit(id: Uuid, manifest: &Arc<Manifest>) -> (scsi::Unit, Arc<Manifest>) {
+    let unit = scsi::Unit {
+        blocks: manifest.virtual_size().div_ceil(u64::from(scsi::BLOCK_LEN)),
+        serial: id.simple().to_string(),
+        target: target_name(id),
+    };
+    (unit, manifest.clone())
+}
+
+/// Runs one SCSI command: the pure part answers at once, a read is queued.
+async fn command(
+    h: &Header,
+    unit: &scsi::Unit,
+    manifest: &Arc<Manifest>,
+    shared: &Shared,
+    in_flight: &Arc<Semaphore>,
+    connection_budget: &Arc<Semaphore>,
+    tx: &mpsc::Sender<Out>,
+) -> Result<(), ()> {
+    let mut cdb = [0u8; 16];
+    cdb.copy_from_slice(&h.bhs[32..48]);
+    let (itt, lun, expected) = (h.itt(), h.lun(), h.word20());
+    let out = match scsi::execute(&cdb, lun == [0; 8], unit) {
+        scsi::Reply::Good => Out::Pdu {
+            bhs: pdu::scsi_response(itt, scsi::GOOD, residual(expected, 0), 0),
+            data: Vec::new(),
+            status: true,
+        },
+        scsi::Reply::Data(data) => Out::DataIn {
+            itt,
+            lun,
+            data,
+            expected,
+            budget: Vec::new(),
+        },
+        scsi::Reply::Check(sense) => check_condition(itt, sense),
+        scsi::Reply::Read { lba, blocks } => {
+            let len = blocks as usize * scsi::BLOCK_LEN as usize;
+            let (Ok(slot), Ok(mine), Ok(global)) = (
+                in_flight.clone().acquire_owned().await,
+                connection_budget
+                    .clone()
+                    .acquire_many_owned(len as u32)
+                    .await,
+                shared.buffers.clone().acquire_many_owned(len as u32).await,
+            ) else {
+                return Err(());
+            };
+            let (reader, manifest, tx) = (shared.reader.clone(), manifest.clone(), tx.clone());
+            tokio::task::spawn_blocking(move || {
+                let offset = lba * u64::from(scsi::BLOCK_LEN);
+                let out = match read_padded(&reader, &manifest, offset, len) {
+                    Ok(data) => Out::DataIn {
+                        itt,
+                        lun,
+                        data,
+                        expected,
+                        budget: vec![mine, global],
+                    },
+                    Err(e) => {
+                        tracing::error!(offset, len, "iSCSI read failed: {e}");
+                        check_condition(itt, scsi::MEDIUM_ERROR)
+                    }
+                };
+                let _ = tx.blocking_send(out);
+                drop(slot);
+            });
+            return Ok(());
+        }
+    };
+    tx.send(out).await.map_err(|_| ())
+}
+
+/// `len` bytes of the disk at `offset`; past the image's end (its last block's padding to
+/// 512 bytes) zeros.
+fn read_padded(
+    reader: &Reader,
+    manifest: &Manifest,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, crate::error::ApiError> {
+    let mut data = vec![0u8; len];
+    let size = manifest.virtual_size();
+    let stored = size.saturating_sub(offset).min(len as u64) as usize;
+    reader.read_at(manifest, offset, &mut data[..stored])?;
+    Ok(data)
+}
+
+fn check_condition(itt: u32, sense: scsi::Sense) -> Out {
+    let mut data = (18u16).to_be_bytes().to_vec();
+    data.extend_from_slice(&scsi::sense_data(sense));
+    Out::Pdu {
+        bhs: pdu::scsi_response(itt, scsi::CHECK_CONDITION, None, data.len()),
+        data,
+        status: true,
+    }
+}
+
+/// The residual of a command that moves `actual` bytes where the initiator expected
+/// `expected`: (overflow?, count), or `None` when they match.
+fn residual(expected: u32, actual: usize) -> Option<(bool, u32)> {
+    let actual = u32::try_from(actual).unwrap_or(u32::MAX);
+    match actual.cmp(&expected) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Greater => Some((true, actual - expected)),
+        std::cmp::Ordering::Less => Some((false, expected - actual)),
+    }
+}
+
+/// The connection's writer: sends what it is given in order, numbering as it goes.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Out>,
+    mut stat_sn: u32,
+    exp_cmd_sn: Arc<AtomicU32>,
+    params: Params,
+) -> io::Result<()> {
+    let numbers = |bhs: &mut [u8; pdu::BHS_LEN], stat_sn: u32| {
+        let exp = exp_cmd_sn.load(Ordering::Relaxed);
+        pdu::set_numbers(bhs, stat_sn, exp, exp.wrapping_add(CMD_WINDOW - 1));
+    };
+    while let Some(out) = rx.recv().await {
+        match out {
+            Out::Pdu {
+                mut bhs,
+                data,
+                status,
+            } => {
+                numbers(&mut bhs, stat_sn);
+                if status {
+                    stat_sn = stat_sn.wrapping_add(1);
+                }
+                write_pdu(&mut wr, &bhs, &data).await?;
+            }
+            Out::DataIn {
+                itt,
+                lun,
+                data,
+                expected,
+                budget,
+            } => {
+                let sent = data.len().min(expected as usize);
+                let residual = residual(expected, data.len());
+                if sent == 0 {
+                    let mut bhs = pdu::scsi_response(itt, scsi::GOOD, residual, 0);
+                    numbers(&mut bhs, stat_sn);
+                    stat_sn = stat_sn.wrapping_add(1);
+                    write_pdu(&mut wr, &bhs, &[]).await?;
+                    continue;
+                }
+                let max_pdu = params.max_send as usize;
+                let burst = params.max_burst as usize;
+                let mut offset = 0;
+                let mut data_sn = 0u32;
+                while offset < sent {
+                    // A PDU ends at the initiator's segment limit, the end of a burst, or
+                    // the end of the data.
+                    let burst_left = burst - offset % burst;
+                    let len = (sent - offset).min(max_pdu).min(burst_left);
+                    let last = offset + len == sent;
+                    let mut bhs = pdu::data_in(&pdu::DataIn {
+                        itt,
+                        lun,
+                        data_sn,
+                        offset: offset as u32,
+                        len,
+                        final_pdu: len == burst_left,
+                        status: last.then_some((scsi::GOOD, residual)),
+                    });
+                    numbers(&mut bhs, stat_sn);
+                    if last {
+                        stat_sn = stat_sn.wrapping_add(1);
+                    }
+                    write_pdu(&mut wr, &bhs, &data[offset..offset + len]).await?;
+                    offset += len;
+                    data_sn = data_sn.wrapping_add(1);
+                }
+                drop(budget);
+            }
+        }
+        if rx.is_empty() {
+            wr.flush().await?;
+        }
+    }
+    wr.flush().await?;
+    wr.shutdown().await
+}
+
+async fn write_pdu<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    bhs: &[u8; pdu::BHS_LEN],
+    data: &[u8],
+) -> io::Result<()> {
+    wr.write_all(bhs).await?;
+    wr.write_all(data).await?;
+    let pad = pdu::padded(data.len()) - data.len();
+    wr.write_all(&[0u8; 3][..pad]).await
+}
+
+/// `ADDR:PORT,1`: the portal the initiator reached, as SendTargets names it.
+fn portal_address(local: SocketAddr) -> String {
+    match local {
+        SocketAddr::V4(a) => format!("{}:{},1", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("[{}]:{},1", a.ip(), a.port()),
+    }
+}
+
+/// The answer to a text request: `SendTargets` (All in a discovery session; empty or this
+/// target's name in a normal one), other keys not understood. `Err` when the request is not
+/// text.
+async fn text_answer(
+    data: &[u8],
+    session: &Session,
+    portal: &str,
+    shared: &Shared,
+) -> Result<Vec<u8>, ()> {
+    let pairs = pdu::decode_text(data).map_err(|_| ())?;
+    let mut out = Vec::new();
+    for (key, value) in pairs {
+        if key != "SendTargets" {
+            pdu::push_key(&mut out, key, "NotUnderstood");
+            continue;
+        }
+        let ids: Vec<Uuid> = match (&session.kind, value) {
+            (Kind::Discovery, "All") => readable_images(&shared.reader, &session.caller).await,
+            (Kind::Discovery, name) => {
+                let readable = readable_images(&shared.reader, &session.caller).await;
+                target_id(name)
+                    .filter(|id| readable.contains(id))
+                    .into_iter()
+                    .collect()
+            }
+            (Kind::Normal { id, .. }, "") => vec![*id],
+            (Kind::Normal { id, .. }, name) => {
+                target_id(name).filter(|t| t == id).into_iter().collect()
+            }
+        };
+        for id in ids {
+            pdu::push_key(&mut out, "TargetName", &target_name(id));
+            pdu::push_key(&mut out, "TargetAddress", portal);
+        }
+    }
+    Ok(out)
+}
+
+/// Active images `caller` may read, at most [`MAX_TARGETS`], oldest first.
+async fn readable_images(reader: &Reader, caller: &Caller) -> Vec<Uuid> {
+    let caller = caller.clone();
+    let listed = reader
+        .catalog
+        .run(move |c| {
+            let mut ids = Vec::new();
+            let mut marker = None;
+            while ids.len() < MAX_TARGETS {
+                let page = catalog_images::list(
+                    c,
+                    &caller,
+                    &ListQuery {
+                        status: Some(ImageStatus::Active),
+                        limit: Some(catalog_images::MAX_LIMIT),
+                        marker: marker.take(),
+                        ..ListQuery::default()
+                    },
+                )?;
+                ids.extend(page.images.iter().map(|i| i.id));
+                match page.next_marker {
+                    Some(next) => marker = Some(next.to_string()),
+                    None => break,
+                }
+            }
+            ids.truncate(MAX_TARGETS);
+            Ok(ids)
+        })
+        .await;
+    listed.unwrap_or_else(|e| {
+        tracing::error!("iSCSI SendTargets: cannot list images: {e}");
+        Vec::new()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_names_round_trip() {
+        let id = Uuid::new_v4();
+        assert_eq!(target_id(&target_name(id)), Some(id));
+        assert_eq!(
+            target_id(&target_name(id).to_uppercase()),
+            Some(id),
+            "names compare case-insensitively"
+        );
+        assert_eq!(target_id("iqn.2026-11.io.kagami:nope"), None);
+        assert_eq!(target_id("iqn.2003-01.org.linux-iscsi:x"), None);
+    }
+
+    #[test]
+    fn residuals() {
+        assert_eq!(residual(512, 512), None);
+        assert_eq!(residual(512, 36), Some((false, 476)));
+        assert_eq!(residual(36, 66), Some((true, 30)));
+    }
+
+    #[test]
+    fn portals() {
+        assert_eq!(
+            portal_address("127.0.0.1:3260".parse().expect("addr")),
+            "127.0.0.1:3260,1"
+        );
+        assert_eq!(
+            portal_address("[::1]:3260".parse().expect("addr")),
+            "[::1]:3260,1"
+        );
+    }
+}

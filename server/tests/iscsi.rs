@@ -1,0 +1,457 @@
+//! The read-only iSCSI target against real clients: libiscsi's `iscsi-ls` (discovery, with and
+//! without CHAP), `iscsi-inq` (standard and VPD pages), `iscsi-readcapacity16`, and `qemu-img
+//! convert iscsi://…` (byte-identical copies); CHAP credentials derived from tokens, refused
+//! when wrong; a write and hostile or broken sessions from a hand-made client. Needs
+//! libiscsi-bin and qemu-utils with qemu-block-extra (scripts/test and scripts/lab-setup
+//! install them).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{BLOCK, Server, sparse_file};
+
+const SEGMENT: u64 = 64 * BLOCK as u64;
+const IQN: &str = "iqn.2026-11.io.kagami:";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A server with iSCSI on a free loopback port and one imported sparse image whose size is not
+/// a multiple of 512: (server, port, image id, the imported file).
+fn with_image() -> (Server, u16, String, PathBuf) {
+    let port = free_port();
+    let s = Server::start_with_args(&[], &["--iscsi-listen", &format!("127.0.0.1:{port}")]);
+    let size = 2 * SEGMENT + 5 * BLOCK as u64 + 300;
+    let disk = sparse_file(
+        s.dir.path(),
+        "d.raw",
+        size,
+        &[
+            (0, 2 * BLOCK),
+            (5 * BLOCK as u64 + 100, 3 * BLOCK),
+            (SEGMENT + 7 * BLOCK as u64, 20 * BLOCK),
+            (size - 500, 500),
+        ],
+        13,
+    );
+    let image = s.import(&disk, "iscsi");
+    let id = image["id"].as_str().expect("id").to_string();
+    (s, port, id, disk)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// What `kagami image export-iscsi` printed: (URL, CHAP name, CHAP secret, libiscsi URL).
+fn export(s: &Server, token: &str, id: &str) -> (String, String, String, String) {
+    let out = s.cli_as(token, &["image", "export-iscsi", id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = text.lines().collect();
+    let after = |l: &str| l.rsplit(": ").next().expect("value").trim().to_string();
+    (
+        lines[0].to_string(),
+        after(lines[1]),
+        after(lines[2]),
+        after(lines[3]),
+    )
+}
+
+/// The file as the target serves it: padded with zeros to a multiple of 512.
+fn padded(disk: &Path) -> Vec<u8> {
+    let mut data = std::fs::read(disk).expect("read");
+    data.resize(data.len().div_ceil(512) * 512, 0);
+    data
+}
+
+#[test]
+fn clients_discover_inquire_and_read_the_image() {
+    let (s, port, id, disk) = with_image();
+    let (url, name, secret, chap_url) = export(&s, &s.token, &id);
+    assert_eq!(url, format!("iscsi://127.0.0.1:{port}/{IQN}{id}/0"));
+    assert!(name.starts_with("kagami-"), "{name}");
+    assert_eq!(
+        chap_url,
+        format!("iscsi://{name}%{secret}@127.0.0.1:{port}/{IQN}{id}/0")
+    );
+    assert!(!secret.contains(&s.token) && !s.token.contains(&secret));
+    let exports = s.admin("GET", "/v1/exports", &[]).json();
+    assert_eq!(exports["iscsi"], format!("127.0.0.1:{port}"), "{exports}");
+
+    // Discovery with CHAP lists the target and its LUN; without, a private image is not there.
+    let portal = format!("iscsi://{name}%{secret}@127.0.0.1:{port}");
+    let listed = ok(Command::new("iscsi-ls").args(["-s", &portal]));
+    let want = padded(&disk);
+    assert!(
+        listed.contains(&format!("Target:{IQN}{id} Portal:127.0.0.1:{port},1")),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("Lun:0") && listed.contains("DIRECT_ACCESS"),
+        "{listed}"
+    );
+    let anonymous = ok(Command::new("iscsi-ls").arg(format!("iscsi://127.0.0.1:{port}")));
+    assert!(
+        !anonymous.contains(&id),
+        "a private image listed without CHAP: {anonymous}"
+    );
+
+    let inq = ok(Command::new("iscsi-inq").arg(&chap_url));
+    assert!(
+        inq.contains("Vendor:KAGAMI") && inq.contains("DIRECT_ACCESS"),
+        "{inq}"
+    );
+    let pages = ok(Command::new("iscsi-inq").args(["-e", "1", &chap_url]));
+    for page in [
+        "UNIT_SERIAL_NUMBER",
+        "DEVICE_IDENTIFICATION",
+        "BLOCK_LIMITS",
+    ] {
+        assert!(pages.contains(page), "{pages}");
+    }
+    let serial = ok(Command::new("iscsi-inq").args(["-e", "1", "-c", "128", &chap_url]));
+    assert!(serial.contains(&id.replace('-', "")), "{serial}");
+    let ident = ok(Command::new("iscsi-inq").args(["-e", "1", "-c", "131", &chap_url]));
+    assert!(ident.contains(&format!("{IQN}{id}")), "{ident}");
+
+    let cap = ok(Command::new("iscsi-readcapacity16").arg(&chap_url));
+    assert!(
+        cap.contains(&format!("Total size:{}", want.len())),
+        "padded to 512-byte blocks: {cap}"
+    );
+    assert!(cap.contains("LOGICAL BLOCK LENGTH IN BYTES:512"), "{cap}");
+
+    // Several whole copies at once, each byte-identical to the file (and its zero padding).
+    let copies: Vec<_> = (0..3)
+        .map(|i| {
+            let out = s.dir.path().join(format!("copy{i}.raw"));
+            let child = Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "raw", &chap_url])
+                .arg(&out)
+                .spawn()
+                .expect("qemu-img");
+            (child, out)
+        })
+        .collect();
+    for (mut child, out) in copies {
+        assert!(child.wait().expect("wait").success());
+        assert!(std::fs::read(&out).expect("copy") == want, "a copy differs");
+    }
+    // No secret in the log.
+    let log = s.log_text();
+    assert!(!log.contains(&s.token) && !log.contains(&secret));
+}
+
+#[test]
+fn credentials_are_checked_and_public_images_need_none() {
+    let (s, port, id, disk) = with_image();
+    let (_, name, secret, chap_url) = export(&s, &s.token, &id);
+    let wrong: String = secret.chars().rev().collect();
+    let target = format!("127.0.0.1:{port}/{IQN}{id}/0");
+    for (url, why) in [
+        (format!("iscsi://{name}%{wrong}@{target}"), "a wrong secret"),
+        (
+            format!("iscsi://kagami-0000000000000000%{secret}@{target}"),
+            "an unknown name",
+        ),
+        (format!("iscsi://{target}"), "no CHAP on a private image"),
+    ] {
+        let out = run(Command::new("iscsi-inq").arg(&url));
+        assert!(!out.status.success(), "{why} was accepted");
+    }
+    // Another project's token has valid credentials, but not for this image: not found, and
+    // discovery does not list it.
+    let other = s.member_of("other");
+    let out = s.cli_as(&other, &["image", "export-iscsi", &id]);
+    assert!(!out.status.success(), "another project may not export it");
+    let (o_name, o_secret) = chap_of(&s, &other);
+    let out = run(Command::new("iscsi-inq").arg(format!("iscsi://{o_name}%{o_secret}@{target}")));
+    assert!(!out.status.success());
+    let listed =
+        ok(Command::new("iscsi-ls").arg(format!("iscsi://{o_name}%{o_secret}@127.0.0.1:{port}")));
+    assert!(!listed.contains(&id), "{listed}");
+    // A revoked token's credentials stop working.
+    let tokens = s.cli_json(&["token", "list"]);
+    let other_id = tokens
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["project"] == "other")
+        .and_then(|t| t["id"].as_str())
+        .expect("token id")
+        .to_string();
+    s.cli(&["token", "revoke", &other_id]);
+    let out =
+        run(Command::new("iscsi-ls").arg(format!("iscsi://{o_name}%{o_secret}@127.0.0.1:{port}")));
+    assert!(
+        !out.status.success(),
+        "a revoked token's CHAP still logs in"
+    );
+
+    // Made public, the image is listed and read without authentication.
+    s.cli(&["image", "update", &id, "--visibility", "public"]);
+    let anonymous = ok(Command::new("iscsi-ls").arg(format!("iscsi://127.0.0.1:{port}")));
+    assert!(anonymous.contains(&format!("{IQN}{id}")), "{anonymous}");
+    let copy = s.dir.path().join("anon.raw");
+    ok(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("iscsi://{target}"),
+        ])
+        .arg(&copy));
+    assert!(std::fs::read(&copy).expect("copy") == padded(&disk));
+    // CHAP still works for it.
+    ok(Command::new("iscsi-inq").arg(&chap_url));
+}
+
+/// The CHAP credentials of `token` as the CLI derives them (through an image it may export).
+fn chap_of(s: &Server, token: &str) -> (String, String) {
+    let disk = sparse_file(s.dir.path(), "mine.raw", 1 << 20, &[(0, 4096)], 3);
+    let out = s.cli_as(
+        token,
+        &[
+            "image",
+            "import",
+            disk.to_str().expect("path"),
+            "--name",
+            "mine",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let (_, name, secret, _) = export(s, token, image["id"].as_str().expect("id"));
+    (name, secret)
+}
+
+/// An initiator by hand, for what real clients never send.
+struct Raw {
+    stream: TcpStream,
+    cmd_sn: u32,
+}
+
+fn bhs(opcode: u8, flags: u8, data_len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; 48];
+    b[0] = opcode;
+    b[1] = flags;
+    b[5..8].copy_from_slice(&(data_len as u32).to_be_bytes()[1..]);
+    b
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Raw { stream, cmd_sn: 1 }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    fn pdu(&mut self, mut header: Vec<u8>, data: &[u8]) {
+        header.extend_from_slice(data);
+        header.resize(48 + data.len().div_ceil(4) * 4, 0);
+        self.send(&header);
+    }
+
+    /// Reads one PDU: (header, data).
+    fn read(&mut self) -> (Vec<u8>, Vec<u8>) {
+        let mut h = vec![0u8; 48];
+        self.stream.read_exact(&mut h).expect("read header");
+        let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
+        let mut data = vec![0u8; len.div_ceil(4) * 4];
+        self.stream.read_exact(&mut data).expect("read data");
+        data.truncate(len);
+        (h, data)
+    }
+
+    /// Whether the server closes the connection within the timeout (answers before are fine).
+    fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Logs in without authentication, straight to the full feature phase, to `target`.
+    fn login(port: u16, target: &str) -> Raw {
+        let mut raw = Raw::connect(port);
+        let text = format!(
+            "InitiatorName=iqn.2026-11.test:raw\0SessionType=Normal\0TargetName={target}\0AuthMethod=None\0"
+        );
+        let mut h = bhs(0x43, 0x80 | 3, text.len());
+        h[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]);
+        h[24..28].copy_from_slice(&1u32.to_be_bytes());
+        raw.pdu(h, text.as_bytes());
+        let (r, _) = raw.read();
+        assert_eq!(r[0], 0x23, "a login response");
+        assert_eq!((r[36], r[37]), (0, 0), "login accepted");
+        assert_eq!(r[1] & 0x83, 0x83, "in full feature phase");
+        raw
+    }
+
+    /// A SCSI command with `cdb` and immediate `data`; returns the response PDU.
+    fn command(&mut self, itt: u32, flags: u8, cdb: &[u8], expected: u32, data: &[u8]) {
+        let mut h = bhs(0x01, 0x80 | flags, data.len());
+        h[16..20].copy_from_slice(&itt.to_be_bytes());
+        h[20..24].copy_from_slice(&expected.to_be_bytes());
+        h[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
+        h[32..32 + cdb.len()].copy_from_slice(cdb);
+        self.cmd_sn += 1;
+        self.pdu(h, data);
+    }
+
+    /// Reads a SCSI response: (status, sense key, ASC).
+    fn check(&mut self, itt: u32) -> (u8, u8, u8) {
+        let (h, data) = self.read();
+        assert_eq!(h[0], 0x21, "a SCSI response");
+        assert_eq!(u32::from_be_bytes(h[16..20].try_into().expect("4")), itt);
+        let sense = &data[2..];
+        (h[3], sense[2] & 0x0f, sense[12])
+    }
+}
+
+#[test]
+fn writes_are_refused_and_broken_sessions_end_cleanly() {
+    let (s, port, id, disk) = with_image();
+    s.cli(&["image", "update", &id, "--visibility", "public"]);
+    let target = format!("{IQN}{id}");
+
+    // WRITE (10) of one block with its data: CHECK CONDITION, DATA PROTECT / WRITE PROTECTED.
+    let mut raw = Raw::login(port, &target);
+    raw.command(
+        1,
+        0x20,
+        &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        512,
+        &[0x55; 512],
+    );
+    assert_eq!(raw.check(1), (0x02, 0x07, 0x27));
+    // An unknown opcode: ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE.
+    raw.command(2, 0, &[0xc5], 0, &[]);
+    assert_eq!(raw.check(2), (0x02, 0x05, 0x20));
+    // A read past the end: ILLEGAL REQUEST / LBA OUT OF RANGE.
+    raw.command(3, 0x40, &[0x28, 0, 0xff, 0, 0, 0, 0, 0, 1, 0], 512, &[]);
+    assert_eq!(raw.check(3), (0x02, 0x05, 0x21));
+    // A good READ (10) of the first 8 blocks, in Data-In PDUs with the status in the last.
+    raw.command(4, 0x40, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], 4096, &[]);
+    let mut got = Vec::new();
+    loop {
+        let (h, data) = raw.read();
+        assert_eq!(h[0], 0x25, "Data-In");
+        got.extend_from_slice(&data);
+        if h[1] & 0x01 != 0 {
+            assert_eq!(h[3], 0, "GOOD");
+            break;
+        }
+    }
+    assert_eq!(got, std::fs::read(&disk).expect("read")[..4096]);
+    // A NOP-Out ping is answered with its data.
+    let mut h = bhs(0x40, 0x80, 4);
+    h[16..20].copy_from_slice(&9u32.to_be_bytes());
+    h[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+    raw.pdu(h, b"ping");
+    let (h, data) = raw.read();
+    assert_eq!((h[0], data.as_slice()), (0x20, &b"ping"[..]));
+    // Garbage: a target's opcode from the initiator closes the connection.
+    raw.send(&[0x25; 48]);
+    assert!(raw.closed(), "garbage header");
+
+    // Not a login first; a data segment past the limit; a truncated PDU; HTTP.
+    let mut raw = Raw::connect(port);
+    raw.pdu(bhs(0x01, 0x80, 0), &[]);
+    assert!(raw.closed(), "a command before login");
+    let mut raw = Raw::connect(port);
+    let mut h = bhs(0x43, 0x83, 0);
+    h[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+    raw.send(&h);
+    assert!(raw.closed(), "16 MiB of login text");
+    let mut raw = Raw::connect(port);
+    raw.send(&bhs(0x43, 0x83, 100)[..30]);
+    drop(raw);
+    let mut raw = Raw::connect(port);
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n");
+    assert!(raw.closed(), "HTTP");
+    // A login to a target that does not exist: "not found", then closed.
+    let mut raw = Raw::connect(port);
+    let text =
+        format!("InitiatorName=iqn.x\0TargetName={IQN}00000000-0000-4000-8000-000000000000\0");
+    let h = bhs(0x43, 0x80 | 3, text.len());
+    raw.pdu(h, text.as_bytes());
+    let (r, _) = raw.read();
+    assert_eq!((r[36], r[37]), (2, 3), "target not found");
+    assert!(raw.closed());
+
+    // Still serving, correctly.
+    let copy = s.dir.path().join("after.raw");
+    ok(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("iscsi://127.0.0.1:{port}/{target}/0"),
+        ])
+        .arg(&copy));
+    assert!(std::fs::read(&copy).expect("copy") == padded(&disk));
+    assert!(!s.log_text().contains("panicked"), "{}", s.log_text());
+}
+
+#[test]
+fn the_cli_says_when_iscsi_is_off() {
+    let s = Server::start();
+    let disk = sparse_file(s.dir.path(), "x.raw", 1 << 20, &[(0, 4096)], 1);
+    let image = s.import(&disk, "x");
+    let out = s.cli_as(
+        &s.token.clone(),
+        &["image", "export-iscsi", image["id"].as_str().expect("id")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--iscsi-listen"), "{err}");
+}
