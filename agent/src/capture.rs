@@ -47,6 +47,9 @@ pub struct Options {
     pub disks: Vec<PathBuf>,
     /// The host the disks belong to, for the images' lineage.
     pub source: String,
+    /// Where images are made: `/images` (an admin token) or `/agent/images` (a capturing
+    /// agent's per-boot token).
+    pub images_path: &'static str,
     pub force: bool,
     pub queue_depth: usize,
     pub engine: io::Choice,
@@ -131,7 +134,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Capture> {
         match capture_disk(&client, &opts, disk, &name, kind).await {
             Ok(report) => reports.push(report),
             Err(e) => {
-                forget(&client, &reports).await;
+                forget(&client, &opts, &reports).await;
                 return Err(e.context(format!("capturing {}", disk.display())));
             }
         }
@@ -143,7 +146,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Capture> {
         match create_image(&client, &opts, &new).await {
             Ok(id) => id,
             Err(e) => {
-                forget(&client, &reports).await;
+                forget(&client, &opts, &reports).await;
                 return Err(e.context("making the whole-machine image"));
             }
         }
@@ -171,9 +174,9 @@ const MAX_DISKS: usize = 32;
 
 /// Deletes the disk images of a capture that failed half way (their blocks go to GC); a
 /// failure here is logged, the capture's own error is the one reported.
-async fn forget(client: &Client, reports: &[Report]) {
+async fn forget(client: &Client, opts: &Options, reports: &[Report]) {
     for r in reports {
-        let path = format!("/images/{}", r.image);
+        let path = format!("{}/{}", opts.images_path, r.image);
         if let Err(e) = client
             .send_body(
                 Method::DELETE,
@@ -199,7 +202,12 @@ async fn create_image(
 ) -> anyhow::Result<String> {
     let body = bytes::Bytes::from(new.to_string());
     let created = retrying("creating the image", opts.patience, || {
-        client.send_body(Method::POST, "/images", body.clone(), "application/json")
+        client.send_body(
+            Method::POST,
+            opts.images_path,
+            body.clone(),
+            "application/json",
+        )
     })
     .await?;
     let created: serde_json::Value = serde_json::from_slice(&created)?;
@@ -331,7 +339,7 @@ async fn capture_disk(
                                  "source_disk": disk.display().to_string()});
     let id = create_image(client, opts, &new).await?;
     let bundle = bytes::Bytes::from(manifest.encode_bundle());
-    let path = format!("/images/{id}/manifest");
+    let path = format!("{}/{id}/manifest", opts.images_path);
     retrying("committing the manifest", opts.patience, || {
         client.send_body(
             Method::PUT,

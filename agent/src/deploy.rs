@@ -32,6 +32,13 @@ enum Task {
         mode: String,
         disks: Vec<Disk>,
     },
+    Capture {
+        deployment: String,
+        name: String,
+        kind: String,
+        disks: Vec<String>,
+        source: String,
+    },
     Wait,
 }
 
@@ -79,7 +86,61 @@ fn choose_devices(disks: &[Disk], candidates: &[String]) -> anyhow::Result<Vec<P
         .collect()
 }
 
-/// Runs the agent's task; `Ok(true)` when a deployment was written (the caller may reboot).
+/// Captures the host's disks into a new image for the server (its per-boot token uploads the
+/// blocks and commits the images) and reports the result.
+async fn capture(
+    client: &Client,
+    opts: &Options,
+    deployment: String,
+    spec: (String, String, Vec<String>, String),
+) -> anyhow::Result<bool> {
+    let (name, kind, disks, source) = spec;
+    let started = Instant::now();
+    // No device named: the system disk, or every fixed disk for a whole-machine image.
+    let fixed = crate::inventory::fixed_disks();
+    let disks: Vec<PathBuf> = match (disks.is_empty(), kind.as_str()) {
+        (false, _) => disks.into_iter().map(PathBuf::from).collect(),
+        (true, "whole") => fixed.into_iter().map(PathBuf::from).collect(),
+        (true, _) => fixed.into_iter().take(1).map(PathBuf::from).collect(),
+    };
+    tracing::info!(
+        "capture {deployment}: {} disk(s) as a {kind} image",
+        disks.len()
+    );
+    let outcome = crate::capture::run(crate::capture::Options {
+        server: opts.server.clone(),
+        token: opts.token.clone(),
+        name,
+        kind,
+        disks,
+        source,
+        images_path: "/agent/images",
+        force: false,
+        queue_depth: opts.queue_depth,
+        engine: opts.engine,
+        patience: opts.patience,
+    })
+    .await;
+    let mut timings = BTreeMap::new();
+    timings.insert("capture".to_string(), started.elapsed().as_secs_f64());
+    let result = match &outcome {
+        Ok(c) => json!({"deployment": deployment, "image": c.image, "timings": timings}),
+        Err(e) => json!({"deployment": deployment, "error": format!("{e:#}"), "timings": timings}),
+    };
+    retrying("reporting the result", opts.patience, || {
+        client.post_json("/agent/result", &result)
+    })
+    .await?;
+    let made = outcome?;
+    println!(
+        "capture {deployment}: image {} made ({} blocks uploaded, {} bytes) and reported",
+        made.image, made.uploaded_blocks, made.uploaded_bytes
+    );
+    Ok(true)
+}
+
+/// Runs the agent's task; `Ok(true)` when a deployment was written or a capture made (the
+/// caller may reboot).
 pub async fn run(opts: Options) -> anyhow::Result<bool> {
     let client = Client::new(&opts.server, &opts.token)?;
     let inventory = crate::inventory::collect();
@@ -99,6 +160,13 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
                 mode,
                 disks,
             } => break (deployment, mode, disks),
+            Task::Capture {
+                deployment,
+                name,
+                kind,
+                disks,
+                source,
+            } => return capture(&client, &opts, deployment, (name, kind, disks, source)).await,
             Task::Wait if opts.wait => tokio::time::sleep(Duration::from_secs(5)).await,
             Task::Wait => {
                 println!("no task for this host");

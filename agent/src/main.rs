@@ -237,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 kind: a.kind,
                 disks: a.disk,
                 source: a.source.unwrap_or_else(capture::hostname),
+                images_path: "/images",
                 force: a.force,
                 queue_depth: a.queue_depth.into(),
                 engine: a.engine,

@@ -264,3 +264,103 @@ fn a_failed_write_leaves_the_host_failed_with_the_reason() {
     s.cli(&["host", "release", MAC]);
     assert_eq!(host(&s, MAC)["state"], "ready");
 }
+
+/// `kagami host capture`: the host boots the agent, which reads its two disks with its
+/// per-boot token into a whole-machine image of the operator's project, uploads only what the
+/// store lacks, and the host returns to its state; the token then writes nothing more.
+#[test]
+fn a_host_captures_its_disks_into_a_whole_machine_image_with_its_boot_token() {
+    let s = Server::start();
+    ramdisk(&s);
+    let dir = tempfile::tempdir().expect("tmp");
+    let system = dir.path().join("system.img");
+    std::fs::copy(image_file(dir.path()), &system).expect("copy");
+    let data = dirty_disk(dir.path(), "data.img", 8 * MIB);
+    let (a, b) = (Loop::over(&system), Loop::over(&data));
+    // The system disk's content is in the store already: only the data disk travels.
+    s.import(&system, "known");
+    s.cli(&["host", "add", MAC, "--name", "node7"]);
+    let before = host(&s, MAC)["state"].clone();
+    let assigned = s.cli_json(&[
+        "host",
+        "capture",
+        "node7",
+        "--name",
+        "node7-backup",
+        "--kind",
+        "whole",
+        "--disk",
+        &a.0,
+        "--disk",
+        &b.0,
+    ]);
+    assert_eq!(assigned["action"], "capture", "{assigned}");
+    assert_eq!(host(&s, MAC)["state"], "capturing");
+    // Busy: no deployment meanwhile.
+    let busy = s.cli_as(&s.token, &["host", "deploy", MAC, "--image", "x"]);
+    assert!(!busy.status.success());
+
+    let token = token_in(&script(&s, MAC));
+    let out = run_agent(&s, &token, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("made (128 blocks uploaded"), "{said}");
+    let h = host(&s, MAC);
+    assert_eq!(h["state"], before, "back to where it was: {h}");
+    let d = &h["deployment"];
+    assert_eq!(d["state"], "succeeded", "{d}");
+    let id = d["capture"]["image"].as_str().expect("image").to_string();
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["kind"], "whole", "{image}");
+    assert_eq!(image["name"], "node7-backup");
+    assert_eq!(image["source_host"], "node7", "{image}");
+    assert_eq!(image["owner"], "admin", "the operator's project: {image}");
+    let members = image["members"].as_array().expect("members").clone();
+    for (member, disk, size) in [
+        (&members[0], &system, 40 * MIB),
+        (&members[1], &data, 8 * MIB),
+    ] {
+        let raw = dir.path().join("member.raw");
+        s.cli(&[
+            "image",
+            "download",
+            member.as_str().expect("id"),
+            "-o",
+            raw.to_str().expect("path"),
+        ]);
+        assert!(same_prefix(&raw, disk, size), "{member} is its disk");
+    }
+
+    // The finished capture's token uploads nothing and makes no image.
+    let refused = s.curl(
+        Some(&token),
+        "POST",
+        "/v1/blocks/missing",
+        &["--data-binary", "@/dev/null"],
+    );
+    assert!(
+        refused.status == 401 || refused.status == 403,
+        "{}",
+        refused.text()
+    );
+    let refused = s.curl(
+        Some(&token),
+        "POST",
+        "/v1/agent/images",
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"name":"x"}"#,
+        ],
+    );
+    assert!(
+        refused.status == 401 || refused.status == 403,
+        "{}",
+        refused.text()
+    );
+}

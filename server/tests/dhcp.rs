@@ -368,7 +368,10 @@ fn full_mode_leases_an_address_to_isc_dhclient() {
         lease.contains("option dhcp-server-identifier 10.77.0.1;"),
         "{lease}"
     );
-    assert!(lease.contains("option subnet-mask 255.255.255.0;"), "{lease}");
+    assert!(
+        lease.contains("option subnet-mask 255.255.255.0;"),
+        "{lease}"
+    );
 }
 
 #[test]

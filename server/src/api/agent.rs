@@ -1,29 +1,40 @@
 //! `/v1/agent`: what an agent booted on a host may do with its per-boot token — report the
 //! host's inventory, fetch its task, read the images of its own deployment (the same answers as
-//! `/v1/images/{id}/manifest|segments`), report progress and the result. Nothing else: an agent
-//! token is not a project token and opens no other route.
+//! `/v1/images/{id}/manifest|segments`), report progress and the result; while it captures its
+//! host, create, commit and delete that capture's images here and upload blocks through
+//! `/v1/blocks` and `/v1/blocks/missing`. Nothing else: an agent token is not a project token.
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use kagami_images::model::Image;
 use serde_json::Value;
 
-use super::images::{SegmentQuery, manifest_response, segment_response};
-use super::{ApiJson, ApiQuery, AppState, bearer};
+use super::images::{SegmentQuery, commit_manifest_body, manifest_response, segment_response};
+use super::{ApiBytes, ApiJson, ApiQuery, AppState, bearer};
 use crate::catalog::hosts::{self, AgentCaller, Host, Outcome, Progress, Task};
-use crate::catalog::images::parse_id;
+use crate::catalog::images::{self as catalog_images, NewImage, parse_id};
 use crate::catalog::tenancy::Caller;
+use crate::config::Config;
 use crate::error::ApiError;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes(config: &Config) -> Router<AppState> {
     Router::new()
         .route("/agent/task", get(task))
         .route("/agent/inventory", post(inventory))
         .route("/agent/progress", post(progress))
         .route("/agent/result", post(result))
-        .route("/agent/images/{id}/manifest", get(manifest))
+        .route("/agent/images", post(create_image))
+        .route("/agent/images/{id}", delete(delete_image))
+        .route(
+            "/agent/images/{id}/manifest",
+            get(manifest)
+                .put(commit_manifest)
+                .layer(DefaultBodyLimit::max(config.limits.max_block_batch_bytes)),
+        )
         .route("/agent/images/{id}/segments/{index}", get(segment))
 }
 
@@ -105,6 +116,60 @@ async fn manifest(
         .run(move |c| hosts::agent_may_read(c, &agent, id))
         .await?;
     manifest_response(&app, Caller::system(), id).await
+}
+
+/// A capturing agent creates the images of its capture (in the project that asked for it).
+async fn create_image(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    ApiJson(new): ApiJson<NewImage>,
+) -> Result<(StatusCode, Json<Image>), ApiError> {
+    let region = app.config.server.region.clone();
+    let image = app
+        .catalog
+        .run(move |c| {
+            let (d, _, caller) = hosts::agents_capture(c, &agent)?;
+            let image = catalog_images::create(c, &caller, &region, new)?;
+            if let Err(e) = hosts::record_made(c, d.id, image.id) {
+                // Not the capture's: not kept (it holds no data yet).
+                let _ = catalog_images::delete(c, &caller, image.id);
+                return Err(e);
+            }
+            Ok(image)
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
+/// Commits the content of an image the agent's capture made.
+async fn commit_manifest(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    Path(id): Path<String>,
+    ApiBytes(body): ApiBytes,
+) -> Result<Json<Image>, ApiError> {
+    let id = parse_id(&id)?;
+    let caller = app
+        .catalog
+        .run(move |c| hosts::agent_may_write(c, &agent, id))
+        .await?;
+    Ok(Json(commit_manifest_body(app, caller, id, body).await?))
+}
+
+/// Deletes an image the agent's capture made (a capture that failed half way).
+async fn delete_image(
+    State(app): State<AppState>,
+    Agent(agent): Agent,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    app.catalog
+        .run(move |c| {
+            let caller = hosts::agent_may_write(c, &agent, id)?;
+            catalog_images::delete(c, &caller, id)
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn segment(

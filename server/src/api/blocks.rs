@@ -5,16 +5,18 @@
 //! project confirm another's content. Per-host agent tokens scoped to their task come with the
 //! PXE work.
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use kagami_images::wire;
 
+use super::agent::Agent;
 use super::images::FRAMES_TYPE;
 use super::{Admin, ApiBytes, AppState};
-use crate::catalog::{blocks, now_ms};
+use crate::catalog::{blocks, hosts, now_ms};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ingest::{self, StoreStats};
@@ -62,9 +64,36 @@ fn binary(body: Vec<u8>, content_type: &'static str) -> Response {
 }
 
 /// `POST /v1/blocks/missing`: which of these ids does the store lack? Answers the missing ids.
+/// Who may ask for missing blocks and upload blocks: an admin, or an agent while it captures
+/// its host (its per-boot token; block ids reveal content, so members may not).
+#[derive(Debug)]
+pub struct BlockWriter;
+
+impl FromRequestParts<AppState> for BlockWriter {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match Admin::from_request_parts(parts, state).await {
+            Ok(_) => Ok(BlockWriter),
+            Err(ApiError::Unauthorized) => {
+                let Agent(agent) = Agent::from_request_parts(parts, state).await?;
+                state
+                    .catalog
+                    .run(move |c| hosts::agents_capture(c, &agent))
+                    .await?;
+                Ok(BlockWriter)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 async fn missing(
     State(app): State<AppState>,
-    _: Admin,
+    _: BlockWriter,
     ApiBytes(body): ApiBytes,
 ) -> Result<Response, ApiError> {
     let ids = ids_body(&body, MAX_IDS)?;
@@ -82,7 +111,7 @@ async fn missing(
 /// `POST /v1/blocks`: stores a body of block frames; every block is re-hashed first.
 async fn upload(
     State(app): State<AppState>,
-    _: Admin,
+    _: BlockWriter,
     ApiBytes(body): ApiBytes,
 ) -> Result<Json<StoreStats>, ApiError> {
     let stats = tokio::task::spawn_blocking(move || {

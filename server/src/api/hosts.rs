@@ -7,7 +7,9 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::{Admin, ApiJson, AppState};
-use crate::catalog::hosts::{self, DeployRequest, Deployment, Host, HostEvent, NewHost};
+use crate::catalog::hosts::{
+    self, CaptureRequest, DeployRequest, Deployment, Host, HostEvent, NewHost,
+};
 use crate::error::ApiError;
 
 pub fn routes() -> Router<AppState> {
@@ -15,6 +17,7 @@ pub fn routes() -> Router<AppState> {
         .route("/hosts", get(list).post(add))
         .route("/hosts/{key}", get(show).delete(forget))
         .route("/hosts/{key}/deploy", post(deploy))
+        .route("/hosts/{key}/capture", post(capture))
         .route("/hosts/{key}/release", post(release))
 }
 
@@ -66,6 +69,19 @@ async fn deploy(
         .run(move |c| hosts::deploy(c, &caller, &key, req))
         .await?;
     Ok((StatusCode::CREATED, Json(deployment)))
+}
+
+async fn capture(
+    State(app): State<AppState>,
+    Admin(caller): Admin,
+    Path(key): Path<String>,
+    ApiJson(req): ApiJson<CaptureRequest>,
+) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+    let capture = app
+        .catalog
+        .run(move |c| hosts::capture(c, &caller, &key, req))
+        .await?;
+    Ok((StatusCode::CREATED, Json(capture)))
 }
 
 async fn release(

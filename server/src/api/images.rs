@@ -295,6 +295,17 @@ async fn commit_manifest(
     ApiBytes(body): ApiBytes,
 ) -> Result<Json<Image>, ApiError> {
     let id = parse_id(&id)?;
+    Ok(Json(commit_manifest_body(app, caller, id, body).await?))
+}
+
+/// Decodes a manifest bundle and commits it as image `id`'s content (see [`commit_manifest`];
+/// agents capturing their host come here too).
+pub(super) async fn commit_manifest_body(
+    app: AppState,
+    caller: Caller,
+    id: Uuid,
+    body: bytes::Bytes,
+) -> Result<Image, ApiError> {
     let manifest =
         Manifest::decode_bundle(&body, app.config.limits.max_image_bytes).map_err(|e| {
             ApiError::bad(
@@ -308,12 +319,11 @@ async fn commit_manifest(
             "the manifest describes an empty disk; an image needs content",
         ));
     }
-    let image = run_to_end(async move {
+    run_to_end(async move {
         begin_upload(&app, &caller, id).await?;
         ingest::commit_or_fail(&app.catalog, caller, id, Ok(manifest)).await
     })
-    .await?;
-    Ok(Json(image))
+    .await
 }
 
 async fn load_manifest(

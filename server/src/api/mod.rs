@@ -60,7 +60,7 @@ pub fn router(state: AppState) -> Router {
                 .merge(exports::routes())
                 .merge(jobs::routes())
                 .merge(hosts::routes())
-                .merge(agent::routes()),
+                .merge(agent::routes(&state.config)),
         )
         .merge(boot::routes())
         .fallback(|uri: axum::http::Uri| async move {

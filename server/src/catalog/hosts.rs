@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::catalog::tenancy::{Caller, hash_secret, new_secret};
+use crate::catalog::tenancy::{Caller, Role, hash_secret, new_secret};
 use crate::catalog::{images, now_ms, rfc3339};
 use crate::error::ApiError;
 
@@ -31,6 +31,8 @@ pub enum HostState {
     Ready,
     /// A deployment is assigned and not finished.
     Deploying,
+    /// A capture is assigned and not finished: the agent reads its disks into images.
+    Capturing,
     /// Its deployment succeeded; it boots from its disk.
     Deployed,
     /// Its deployment failed (the reason says why); deploy again to retry.
@@ -43,6 +45,7 @@ impl HostState {
             HostState::Discovered => "discovered",
             HostState::Ready => "ready",
             HostState::Deploying => "deploying",
+            HostState::Capturing => "capturing",
             HostState::Deployed => "deployed",
             HostState::Failed => "failed",
         }
@@ -52,7 +55,7 @@ impl HostState {
     /// disk); `discover`: idle hosts wait in the agent for a task (`provision.unknown_hosts`).
     pub fn boots_agent(self, discover: bool) -> bool {
         match self {
-            HostState::Deploying => true,
+            HostState::Deploying | HostState::Capturing => true,
             HostState::Discovered | HostState::Ready => discover,
             HostState::Deployed | HostState::Failed => false,
         }
@@ -62,6 +65,7 @@ impl HostState {
         match s {
             "ready" => HostState::Ready,
             "deploying" => HostState::Deploying,
+            "capturing" => HostState::Capturing,
             "deployed" => HostState::Deployed,
             "failed" => HostState::Failed,
             _ => HostState::Discovered,
@@ -110,6 +114,12 @@ pub struct Deployment {
     /// full | differential.
     pub mode: String,
     pub disks: Vec<DeployDisk>,
+    /// deploy (write images onto disks) or capture (read disks into images).
+    #[serde(default = "deploy_action")]
+    pub action: String,
+    /// A capture's request and result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureSpec>,
     /// What was measured: the agent's durations (`write`, seconds) and the milestones the
     /// server saw (`*_at`: seconds since the deployment was created, see [`Milestone`]).
     pub timings: BTreeMap<String, f64>,
@@ -124,6 +134,46 @@ pub struct Deployment {
     pub created_at: String,
     pub updated_at: String,
     pub finished_at: Option<String>,
+}
+
+fn deploy_action() -> String {
+    "deploy".into()
+}
+
+/// A capture's request (name, kind, disks) and what it made.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaptureSpec {
+    pub name: String,
+    /// system, data or whole.
+    pub kind: String,
+    /// The devices to read; empty: the host's first fixed disk (system, data) or all of its
+    /// fixed disks (whole).
+    pub devices: Vec<String>,
+    /// The project the images belong to: the one that asked for the capture.
+    pub project: String,
+    /// The host's state before the capture, which it returns to after.
+    pub return_state: String,
+    /// Images the agent created for this capture (it may commit or delete only these).
+    #[serde(default)]
+    pub made: Vec<Uuid>,
+    /// The image the capture made, once it succeeded.
+    #[serde(default)]
+    pub image: Option<Uuid>,
+}
+
+/// `POST /v1/hosts/{key}/capture`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    pub name: String,
+    #[serde(default = "system_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+fn system_kind() -> String {
+    "system".into()
 }
 
 /// A state change in a host's history.
@@ -179,6 +229,15 @@ pub enum Task {
         mode: String,
         disks: Vec<DeployDisk>,
     },
+    /// Read these disks (none: see [`CaptureSpec::devices`]) into a new image.
+    Capture {
+        deployment: Uuid,
+        name: String,
+        kind: String,
+        disks: Vec<String>,
+        /// The host, as the images' source (its name, or its MAC).
+        source: String,
+    },
     /// Nothing assigned: ask again later.
     Wait,
 }
@@ -202,6 +261,9 @@ pub struct Outcome {
     /// `None` on success; the reason otherwise.
     #[serde(default)]
     pub error: Option<String>,
+    /// A capture's image.
+    #[serde(default)]
+    pub image: Option<Uuid>,
     #[serde(default)]
     pub timings: BTreeMap<String, f64>,
 }
@@ -262,7 +324,7 @@ fn row_to_host(r: &Row<'_>) -> rusqlite::Result<Host> {
     })
 }
 
-const DEPLOY_COLUMNS: &str = "id, host_id, state, mode, disks, timings, error, created_by, created_at, updated_at, finished_at";
+const DEPLOY_COLUMNS: &str = "id, host_id, state, mode, disks, timings, error, created_by, created_at, updated_at, finished_at, action, capture";
 
 /// A moment of a deployment the server sees, kept in its timings under `key()` as seconds since
 /// the deployment was created — the first time only, and only in the deployment's states where
@@ -338,6 +400,10 @@ fn row_to_deployment(r: &Row<'_>) -> rusqlite::Result<Deployment> {
     let timings: String = r.get(5)?;
     let timings: BTreeMap<String, f64> = serde_json::from_str(&timings).unwrap_or_default();
     Ok(Deployment {
+        action: r.get(11)?,
+        capture: r
+            .get::<_, Option<String>>(12)?
+            .and_then(|c| serde_json::from_str(&c).ok()),
         phases: phases(&timings),
         id: id.parse().unwrap_or_default(),
         host_id: host.parse().unwrap_or_default(),
@@ -566,15 +632,8 @@ pub fn deploy(
             "give an image (for the first disk) or 1–32 disks",
         ));
     }
-    for d in &disks {
-        if let Some(dev) = &d.device
-            && (!dev.starts_with("/dev/") || dev.len() > 128 || dev.contains(".."))
-        {
-            return Err(ApiError::bad(
-                "invalid_device",
-                format!("'{dev}' is not a device path under /dev/"),
-            ));
-        }
+    for dev in disks.iter().filter_map(|d| d.device.as_deref()) {
+        check_device(dev)?;
     }
     let tx = conn.transaction()?;
     let host = get(&tx, key)?;
@@ -624,15 +683,7 @@ pub fn deploy(
             "a deployment writes at most 32 disks",
         ));
     }
-    if host.state == HostState::Deploying {
-        return Err(ApiError::conflict(
-            "host_busy",
-            format!(
-                "host {} is deploying already; `kagami host release` it first",
-                host.mac
-            ),
-        ));
-    }
+    refuse_busy(&host)?;
     let id = Uuid::new_v4();
     let now = now_ms();
     tx.execute(
@@ -656,6 +707,165 @@ pub fn deploy(
     tx.commit()?;
     latest_deployment(conn, host.id)?
         .ok_or_else(|| ApiError::Internal("deployment vanished".into()))
+}
+
+fn refuse_busy(host: &Host) -> Result<(), ApiError> {
+    if matches!(host.state, HostState::Deploying | HostState::Capturing) {
+        return Err(ApiError::conflict(
+            "host_busy",
+            format!(
+                "host {} is {} already; `kagami host release` it first",
+                host.mac,
+                host.state.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Asks a host to capture its disks into a new image at its next network boot: the host is
+/// `capturing`, boots the agent, which reads the disks and uploads what the store lacks.
+pub fn capture(
+    conn: &mut Connection,
+    caller: &Caller,
+    key: &str,
+    req: CaptureRequest,
+) -> Result<Deployment, ApiError> {
+    images::check_name(&req.name)?;
+    let kinds = ["system", "data", "whole"];
+    if !kinds.contains(&req.kind.as_str()) {
+        return Err(ApiError::bad(
+            "invalid_kind",
+            format!(
+                "a capture's kind is system, data or whole, not '{}'",
+                req.kind
+            ),
+        ));
+    }
+    if req.kind != "whole" && req.devices.len() > 1 {
+        return Err(ApiError::bad(
+            "invalid_device",
+            format!(
+                "a {} image is one disk; capture several as a whole-machine image (kind whole)",
+                req.kind
+            ),
+        ));
+    }
+    if req.devices.len() > images::MAX_MEMBERS {
+        return Err(ApiError::bad(
+            "invalid_device",
+            format!("at most {} disks", images::MAX_MEMBERS),
+        ));
+    }
+    for dev in &req.devices {
+        check_device(dev)?;
+    }
+    let tx = conn.transaction()?;
+    let host = get(&tx, key)?;
+    refuse_busy(&host)?;
+    let spec = CaptureSpec {
+        name: req.name,
+        kind: req.kind,
+        devices: req.devices,
+        project: caller.project.clone(),
+        return_state: host.state.as_str().to_string(),
+        made: Vec::new(),
+        image: None,
+    };
+    let id = Uuid::new_v4();
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO deployments (id, host_id, state, mode, disks, created_by, created_at, updated_at, action, capture)
+         VALUES (?1, ?2, 'pending', 'full', '[]', ?3, ?4, ?4, 'capture', ?5)",
+        params![
+            id.to_string(),
+            host.id.to_string(),
+            caller.project,
+            now,
+            json(&spec)?
+        ],
+    )?;
+    set_state(
+        &tx,
+        host.id,
+        HostState::Capturing,
+        &format!("capture {id} assigned"),
+    )?;
+    tx.commit()?;
+    latest_deployment(conn, host.id)?.ok_or_else(|| ApiError::Internal("capture vanished".into()))
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, ApiError> {
+    serde_json::to_string(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn check_device(dev: &str) -> Result<(), ApiError> {
+    if !dev.starts_with("/dev/") || dev.len() > 128 || dev.contains("..") {
+        return Err(ApiError::bad(
+            "invalid_device",
+            format!("'{dev}' is not a device path under /dev/"),
+        ));
+    }
+    Ok(())
+}
+
+/// The agent's unfinished capture, and the project its images go to; an agent with none may
+/// not write images or blocks.
+pub fn agents_capture(
+    conn: &Connection,
+    agent: &AgentCaller,
+) -> Result<(Deployment, CaptureSpec, Caller), ApiError> {
+    match open_deployment(conn, agent)? {
+        Some(d) if d.action == "capture" => {
+            let spec = d
+                .capture
+                .clone()
+                .ok_or_else(|| ApiError::Internal("a capture without its request".into()))?;
+            let caller = Caller {
+                project: spec.project.clone(),
+                role: Role::Member,
+            };
+            Ok((d, spec, caller))
+        }
+        _ => Err(ApiError::Forbidden(
+            "this agent has no capture to upload for".into(),
+        )),
+    }
+}
+
+/// Notes an image the agent created for its capture.
+pub fn record_made(conn: &Connection, deployment: Uuid, image: Uuid) -> Result<(), ApiError> {
+    let spec: Option<String> = conn
+        .query_row(
+            "SELECT capture FROM deployments WHERE id = ?1",
+            [deployment.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let mut spec: CaptureSpec = spec
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .ok_or_else(|| ApiError::Internal(format!("capture {deployment} has no request")))?;
+    spec.made.push(image);
+    conn.execute(
+        "UPDATE deployments SET capture = ?2, state = 'running', updated_at = ?3 WHERE id = ?1",
+        params![deployment.to_string(), json(&spec)?, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// The agent's capture, if `image` is one it made (the only images it may commit or delete).
+pub fn agent_may_write(
+    conn: &Connection,
+    agent: &AgentCaller,
+    image: Uuid,
+) -> Result<Caller, ApiError> {
+    let (_, spec, caller) = agents_capture(conn, agent)?;
+    if spec.made.contains(&image) {
+        Ok(caller)
+    } else {
+        Err(ApiError::image_not_found(image))
+    }
 }
 
 /// Ends whatever the host was doing: an unfinished deployment fails as released, agent
@@ -730,6 +940,20 @@ fn open_deployment(conn: &Connection, agent: &AgentCaller) -> Result<Option<Depl
 
 pub fn task(conn: &Connection, agent: &AgentCaller) -> Result<Task, ApiError> {
     Ok(match open_deployment(conn, agent)? {
+        Some(Deployment {
+            id,
+            capture: Some(spec),
+            ..
+        }) => {
+            let host = get_by_id(conn, agent.host_id)?;
+            Task::Capture {
+                deployment: id,
+                name: spec.name,
+                kind: spec.kind,
+                disks: spec.devices,
+                source: host.name.unwrap_or(host.mac),
+            }
+        }
         Some(d) => Task::Deploy {
             deployment: d.id,
             mode: d.mode,
@@ -846,6 +1070,37 @@ pub fn record_outcome(
             now
         ],
     )?;
+    if let Some(mut spec) = d.capture.take() {
+        // A capture returns the host to where it was; its image must be one it made.
+        if error.is_none() {
+            match o.image {
+                Some(image) if spec.made.contains(&image) => spec.image = Some(image),
+                _ => {
+                    return Err(ApiError::bad(
+                        "invalid_image",
+                        "a capture's result names the image it made",
+                    ));
+                }
+            }
+        }
+        tx.execute(
+            "UPDATE deployments SET capture = ?2 WHERE id = ?1",
+            params![d.id.to_string(), json(&spec)?],
+        )?;
+        let why = match (&error, spec.image) {
+            (None, Some(image)) => format!("capture {} made image {image}", d.id),
+            (Some(e), _) => format!("capture {} failed: {e}", d.id),
+            _ => format!("capture {} ended", d.id),
+        };
+        set_state(
+            &tx,
+            agent.host_id,
+            HostState::parse(&spec.return_state),
+            &why,
+        )?;
+        tx.commit()?;
+        return get_by_id(conn, agent.host_id);
+    }
     match &error {
         None => set_state(
             &tx,

@@ -165,6 +165,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX images_by_source ON images(owner, source_host, created_at) WHERE source_host IS NOT NULL;
     CREATE INDEX images_by_previous ON images(previous_id) WHERE previous_id IS NOT NULL;
     "#,
+    // 7: host tasks other than deployments: a capture (the agent reads the host's disks into
+    // images) is a row of `deployments` with action 'capture' and its request and result in
+    // `capture` (JSON).
+    r#"
+    ALTER TABLE deployments ADD COLUMN action TEXT NOT NULL DEFAULT 'deploy';
+    ALTER TABLE deployments ADD COLUMN capture TEXT;
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

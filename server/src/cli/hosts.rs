@@ -45,6 +45,23 @@ pub enum HostCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Capture a host's disks into a new image at its next network boot: the agent reads them,
+    /// uploads only the blocks the server lacks, and the host returns to its state.
+    Capture {
+        host: String,
+        /// The new image's name (a whole-machine image's disks: NAME-disk0, NAME-disk1, …).
+        #[arg(long)]
+        name: String,
+        /// system or data (one disk), or whole (every disk, the system disk first).
+        #[arg(long, default_value = "system", value_parser = ["system", "data", "whole"])]
+        kind: String,
+        /// The device to read, e.g. /dev/sda; repeat for a whole-machine image [default: the
+        /// host's first fixed disk, or all of them for --kind whole].
+        #[arg(long)]
+        disk: Vec<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Stop whatever the host was assigned (an unfinished deployment fails as released).
     Release { host: String },
     /// Forget a host and its history.
@@ -74,6 +91,15 @@ fn host_line(h: &Host) {
 }
 
 fn progress_text(d: &Deployment) -> String {
+    if let Some(c) = &d.capture {
+        return match c.image {
+            Some(image) => format!("capture {} {}: image {image}", d.id, d.state),
+            None => format!(
+                "capture {} {} ({} image '{}')",
+                d.id, d.state, c.kind, c.name
+            ),
+        };
+    }
     let (done, total) = d.disks.iter().fold((0, 0), |(a, b), disk| {
         (a + disk.bytes_done, b + disk.bytes_total)
     });
@@ -164,6 +190,24 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
             print(output, &d, |d| {
                 println!(
                     "deployment {} assigned to host {host}: it starts at the host's next network boot",
+                    d.id
+                )
+            })?;
+        }
+        HostCommand::Capture {
+            host,
+            name,
+            kind,
+            disk,
+            output,
+        } => {
+            let body = json!({"name": name, "kind": kind, "devices": disk});
+            let d: Deployment = client
+                .call(Method::POST, &format!("/v1/hosts/{host}/capture"), &body)
+                .await?;
+            print(output, &d, |d| {
+                println!(
+                    "capture {} assigned to host {host}: it starts at the host's next network boot",
                     d.id
                 )
             })?;

@@ -692,7 +692,11 @@ async fn download(
 /// the host the CLI reaches the API at.
 async fn nbd_url(client: &Client, id: &str) -> anyhow::Result<String> {
     let (image, host, port) = export_address(client, id, "nbd", "NBD").await?;
-    Ok(format!("nbd://{host}:{port}/{}/{}", image.id, client.token()))
+    Ok(format!(
+        "nbd://{host}:{port}/{}/{}",
+        image.id,
+        client.token()
+    ))
 }
 
 /// Prints image `id`'s iSCSI URL and this client's CHAP credentials (see `kagami image
