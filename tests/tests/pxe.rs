@@ -324,3 +324,68 @@ fn proxy_mode_beside_the_sites_dhcp_boots_and_a_corrupt_block_fails_the_deploy_l
         "the disk is the good image"
     );
 }
+
+/// A machine deployed, then captured by `kagami host capture` at its next network boot (one
+/// block changed on its disk meanwhile: only that block is uploaded), and the capture deployed
+/// onto a second machine, whose disk ends up the first one's byte for byte.
+#[test]
+fn a_captured_machine_deploys_onto_a_second_machine() {
+    let lab = Lab::new(&full_dhcp(), &[]);
+    lab.build_ramdisk();
+    let marker = format!("KAGAMI-CAPTURED-{}", std::process::id());
+    let image_file = lab.dir.path().join("marker.raw");
+    marker_disk(lab.dir.path(), &image_file, &marker, 8);
+    let s = lab.server();
+    let id = image_id(s, &image_file, "marker");
+    s.cli(&["host", "add", "52:54:00:4b:47:0a", "--name", "src"]);
+    s.cli(&["host", "add", "52:54:00:4b:47:0b", "--name", "dst"]);
+    s.cli(&["host", "deploy", "src", "--image", &id]);
+    let disk_a = lab.dir.path().join("a.raw");
+    empty_disk(&disk_a, 64 << 20);
+    let mut vm = lab.machine(Firmware::Bios, &disk_a, "52:54:00:4b:47:0a", "src-deploy");
+    vm.wait_for(&marker, LIMIT);
+    drop(vm);
+
+    // While it is off, something is written into a hole of its disk; then it is captured.
+    let mut a = std::fs::read(&disk_a).expect("disk a");
+    let note = b"written after the deployment, kept";
+    a[(12 << 20) + 5..][..note.len()].copy_from_slice(note);
+    std::fs::write(&disk_a, &a).expect("disk a");
+    s.cli(&["host", "capture", "src", "--name", "src-capture"]);
+    let mut vm = lab.machine(Firmware::Bios, &disk_a, "52:54:00:4b:47:0a", "src-capture");
+    vm.wait_for("and reported", LIMIT);
+    // Back to deployed: the next boot is its own disk again.
+    vm.wait_for(&marker, LIMIT);
+    let console = vm.console();
+    drop(vm);
+    assert!(
+        console.contains("made (1 blocks uploaded, 65572 bytes)"),
+        "only the changed block travels:\n{console}"
+    );
+    let h = host(s, "src");
+    assert_eq!(h["state"], "deployed", "{h}");
+    let d = &h["deployment"];
+    assert_eq!(
+        (&d["action"], &d["state"]),
+        (&"capture".into(), &"succeeded".into()),
+        "{d}"
+    );
+    let captured = d["capture"]["image"].as_str().expect("image").to_string();
+    let image = s.cli_json(&["image", "show", &captured]);
+    assert_eq!(image["source_host"], "src", "{image}");
+    assert_eq!(image["source_disk"], "/dev/vda", "{image}");
+    assert_eq!(image["virtual_size"], 64 << 20, "the whole disk: {image}");
+
+    // The capture, deployed onto a second machine.
+    s.cli(&["host", "deploy", "dst", "--image", &captured]);
+    let disk_b = lab.dir.path().join("b.raw");
+    empty_disk(&disk_b, 64 << 20);
+    let mut vm = lab.machine(Firmware::Bios, &disk_b, "52:54:00:4b:47:0b", "dst-deploy");
+    vm.wait_for(&marker, LIMIT);
+    drop(vm);
+    assert_eq!(host(s, "dst")["state"], "deployed");
+    assert!(
+        std::fs::read(&disk_b).expect("disk b") == a,
+        "the second machine's disk is the first one's"
+    );
+}
