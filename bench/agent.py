@@ -101,13 +101,15 @@ def agent(binary, srv, image, dev, *extra):
                      "--disk", dev, "--json", *extra])
 
 
-def prepare(description, default_dir):
-    """Arguments, the release build and bench/formats.py's disk: (args, release dir, raw disk
-    path, its size, its data blocks)."""
+def prepare(description, default_dir, extra=()):
+    """Arguments (`extra`: more (flag, options) pairs), the release build and bench/formats.py's
+    disk: (args, release dir, raw disk path, its size, its data blocks)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--disk-gib", type=float, default=3)
     ap.add_argument("--dir", default=default_dir)
+    for flag, options in extra:
+        ap.add_argument(flag, **options)
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     run(["cargo", "build", "--release", "--locked", "--bin", "kagami", "--bin", "kagami-agent"], cwd=ROOT)
