@@ -1,7 +1,7 @@
 //! `/boot`: what PXE-booting machines fetch over HTTP before they have any token — their iPXE
 //! script, chosen by the host's state (see `boot::ipxe`), and the agent ramdisk's kernel and
-//! initrd. The handler creates a host on its first contact and mints a per-boot agent token
-//! when the script boots the agent.
+//! initrd. The handler creates a host on its first contact and mints a per-boot token when the
+//! script boots the agent or `sanboot`s an ISO.
 
 use axum::Router;
 use axum::body::Body;
@@ -15,6 +15,7 @@ use super::{ApiQuery, AppState};
 use crate::boot::ipxe::{self, Boot};
 use crate::boot::tftp::BootDir;
 use crate::catalog::hosts::{self, HostState};
+use crate::catalog::iso::{self, Served, Until};
 use crate::config::UnknownHosts;
 use crate::error::ApiError;
 
@@ -66,47 +67,28 @@ async fn script(
             .into_response());
     };
     let discover = provision.unknown_hosts == UnknownHosts::Discover;
-    let (boot_agent, why, token) = app
+    let (plan, why) = app
         .catalog
-        .run(move |c| {
-            let host = hosts::first_contact(c, &mac)?;
-            let agent = host.state.boots_agent(discover);
-            let why = match host.state {
-                HostState::Deploying => format!("host {} is deploying", host.mac),
-                HostState::Discovered | HostState::Ready if agent => format!(
-                    "host {} is {}; booting the agent to wait for a task",
-                    host.mac,
-                    if host.state == HostState::Ready {
-                        "ready"
-                    } else {
-                        "new"
-                    }
-                ),
-                state => format!(
-                    "host {} is {}; booting the local disk",
-                    host.mac,
-                    state.as_str()
-                ),
-            };
-            if !agent || !have_ramdisk {
-                return Ok((false, why, String::new()));
-            }
-            if host.state == HostState::Deploying {
-                hosts::mark(c, host.id, hosts::Milestone::Script)?;
-            }
-            Ok((true, why, hosts::mint_agent_token(c, host.id)?))
-        })
+        .run(move |c| plan(c, &mac, discover, have_ramdisk))
         .await?;
-    let boot = if boot_agent {
-        Boot::Agent {
+    let image_text;
+    let boot = match &plan {
+        Plan::Agent { token } => Boot::Agent {
             base_url: &base_url,
-            token: &token,
+            token,
             kernel_args: &provision.kernel_args,
+        },
+        Plan::Iso { image, token } => {
+            image_text = image.to_string();
+            Boot::Sanboot {
+                base_url: &base_url,
+                image: &image_text,
+                token,
+            }
         }
-    } else {
-        Boot::Local
+        Plan::Local => Boot::Local,
     };
-    let why = if !have_ramdisk && !boot_agent && why.contains("deploying") {
+    let why = if !have_ramdisk && matches!(plan, Plan::Local) && why.contains("deploying") {
         format!(
             "{why}, but there is no agent ramdisk in {}",
             ramdisk.display()
@@ -120,6 +102,72 @@ async fn script(
         ipxe::script(&boot, &why),
     )
         .into_response())
+}
+
+/// What a host's script makes it boot (tokens are minted for this boot).
+#[derive(Debug)]
+enum Plan {
+    Agent { token: String },
+    Iso { image: uuid::Uuid, token: String },
+    Local,
+}
+
+/// The boot of the machine with `mac`, by its host's state, and why.
+fn plan(
+    c: &mut rusqlite::Connection,
+    mac: &str,
+    discover: bool,
+    have_ramdisk: bool,
+) -> Result<(Plan, String), ApiError> {
+    let host = hosts::first_contact(c, mac)?;
+    if host.state == HostState::Iso {
+        return Ok(match iso::serve(c, &host)? {
+            Served::Sanboot { image, token } => {
+                let until = match host.iso_boot.as_ref().map(|b| b.until) {
+                    Some(Until::NextBoot) => "once (until next-boot)",
+                    _ => "until released",
+                };
+                (
+                    Plan::Iso { image, token },
+                    format!("host {} boots ISO image {image} {until}", host.mac),
+                )
+            }
+            Served::Local(reason) => (
+                Plan::Local,
+                format!(
+                    "host {} is iso but {reason}; booting the local disk",
+                    host.mac
+                ),
+            ),
+        });
+    }
+    let agent = host.state.boots_agent(discover);
+    let why = match host.state {
+        HostState::Deploying => format!("host {} is deploying", host.mac),
+        HostState::Discovered | HostState::Ready if agent => format!(
+            "host {} is {}; booting the agent to wait for a task",
+            host.mac,
+            if host.state == HostState::Ready {
+                "ready"
+            } else {
+                "new"
+            }
+        ),
+        state => format!(
+            "host {} is {}; booting the local disk",
+            host.mac,
+            state.as_str()
+        ),
+    };
+    if !agent || !have_ramdisk {
+        iso::end_reads(c, host.id)?;
+        return Ok((Plan::Local, why));
+    }
+    if host.state == HostState::Deploying {
+        hosts::mark(c, host.id, hosts::Milestone::Script)?;
+    }
+    let token = hosts::mint_agent_token(c, host.id)?;
+    Ok((Plan::Agent { token }, why))
 }
 
 async fn ramdisk_file(

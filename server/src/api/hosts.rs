@@ -1,4 +1,5 @@
-//! `/v1/hosts` (admin): enroll machines, assign images to their disks, release and forget them.
+//! `/v1/hosts` (admin): enroll machines, assign images to their disks, capture them, boot an ISO
+//! on them, release and forget them.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -10,6 +11,7 @@ use super::{Admin, ApiJson, AppState};
 use crate::catalog::hosts::{
     self, CaptureRequest, DeployRequest, Deployment, Host, HostEvent, NewHost,
 };
+use crate::catalog::iso::{self, BootIsoRequest};
 use crate::error::ApiError;
 
 pub fn routes() -> Router<AppState> {
@@ -18,6 +20,7 @@ pub fn routes() -> Router<AppState> {
         .route("/hosts/{key}", get(show).delete(forget))
         .route("/hosts/{key}/deploy", post(deploy))
         .route("/hosts/{key}/capture", post(capture))
+        .route("/hosts/{key}/boot-iso", post(boot_iso))
         .route("/hosts/{key}/release", post(release))
 }
 
@@ -82,6 +85,19 @@ async fn capture(
         .run(move |c| hosts::capture(c, &caller, &key, req))
         .await?;
     Ok((StatusCode::CREATED, Json(capture)))
+}
+
+async fn boot_iso(
+    State(app): State<AppState>,
+    Admin(caller): Admin,
+    Path(key): Path<String>,
+    ApiJson(req): ApiJson<BootIsoRequest>,
+) -> Result<Json<Host>, ApiError> {
+    Ok(Json(
+        app.catalog
+            .run(move |c| iso::boot_iso(c, &caller, &key, req))
+            .await?,
+    ))
 }
 
 async fn release(

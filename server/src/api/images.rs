@@ -488,7 +488,12 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let (image, manifest) = load_manifest(&app, caller, id).await?;
-    if let Some(format) = q.format.filter(|f| *f != DiskFormat::Raw) {
+    // An ISO's bytes are the ISO file; it is no disk to convert into another format.
+    let as_is = |f: &DiskFormat| {
+        *f == DiskFormat::Raw || (*f == DiskFormat::Iso && image.kind == ImageKind::Iso)
+    };
+    if let Some(format) = q.format.filter(|f| !as_is(f)) {
+        crate::catalog::iso::refuse_as_disk(&image, &format!("exported as a {format} disk"))?;
         return export(&app, &image, manifest, format);
     }
     Ok(logical_bytes(&app, &image, manifest, &method, &req_headers))
@@ -500,16 +505,32 @@ async fn download(
 ///
 /// iPXE cannot send an `Authorization` header, so this route (and only this one: it reads, and
 /// reads one image) also takes the token as `?token=`. A token in a URL can end up in a proxy's
-/// or a shell's history; Kagami logs no request URLs. The transitional-boot work will put a
-/// per-boot token scoped to that host's ISO in the URLs it hands iPXE, never an operator's.
+/// or a shell's history; Kagami logs no request URLs. The scripts of ISO boots (`catalog::iso`)
+/// put a per-boot token in the URLs they hand iPXE, never an operator's: it reads that host's
+/// ISO and nothing else. Each request is logged at debug level (target `kagami::api::images`).
 async fn content(
     State(app): State<AppState>,
-    UrlCaller(caller): UrlCaller,
+    who: UrlCaller,
     method: Method,
     Path(id): Path<String>,
     req_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    let range = req_headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("all");
+    let caller = match who {
+        UrlCaller::Token(caller) => {
+            tracing::debug!(image = %id, %method, range, "content read");
+            caller
+        }
+        UrlCaller::IsoBoot(boot) if boot.image == id => {
+            tracing::debug!(image = %id, %method, range, host = %boot.host_id, "content read by an ISO boot");
+            Caller::system()
+        }
+        UrlCaller::IsoBoot(_) => return Err(ApiError::image_not_found(id)),
+    };
     let (image, manifest) = load_manifest(&app, caller, id).await?;
     Ok(logical_bytes(&app, &image, manifest, &method, &req_headers))
 }

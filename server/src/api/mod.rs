@@ -27,6 +27,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::catalog::Catalog;
+use crate::catalog::iso::{self, IsoReader};
 use crate::catalog::tenancy::{self, Caller};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -88,10 +89,15 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 /// The caller of a read that a client without headers makes (iPXE's `sanboot`): the bearer
-/// token as usual, or failing that `?token=` in the URL (see the `/content` route for why; no
-/// other route accepts a token in its URL, and this one takes no other parameter).
+/// token as usual, or failing that `?token=` in the URL — a project token, or the per-boot
+/// token of a host's ISO boot (see the `/content` route for why; no other route accepts a token
+/// in its URL, and this one takes no other parameter).
 #[derive(Debug)]
-pub struct UrlCaller(pub Caller);
+pub enum UrlCaller {
+    Token(Caller),
+    /// An ISO boot's token: it may read its image only.
+    IsoBoot(IsoReader),
+}
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,18 +114,24 @@ impl FromRequestParts<AppState> for UrlCaller {
     ) -> Result<Self, Self::Rejection> {
         let ApiQuery(q) = ApiQuery::<TokenQuery>::from_request_parts(parts, state).await?;
         if parts.headers.contains_key(header::AUTHORIZATION) {
-            return Ok(UrlCaller(Caller::from_request_parts(parts, state).await?));
+            return Ok(UrlCaller::Token(
+                Caller::from_request_parts(parts, state).await?,
+            ));
         }
         let secret = q
             .token
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or(ApiError::Unauthorized)?;
-        let caller = state
+        state
             .catalog
-            .run(move |c| tenancy::authenticate(c, &secret))
+            .run(move |c| {
+                if let Some(caller) = tenancy::authenticate(c, &secret)? {
+                    return Ok(Some(UrlCaller::Token(caller)));
+                }
+                Ok(iso::authenticate(c, &secret)?.map(UrlCaller::IsoBoot))
+            })
             .await?
-            .ok_or(ApiError::Unauthorized)?;
-        Ok(UrlCaller(caller))
+            .ok_or(ApiError::Unauthorized)
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! A deploying host (or an unknown one, when `provision.unknown_hosts = "discover"`) boots the
 //! agent ramdisk, its kernel told where the server is and given a per-boot agent token; every
+//! host in an ISO boot `sanboot`s its ISO over HTTP (Range requests) with a per-boot token; every
 //! other host exits iPXE so the firmware boots the next device, its own disk. Values written
 //! into a script are checked first: a script is code, and nothing from a request may inject
 //! commands into it.
@@ -14,6 +15,13 @@ pub enum Boot<'a> {
         base_url: &'a str,
         token: &'a str,
         kernel_args: &'a str,
+    },
+    /// Boot ISO image `image` from `base_url`'s content route, reading it with `token`; if
+    /// the ISO does not boot, the local disk.
+    Sanboot {
+        base_url: &'a str,
+        image: &'a str,
+        token: &'a str,
     },
     /// Fetch the script again with the MAC filled in by iPXE: for a bare script URL handed
     /// out by DHCP or embedded in an iPXE build.
@@ -70,6 +78,22 @@ pub fn script(boot: &Boot<'_>, why: &str) -> String {
                                kernel arguments hold characters unsafe in a script); booting the \
                                local disk\nexit\n"
             .to_string(),
+        Boot::Sanboot {
+            base_url,
+            image,
+            token,
+        } if safe(base_url) && safe(image) && safe(token) => format!(
+            "#!ipxe\n\
+             echo Kagami: {why}\n\
+             sanboot --no-describe {}/v1/images/{image}/content?token={token} || \
+             echo Kagami: the ISO did not boot; booting the local disk\n\
+             exit\n",
+            base_url.trim_end_matches('/')
+        ),
+        Boot::Sanboot { .. } => "#!ipxe\necho Kagami: cannot boot the ISO (the advertised URL \
+                                 holds characters unsafe in a script); booting the local disk\n\
+                                 exit\n"
+            .to_string(),
         Boot::Chain { base_url } if safe(base_url) => format!(
             "#!ipxe\nchain {}/boot/ipxe?mac=${{net0/mac}}\n",
             base_url.trim_end_matches('/')
@@ -99,6 +123,33 @@ mod tests {
         ));
         assert!(s.contains("initrd http://10.0.0.1:8470/boot/ramdisk/initrd.img\n"));
         assert!(s.ends_with("boot\n"));
+    }
+
+    #[test]
+    fn an_iso_boot_sanboots_the_content_route_with_its_token() {
+        let s = script(
+            &Boot::Sanboot {
+                base_url: "http://10.0.0.1:8470/",
+                image: "0b6b5e0e-7c1a-4f4e-9d0f-3f1b8f4a2c11",
+                token: "kgm_abc",
+            },
+            "iso",
+        );
+        assert_eq!(
+            s,
+            "#!ipxe\necho Kagami: iso\nsanboot --no-describe \
+             http://10.0.0.1:8470/v1/images/0b6b5e0e-7c1a-4f4e-9d0f-3f1b8f4a2c11/content?token=kgm_abc \
+             || echo Kagami: the ISO did not boot; booting the local disk\nexit\n"
+        );
+        let s = script(
+            &Boot::Sanboot {
+                base_url: "http://x y",
+                image: "i",
+                token: "t",
+            },
+            "iso",
+        );
+        assert!(!s.contains("sanboot") && s.ends_with("exit\n"), "{s}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! A host is a machine known by the MAC it PXE-boots from, created when an operator enrolls it
 //! or on its first contact. Its state moves
 //! `discovered → ready → deploying → deployed | failed` (and back to `deploying` on the next
-//! deploy), every change recorded with a reason and a time in `host_events`.
+//! deploy), every change recorded with a reason and a time in `host_events`. A capture
+//! (`capturing`) and an ISO boot (`iso`, see [`crate::catalog::iso`]) return the host to the
+//! state it had before.
 //!
 //! A deployment says which image goes on which disk. While a host is `deploying`, each of its
 //! network boots gets a fresh per-boot agent token (only its hash is stored; older ones die):
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::catalog::iso::{self, IsoBoot};
 use crate::catalog::tenancy::{Caller, Role, hash_secret, new_secret};
 use crate::catalog::{images, now_ms, rfc3339};
 use crate::error::ApiError;
@@ -37,6 +40,8 @@ pub enum HostState {
     Deployed,
     /// Its deployment failed (the reason says why); deploy again to retry.
     Failed,
+    /// Boots an ISO image from the network (iPXE `sanboot`) until released, or once.
+    Iso,
 }
 
 impl HostState {
@@ -48,6 +53,7 @@ impl HostState {
             HostState::Capturing => "capturing",
             HostState::Deployed => "deployed",
             HostState::Failed => "failed",
+            HostState::Iso => "iso",
         }
     }
 
@@ -57,17 +63,24 @@ impl HostState {
         match self {
             HostState::Deploying | HostState::Capturing => true,
             HostState::Discovered | HostState::Ready => discover,
-            HostState::Deployed | HostState::Failed => false,
+            HostState::Deployed | HostState::Failed | HostState::Iso => false,
         }
     }
 
-    fn parse(s: &str) -> HostState {
+    /// Whether a host in this state boots from the network at all (the agent, or an ISO): DHCP
+    /// hands only these a boot file.
+    pub fn boots_from_network(self, discover: bool) -> bool {
+        self == HostState::Iso || self.boots_agent(discover)
+    }
+
+    pub(crate) fn parse(s: &str) -> HostState {
         match s {
             "ready" => HostState::Ready,
             "deploying" => HostState::Deploying,
             "capturing" => HostState::Capturing,
             "deployed" => HostState::Deployed,
             "failed" => HostState::Failed,
+            "iso" => HostState::Iso,
             _ => HostState::Discovered,
         }
     }
@@ -85,6 +98,9 @@ pub struct Host {
     pub inventory: Option<Value>,
     /// The latest deployment, if any.
     pub deployment: Option<Deployment>,
+    /// The ISO it boots while it is `iso`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iso_boot: Option<IsoBoot>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -319,6 +335,7 @@ fn row_to_host(r: &Row<'_>) -> rusqlite::Result<Host> {
         state_changed_at: rfc3339(r.get(5)?),
         inventory: inventory.and_then(|t| serde_json::from_str(&t).ok()),
         deployment: None,
+        iso_boot: None,
         created_at: rfc3339(r.get(7)?),
         updated_at: rfc3339(r.get(8)?),
     })
@@ -436,7 +453,7 @@ fn host_not_found(key: &str) -> ApiError {
 }
 
 /// Whether the DHCP server hands `mac` a boot file: yes for a machine not known yet (its first
-/// iPXE script enrols it) and for a host whose next boot is the agent; no for one that boots
+/// iPXE script enrols it) and for a host whose next boot is the agent or an ISO; no for one that boots
 /// its own disk, whose firmware then goes straight to the disk instead of through iPXE — and
 /// a UEFI machine is not chained back into iPXE by its next network boot entry (HTTP boot)
 /// after iPXE's `exit`, a loop that would never reach the disk.
@@ -457,7 +474,11 @@ pub fn wants_boot_file(conn: &Connection, mac: &str, discover: bool) -> Result<b
         HostState::Deployed => mark(conn, id, Milestone::LocalBoot)?,
         _ => {}
     }
-    Ok(state.boots_agent(discover))
+    if state != HostState::Iso {
+        // A new boot: an earlier boot's ISO (`--until next-boot`) is no longer read.
+        iso::end_reads(conn, id)?;
+    }
+    Ok(state.boots_from_network(discover))
 }
 
 /// A host by id, MAC or name, with its latest deployment.
@@ -470,10 +491,11 @@ pub fn get(conn: &Connection, key: &str) -> Result<Host, ApiError> {
         .optional()?
         .ok_or_else(|| host_not_found(key))?;
     host.deployment = latest_deployment(conn, host.id)?;
+    host.iso_boot = iso::get(conn, host.id)?;
     Ok(host)
 }
 
-fn get_by_id(conn: &Connection, id: Uuid) -> Result<Host, ApiError> {
+pub(crate) fn get_by_id(conn: &Connection, id: Uuid) -> Result<Host, ApiError> {
     get(conn, &id.to_string())
 }
 
@@ -485,6 +507,7 @@ pub fn list(conn: &Connection) -> Result<Vec<Host>, ApiError> {
         .collect::<Result<Vec<_>, _>>()?;
     for h in &mut hosts {
         h.deployment = latest_deployment(conn, h.id)?;
+        h.iso_boot = iso::get(conn, h.id)?;
     }
     Ok(hosts)
 }
@@ -504,7 +527,7 @@ pub fn events(conn: &Connection, host: Uuid) -> Result<Vec<HostEvent>, ApiError>
 }
 
 /// Moves a host to `state`, recording why.
-fn set_state(
+pub(crate) fn set_state(
     conn: &Connection,
     host: Uuid,
     state: HostState,
@@ -650,6 +673,7 @@ pub fn deploy(
                 ),
             ));
         }
+        iso::refuse_as_disk(&image, "deployed onto a disk")?;
         if image.kind != ImageKind::Whole {
             d.bytes_total = image.virtual_size.unwrap_or(0);
             expanded.push(d);
@@ -709,8 +733,11 @@ pub fn deploy(
         .ok_or_else(|| ApiError::Internal("deployment vanished".into()))
 }
 
-fn refuse_busy(host: &Host) -> Result<(), ApiError> {
-    if matches!(host.state, HostState::Deploying | HostState::Capturing) {
+pub(crate) fn refuse_busy(host: &Host) -> Result<(), ApiError> {
+    if matches!(
+        host.state,
+        HostState::Deploying | HostState::Capturing | HostState::Iso
+    ) {
         return Err(ApiError::conflict(
             "host_busy",
             format!(
@@ -869,10 +896,27 @@ pub fn agent_may_write(
 }
 
 /// Ends whatever the host was doing: an unfinished deployment fails as released, agent
-/// tokens die, and the host is `ready` (or `discovered` without inventory).
+/// tokens die, and the host is `ready` (or `discovered` without inventory); an ISO boot ends
+/// and the host returns to the state it had before.
 pub fn release(conn: &mut Connection, key: &str) -> Result<Host, ApiError> {
     let tx = conn.transaction()?;
     let host = get(&tx, key)?;
+    if let Some(boot) = iso::end(&tx, host.id)?
+        && host.state == HostState::Iso
+    {
+        set_state(
+            &tx,
+            host.id,
+            boot.return_state,
+            &format!(
+                "ISO boot of image {} released by an operator; back to {}",
+                boot.image,
+                boot.return_state.as_str()
+            ),
+        )?;
+        tx.commit()?;
+        return get_by_id(conn, host.id);
+    }
     let now = now_ms();
     tx.execute(
         "UPDATE deployments SET state = 'failed', error = 'released by an operator', updated_at = ?2, finished_at = ?2
@@ -902,17 +946,33 @@ pub fn forget(conn: &mut Connection, key: &str) -> Result<(), ApiError> {
 
 /// A fresh token for this boot of the host; earlier boots' tokens stop working.
 pub fn mint_agent_token(conn: &mut Connection, host: Uuid) -> Result<String, ApiError> {
-    let secret = new_secret()?;
     let tx = conn.transaction()?;
-    tx.execute(
+    let secret = insert_boot_token(&tx, host, None)?;
+    tx.commit()?;
+    Ok(secret)
+}
+
+/// Replaces the host's boot tokens with a new one: the agent's (`image` None), or an ISO
+/// boot's, which reads `image` only (see [`iso::authenticate`]).
+pub(crate) fn insert_boot_token(
+    conn: &Connection,
+    host: Uuid,
+    image: Option<Uuid>,
+) -> Result<String, ApiError> {
+    let secret = new_secret()?;
+    conn.execute(
         "DELETE FROM agent_tokens WHERE host_id = ?1",
         [host.to_string()],
     )?;
-    tx.execute(
-        "INSERT INTO agent_tokens (secret_hash, host_id, created_at) VALUES (?1, ?2, ?3)",
-        params![hash_secret(&secret), host.to_string(), now_ms()],
+    conn.execute(
+        "INSERT INTO agent_tokens (secret_hash, host_id, created_at, image_id) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            hash_secret(&secret),
+            host.to_string(),
+            now_ms(),
+            image.map(|i| i.to_string())
+        ],
     )?;
-    tx.commit()?;
     Ok(secret)
 }
 
@@ -922,7 +982,7 @@ pub fn authenticate_agent(
 ) -> Result<Option<AgentCaller>, ApiError> {
     let host: Option<String> = conn
         .query_row(
-            "SELECT host_id FROM agent_tokens WHERE secret_hash = ?1",
+            "SELECT host_id FROM agent_tokens WHERE secret_hash = ?1 AND image_id IS NULL",
             [hash_secret(secret)],
             |r| r.get(0),
         )

@@ -172,6 +172,20 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE deployments ADD COLUMN action TEXT NOT NULL DEFAULT 'deploy';
     ALTER TABLE deployments ADD COLUMN capture TEXT;
     "#,
+    // 8: ISO transitional boots: the ISO a host in state 'iso' sanboots, until when, and the
+    // state it returns to after. A boot token with an image_id is an ISO boot's: it reads that
+    // image's content and nothing else (agent tokens have none).
+    r#"
+    CREATE TABLE iso_boots (
+        host_id      TEXT PRIMARY KEY REFERENCES hosts(id) ON DELETE CASCADE,
+        image_id     TEXT NOT NULL,
+        until        TEXT NOT NULL CHECK (until IN ('release', 'next-boot')),
+        return_state TEXT NOT NULL,
+        created_by   TEXT NOT NULL,
+        created_at   INTEGER NOT NULL
+    );
+    ALTER TABLE agent_tokens ADD COLUMN image_id TEXT;
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

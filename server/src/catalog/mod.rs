@@ -12,6 +12,7 @@
 pub mod blocks;
 pub mod hosts;
 pub mod images;
+pub mod iso;
 pub mod jobs;
 mod migrations;
 pub mod tenancy;

@@ -62,7 +62,22 @@ pub enum HostCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Stop whatever the host was assigned (an unfinished deployment fails as released).
+    /// Boot an ISO image on a host, temporarily: its next network boots `sanboot` the ISO over
+    /// HTTP, until `kagami host release` (or for one boot), then it returns to its state.
+    BootIso {
+        host: String,
+        /// The ISO image (kind iso, active).
+        #[arg(long)]
+        image: String,
+        /// release: every network boot boots the ISO until the host is released; next-boot:
+        /// one boot, then the host is back in its state.
+        #[arg(long, default_value = "release", value_parser = ["release", "next-boot"])]
+        until: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Stop whatever the host was assigned (an unfinished deployment fails as released; an ISO
+    /// boot ends and the host returns to the state it had before).
     Release { host: String },
     /// Forget a host and its history.
     Forget { host: String },
@@ -81,6 +96,10 @@ fn parse_disk(s: &str) -> Result<(String, String), String> {
 
 fn host_line(h: &Host) {
     let deployment = h.deployment.as_ref().map_or(String::new(), progress_text);
+    let deployment = match &h.iso_boot {
+        Some(b) => format!("ISO {} until {}", b.image, b.until.as_str()),
+        None => deployment,
+    };
     println!(
         "{}\t{}\t{}\t{}\t{deployment}",
         h.mac,
@@ -209,6 +228,24 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
                 println!(
                     "capture {} assigned to host {host}: it starts at the host's next network boot",
                     d.id
+                )
+            })?;
+        }
+        HostCommand::BootIso {
+            host,
+            image,
+            until,
+            output,
+        } => {
+            let body = json!({"image": image, "until": until});
+            let h: Host = client
+                .call(Method::POST, &format!("/v1/hosts/{host}/boot-iso"), &body)
+                .await?;
+            print(output, &h, |h| {
+                println!(
+                    "host {} boots ISO image {image} at its next network boot (until {until}); \
+                     `kagami host release {host}` ends it",
+                    h.mac
                 )
             })?;
         }
