@@ -24,6 +24,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
@@ -36,6 +37,7 @@ use crate::client::{Client, retrying};
 use crate::disk::Target;
 use crate::io::link::{scan, start_io};
 use crate::io::{self, Files};
+use crate::progress::{Counters, Phase, Progress};
 
 #[derive(Debug)]
 pub struct Options {
@@ -50,6 +52,8 @@ pub struct Options {
     /// Where images are made: `/images` (an admin token) or `/agent/images` (a capturing
     /// agent's per-boot token).
     pub images_path: &'static str,
+    /// Receives progress snapshots (a host capture reports them to the server).
+    pub progress: Option<tokio::sync::watch::Sender<crate::progress::Snapshot>>,
     pub force: bool,
     pub queue_depth: usize,
     pub engine: io::Choice,
@@ -124,6 +128,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Capture> {
         _ => {}
     }
     let client = Client::new(&opts.server, &opts.token)?;
+    let counters = Arc::new(Counters::default());
+    let progress = Progress::start(counters.clone(), opts.progress.clone());
     let mut reports: Vec<Report> = Vec::new();
     for (i, disk) in opts.disks.iter().enumerate() {
         let (name, kind) = match (whole, i) {
@@ -131,7 +137,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Capture> {
             (true, 0) => (format!("{}-disk0", opts.name), "system"),
             (true, _) => (format!("{}-disk{i}", opts.name), "data"),
         };
-        match capture_disk(&client, &opts, disk, &name, kind).await {
+        let at = (&progress, counters.as_ref(), i);
+        match capture_disk(&client, &opts, at, disk, &name, kind).await {
             Ok(report) => reports.push(report),
             Err(e) => {
                 forget(&client, &opts, &reports).await;
@@ -153,6 +160,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Capture> {
     } else {
         reports[0].image.clone()
     };
+    progress.finish();
     let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum();
     Ok(Capture {
         image,
@@ -221,6 +229,7 @@ async fn create_image(
 async fn capture_disk(
     client: &Client,
     opts: &Options,
+    (progress, counters, index): (&Progress, &Counters, usize),
     disk: &std::path::Path,
     name: &str,
     kind: &str,
@@ -236,10 +245,14 @@ async fn capture_disk(
     tracing::info!("capturing {} ({size} bytes) with {engine}", disk.display());
 
     // 1. Hash every block.
+    progress.phase_of(index, Phase::Reading, size);
     let count = Manifest::segment_count(size);
     let mut segments: Vec<Option<Vec<BlockId>>> = vec![None; count];
-    scan(&mut link, size, (0..count).collect(), |i, ids, _| {
+    scan(&mut link, size, (0..count).collect(), |i, ids, data| {
         segments[i] = Some(ids);
+        counters
+            .scanned_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     })
     .await?;
@@ -290,6 +303,8 @@ async fn capture_disk(
         .collect();
     let mut read_bytes = size;
     let (mut uploaded_blocks, mut uploaded_bytes) = (0u64, 0u64);
+    let frame = BLOCK_SIZE as u64 + wire::FRAME_HEADER as u64;
+    progress.phase_of(index, Phase::Uploading, missing.len() as u64 * frame);
     for chunk in holding.chunks(UPLOAD_SEGMENTS) {
         let mut frames = Vec::new();
         let mut sent = 0u64;
@@ -320,6 +335,9 @@ async fn capture_disk(
             )
         })
         .await?;
+        counters
+            .sent_bytes
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
     }
     if !missing.is_empty() {
         anyhow::bail!(

@@ -86,6 +86,32 @@ fn choose_devices(disks: &[Disk], candidates: &[String]) -> anyhow::Result<Vec<P
         .collect()
 }
 
+/// Sends a task's progress snapshots to the server (at most one every 2 s) until aborted; the
+/// disk is `disk`, or the snapshot's own when `None` (a capture moves from disk to disk).
+fn report_progress(
+    client: &Client,
+    deployment: &str,
+    disk: Option<usize>,
+) -> (
+    tokio::sync::watch::Sender<crate::progress::Snapshot>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, mut rx) = tokio::sync::watch::channel(crate::progress::Snapshot::default());
+    let (client, deployment) = (client.clone(), deployment.to_string());
+    let reporter = tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let s = *rx.borrow_and_update();
+            let body = json!({"deployment": deployment, "disk": disk.unwrap_or(s.disk),
+                              "phase": s.phase, "bytes_done": s.done, "bytes_total": s.total});
+            if let Err(e) = client.post_json("/agent/progress", &body).await {
+                tracing::warn!("progress report: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    (tx, reporter)
+}
+
 /// Captures the host's disks into a new image for the server (its per-boot token uploads the
 /// blocks and commits the images) and reports the result.
 async fn capture(
@@ -107,6 +133,7 @@ async fn capture(
         "capture {deployment}: {} disk(s) as a {kind} image",
         disks.len()
     );
+    let (tx, reporter) = report_progress(client, &deployment, None);
     let outcome = crate::capture::run(crate::capture::Options {
         server: opts.server.clone(),
         token: opts.token.clone(),
@@ -115,12 +142,23 @@ async fn capture(
         disks,
         source,
         images_path: "/agent/images",
+        progress: Some(tx),
         force: false,
         queue_depth: opts.queue_depth,
         engine: opts.engine,
         patience: opts.patience,
     })
     .await;
+    reporter.abort();
+    if let Ok(made) = &outcome {
+        let done = json!({"deployment": deployment, "disk": made.disks.len().saturating_sub(1),
+                          "phase": "done", "bytes_done": made.virtual_size,
+                          "bytes_total": made.virtual_size});
+        retrying("reporting progress", opts.patience, || {
+            client.post_json("/agent/progress", &done)
+        })
+        .await?;
+    }
     let mut timings = BTreeMap::new();
     timings.insert("capture".to_string(), started.elapsed().as_secs_f64());
     let result = match &outcome {
@@ -202,21 +240,7 @@ async fn write_disks(
     }
     let devices = choose_devices(disks, &crate::inventory::fixed_disks())?;
     for (i, (disk, device)) in disks.iter().zip(devices).enumerate() {
-        let (tx, mut rx) = tokio::sync::watch::channel(crate::progress::Snapshot::default());
-        let reporter = {
-            let (client, deployment) = (client.clone(), deployment.to_string());
-            tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    let s = *rx.borrow_and_update();
-                    let body = json!({"deployment": deployment, "disk": i, "phase": s.phase,
-                                      "bytes_done": s.done, "bytes_total": s.total});
-                    if let Err(e) = client.post_json("/agent/progress", &body).await {
-                        tracing::warn!("progress report: {e}");
-                    }
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            })
-        };
+        let (tx, reporter) = report_progress(client, deployment, Some(i));
         let options = write::Options {
             server: opts.server.clone(),
             token: opts.token.clone(),

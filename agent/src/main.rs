@@ -238,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 disks: a.disk,
                 source: a.source.unwrap_or_else(capture::hostname),
                 images_path: "/images",
+                progress: None,
                 force: a.force,
                 queue_depth: a.queue_depth.into(),
                 engine: a.engine,

@@ -25,6 +25,8 @@ pub struct Counters {
     pub verified_bytes: AtomicU64,
     /// Requests retried after a network/server failure or a corrupt answer.
     pub retries: AtomicU64,
+    /// Bytes uploaded to the server (a capture's block frames).
+    pub sent_bytes: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -38,6 +40,7 @@ pub struct Totals {
     pub scanned_bytes: u64,
     pub verified_bytes: u64,
     pub retries: u64,
+    pub sent_bytes: u64,
 }
 
 impl Counters {
@@ -52,13 +55,16 @@ impl Counters {
             scanned_bytes: get(&self.scanned_bytes),
             verified_bytes: get(&self.verified_bytes),
             retries: get(&self.retries),
+            sent_bytes: get(&self.sent_bytes),
         }
     }
 }
 
-/// Where a write is: its phase and the phase's bytes done of total.
+/// Where a write or capture is: its disk (index among the task's disks), its phase and the
+/// phase's bytes done of total.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
+    pub disk: usize,
     pub phase: &'static str,
     pub done: u64,
     pub total: u64,
@@ -69,6 +75,8 @@ pub enum Phase {
     Reading,
     Writing,
     Verifying,
+    /// A capture sending the blocks the server lacks.
+    Uploading,
 }
 
 #[derive(Debug)]
@@ -78,6 +86,7 @@ struct State {
     /// The phase counter's value when the phase began.
     base: u64,
     since: Instant,
+    disk: usize,
 }
 
 /// The live display; its ticker stops when this is dropped.
@@ -109,6 +118,7 @@ impl Progress {
             total: 0,
             base: 0,
             since: Instant::now(),
+            disk: 0,
         }));
         let interactive = !bar.is_hidden();
         let ticker = {
@@ -122,6 +132,7 @@ impl Progress {
                     bar.set_position(done);
                     if let Some(w) = &watch {
                         w.send_replace(Snapshot {
+                            disk: s.disk,
                             phase: phase_name(s.phase),
                             done,
                             total: s.total,
@@ -154,14 +165,32 @@ impl Progress {
         }
     }
 
-    /// Starts a phase of `total` bytes.
-    pub fn phase(&self, phase: Phase, total: u64) {
+    /// Starts a phase of `total` bytes on disk `disk` of the task.
+    pub fn phase_of(&self, disk: usize, phase: Phase, total: u64) {
         if let Ok(mut s) = self.state.lock() {
             *s = State {
                 phase,
                 total,
                 base: phase_counter(&self.counters, phase),
                 since: Instant::now(),
+                disk,
+            };
+        }
+        self.bar.reset();
+        self.bar.set_length(total);
+        self.bar.set_message(phase_name(phase));
+    }
+
+    /// Starts a phase of `total` bytes.
+    pub fn phase(&self, phase: Phase, total: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            let disk = s.disk;
+            *s = State {
+                phase,
+                total,
+                base: phase_counter(&self.counters, phase),
+                since: Instant::now(),
+                disk,
             };
         }
         self.bar.reset();
@@ -186,6 +215,7 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Reading => "reading",
         Phase::Writing => "writing",
         Phase::Verifying => "verifying",
+        Phase::Uploading => "uploading",
     }
 }
 
@@ -196,5 +226,6 @@ fn phase_counter(c: &Counters, p: Phase) -> u64 {
             c.written_bytes.load(Ordering::Relaxed) + c.zeroed_bytes.load(Ordering::Relaxed)
         }
         Phase::Verifying => c.verified_bytes.load(Ordering::Relaxed),
+        Phase::Uploading => c.sent_bytes.load(Ordering::Relaxed),
     }
 }

@@ -314,6 +314,9 @@ fn a_host_captures_its_disks_into_a_whole_machine_image_with_its_boot_token() {
     let d = &h["deployment"];
     assert_eq!(d["state"], "succeeded", "{d}");
     let id = d["capture"]["image"].as_str().expect("image").to_string();
+    let progress = &d["capture"]["progress"];
+    assert_eq!(progress["phase"], "done", "{d}");
+    assert_eq!(progress["bytes_done"], 48 * MIB, "both disks read: {d}");
     let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
     assert_eq!(image["kind"], "whole", "{image}");
     assert_eq!(image["name"], "node7-backup");

@@ -5,7 +5,8 @@
 
 use crate::manifest::{BLOCK_SIZE, BlockId};
 
-const FRAME_HEADER: usize = 36;
+/// Bytes before a frame's data: the 32-byte block id and the u32 length.
+pub const FRAME_HEADER: usize = 36;
 
 /// Appends one frame to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, id: &BlockId, data: &[u8]) {

@@ -175,6 +175,19 @@ pub struct CaptureSpec {
     /// The image the capture made, once it succeeded.
     #[serde(default)]
     pub image: Option<Uuid>,
+    /// Where the capture is, as the agent last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<CaptureProgress>,
+}
+
+/// A capture's progress: the disk being read (index into its disks), the phase (reading,
+/// uploading) and the phase's bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaptureProgress {
+    pub disk: usize,
+    pub phase: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
 }
 
 /// `POST /v1/hosts/{key}/capture`.
@@ -798,6 +811,7 @@ pub fn capture(
         return_state: host.state.as_str().to_string(),
         made: Vec::new(),
         image: None,
+        progress: None,
     };
     let id = Uuid::new_v4();
     let now = now_ms();
@@ -1078,13 +1092,28 @@ pub fn record_progress(
 ) -> Result<(), ApiError> {
     let tx = conn.transaction()?;
     let mut d = agents_deployment(&tx, agent, p.deployment)?;
+    let phase: String = p.phase.chars().take(32).collect();
+    if let Some(mut spec) = d.capture.take() {
+        spec.progress = Some(CaptureProgress {
+            disk: p.disk,
+            phase,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+        });
+        tx.execute(
+            "UPDATE deployments SET state = 'running', capture = ?2, updated_at = ?3 WHERE id = ?1",
+            params![d.id.to_string(), json(&spec)?, now_ms()],
+        )?;
+        tx.commit()?;
+        return Ok(());
+    }
     let disk = d.disks.get_mut(p.disk).ok_or_else(|| {
         ApiError::bad(
             "invalid_disk",
             format!("deployment {} has no disk {}", d.id, p.disk),
         )
     })?;
-    disk.phase = Some(p.phase.chars().take(32).collect());
+    disk.phase = Some(phase);
     disk.bytes_done = p.bytes_done;
     disk.bytes_total = p.bytes_total;
     tx.execute(

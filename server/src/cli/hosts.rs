@@ -111,12 +111,23 @@ fn host_line(h: &Host) {
 
 fn progress_text(d: &Deployment) -> String {
     if let Some(c) = &d.capture {
-        return match c.image {
-            Some(image) => format!("capture {} {}: image {image}", d.id, d.state),
-            None => format!(
-                "capture {} {} ({} image '{}')",
-                d.id, d.state, c.kind, c.name
+        return match (c.image, &c.progress) {
+            (Some(image), _) => format!("capture {} {}: image {image}", d.id, d.state),
+            (None, Some(p)) => format!(
+                "capture {} {}: disk {} {} {} / {}",
+                d.id,
+                d.state,
+                p.disk,
+                p.phase,
+                human_bytes(p.bytes_done),
+                human_bytes(p.bytes_total)
             ),
+            (None, None) => {
+                format!(
+                    "capture {} {} ({} image '{}')",
+                    d.id, d.state, c.kind, c.name
+                )
+            }
         };
     }
     let (done, total) = d.disks.iter().fold((0, 0), |(a, b), disk| {
