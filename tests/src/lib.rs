@@ -87,7 +87,7 @@ pub struct Lab {
 
 impl Lab {
     /// A namespace with its bridge, and the server started in it with `args` (its DHCP and
-    /// TFTP on the bridge) and `env`.
+    /// TFTP on the bridge) and `env` (`KAGAMI_LOG` in it replaces the lab's log filter).
     pub fn new(args: &[&str], env: &[(&str, &str)]) -> Lab {
         let n = LABS.fetch_add(1, Ordering::SeqCst);
         let mut lab = Lab {
@@ -137,7 +137,9 @@ impl Lab {
         // Router advertisements spare iPXE its 16 s wait for IPv6 autoconfiguration.
         let mut env = env.to_vec();
         env.push(("KAGAMI__DHCP__ROUTER_ADVERTISEMENTS", "true"));
-        env.push(("KAGAMI_LOG", "info,kagami::boot::dhcp=debug"));
+        if !env.iter().any(|(k, _)| *k == "KAGAMI_LOG") {
+            env.push(("KAGAMI_LOG", "info,kagami::boot::dhcp=debug"));
+        }
         self.server = Some(Server::start_in(Some(&self.ns), &env, &all));
     }
 
