@@ -35,7 +35,7 @@ impl Target {
     /// Opens `path` for writing after the safety checks; `force` overrides the in-use and root
     /// checks (never the size check, which the caller makes against the image).
     pub fn open(path: &Path, force: bool) -> anyhow::Result<Target> {
-        let block_device = check_target(path, force, "writing", |e| {
+        let block_device = check_target(path, force, false, "writing", |e| {
             format!(
                 "refusing to write {}: {e} (--force overrides)",
                 path.display()
@@ -77,14 +77,14 @@ impl Target {
         Target::sized(path, buffered, direct, block_device)
     }
 
-    /// Opens `path` to read it whole (capture): a file system mounted from it (or the running
-    /// root) changes under the reader and makes an inconsistent image, so that is refused
-    /// unless `force`.
+    /// Opens `path` to read it whole (capture): a file system mounted read-write from it (or
+    /// the running root) changes under the reader and makes an inconsistent image, so that is
+    /// refused unless `force`; read-only mounts are fine.
     pub fn open_read(path: &Path, force: bool) -> anyhow::Result<Target> {
-        let block_device = check_target(path, force, "capturing", |e| {
+        let block_device = check_target(path, force, true, "capturing", |e| {
             format!(
                 "refusing to capture {}: {e}, so its content may change while it is read; \
-                 unmount it (or --force for a read-only mount)",
+                 unmount it or remount it read-only (--force captures it anyway)",
                 path.display()
             )
         })?;
@@ -122,6 +122,7 @@ impl Target {
 fn check_target(
     path: &Path,
     force: bool,
+    read_only_mounts_ok: bool,
     doing: &str,
     refusal: impl FnOnce(&str) -> String,
 ) -> anyhow::Result<bool> {
@@ -136,7 +137,7 @@ fn check_target(
     }
     if block_device {
         let dev = (major(meta.rdev()) as u32, minor(meta.rdev()) as u32);
-        if let Err(e) = check_not_in_use(dev) {
+        if let Err(e) = check_not_in_use(dev, read_only_mounts_ok) {
             if !force {
                 bail!(refusal(&e));
             }
@@ -146,9 +147,10 @@ fn check_target(
     Ok(block_device)
 }
 
-/// `Err(reason)` when device `dev`, a partition of it, or a device built on it is mounted,
+/// `Err(reason)` when device `dev`, a partition of it, or a device built on it is mounted (but
+/// for read-only mounts when `read_only_mounts_ok`: the mount and its file system both `ro`),
 /// used as swap, held by another driver, or carries the running system's root.
-fn check_not_in_use(dev: (u32, u32)) -> Result<(), String> {
+fn check_not_in_use(dev: (u32, u32), read_only_mounts_ok: bool) -> Result<(), String> {
     let mine = family(dev);
     let root = std::fs::metadata("/")
         .map(|m| (major(m.dev()) as u32, minor(m.dev()) as u32))
@@ -163,14 +165,28 @@ fn check_not_in_use(dev: (u32, u32)) -> Result<(), String> {
     }
     if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
         for line in mountinfo.lines() {
-            let mut fields = line.split(' ');
-            let (Some(devno), Some(point)) = (fields.nth(2), fields.nth(1)) else {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (Some(devno), Some(point), Some(options)) =
+                (fields.get(2), fields.get(4), fields.get(5))
+            else {
                 continue;
             };
+            // After the optional fields and " - ": fstype, source, super options.
+            let super_options = fields
+                .iter()
+                .position(|f| *f == "-")
+                .and_then(|i| fields.get(i + 3))
+                .copied()
+                .unwrap_or("rw");
+            let ro = |opts: &str| opts.split(',').any(|o| o == "ro");
             if let Some(d) = parse_devno(devno)
                 && mine.contains(&d)
             {
-                return Err(format!("{} is mounted at {point}", name_of(d)));
+                if read_only_mounts_ok && ro(options) && ro(super_options) {
+                    tracing::info!("{} is mounted read-only at {point}", name_of(d));
+                    continue;
+                }
+                return Err(format!("{} is mounted read-write at {point}", name_of(d)));
             }
         }
     }
@@ -277,7 +293,7 @@ mod tests {
             return;
         }
         for disk in whole_disks(root) {
-            let e = check_not_in_use(disk).expect_err("root disk");
+            let e = check_not_in_use(disk, true).expect_err("root disk");
             assert!(e.contains("root file system"), "{e}");
         }
     }

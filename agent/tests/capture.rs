@@ -221,3 +221,53 @@ fn a_whole_machine_capture_is_differential_keeps_its_lineage_and_deploys_back() 
     let first_again = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
     assert_eq!(first_again["members"].as_array().map(Vec::len), Some(2));
 }
+
+/// Quiescing: a disk whose file system is mounted read-write is refused, with the reason and
+/// the way out; mounted read-only it is captured (its content cannot change under the reader).
+#[test]
+fn a_read_write_mount_is_refused_and_a_read_only_one_is_captured() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let fs_file = dir.path().join("fs.img");
+    std::fs::File::create(&fs_file)
+        .expect("create")
+        .set_len(16 * MIB)
+        .expect("len");
+    let dev = Loop::over(&fs_file);
+    let ok = |cmd: &mut Command| assert!(cmd.status().expect("run").success(), "{cmd:?}");
+    ok(Command::new("mkfs.ext4").args(["-q", "-F", &dev.0]));
+    let mnt = tempfile::tempdir().expect("mnt");
+    ok(Command::new("mount").arg(&dev.0).arg(mnt.path()));
+    let refused = Command::new(AGENT)
+        .args([
+            "capture", "--server", &s.url, "--name", "busy", "--disk", &dev.0,
+        ])
+        .env("KAGAMI_TOKEN", &s.token)
+        .output()
+        .expect("capture");
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    ok(Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(mnt.path()));
+    let captured = Command::new(AGENT)
+        .args([
+            "capture", "--server", &s.url, "--name", "quiet", "--disk", &dev.0,
+        ])
+        .env("KAGAMI_TOKEN", &s.token)
+        .env("KAGAMI_LOG", "warn")
+        .output()
+        .expect("capture");
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("is mounted read-write at") && err.contains("remount it read-only"),
+        "{err}"
+    );
+    assert!(
+        captured.status.success(),
+        "{}",
+        String::from_utf8_lossy(&captured.stderr)
+    );
+    let report: Value = serde_json::from_slice(&captured.stdout).expect("report");
+    assert_eq!(report["virtual_size"], 16 * MIB, "{report}");
+}

@@ -334,7 +334,7 @@ fn a_disk_too_small_or_mounted_is_refused_and_left_untouched() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("is mounted at") && err.contains("--force"),
+        err.contains("is mounted read-write at") && err.contains("--force"),
         "{err}"
     );
     drop(dev);
