@@ -68,14 +68,9 @@ pub struct Capture {
     pub kind: String,
     /// The disk image's digest (a whole-machine image has one per disk).
     pub digest: Option<String>,
-    /// Bytes of all its disks.
-    pub virtual_size: u64,
-    pub read_bytes: u64,
-    pub data_blocks: u64,
-    pub known_blocks: u64,
-    pub uploaded_blocks: u64,
-    pub uploaded_bytes: u64,
-    pub seconds: f64,
+    /// Over all its disks.
+    #[serde(flatten)]
+    pub counts: Counts,
     pub disks: Vec<Report>,
 }
 
@@ -85,9 +80,17 @@ pub struct Report {
     pub image: String,
     pub disk: PathBuf,
     pub digest: String,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+/// What a capture read, hashed and sent.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Counts {
     pub virtual_size: u64,
     /// Bytes read from the disk, both passes.
     pub read_bytes: u64,
+    /// Blocks hashed (the others are holes: all zeroes, recognised without hashing).
     pub data_blocks: u64,
     /// Data blocks the server already had (from this or any image).
     pub known_blocks: u64,
@@ -95,6 +98,20 @@ pub struct Report {
     /// Frame bytes sent (block bytes plus 36 per block).
     pub uploaded_bytes: u64,
     pub seconds: f64,
+}
+
+impl std::iter::Sum<Counts> for Counts {
+    fn sum<I: Iterator<Item = Counts>>(all: I) -> Counts {
+        all.fold(Counts::default(), |a, c| Counts {
+            virtual_size: a.virtual_size + c.virtual_size,
+            read_bytes: a.read_bytes + c.read_bytes,
+            data_blocks: a.data_blocks + c.data_blocks,
+            known_blocks: a.known_blocks + c.known_blocks,
+            uploaded_blocks: a.uploaded_blocks + c.uploaded_blocks,
+            uploaded_bytes: a.uploaded_bytes + c.uploaded_bytes,
+            seconds: a.seconds + c.seconds,
+        })
+    }
 }
 
 /// Segments re-read and uploaded per request (≤ 16 MiB of frames, held once: retries share
@@ -161,18 +178,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Capture> {
         reports[0].image.clone()
     };
     progress.finish();
-    let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum();
+    let counts = Counts {
+        seconds: started.elapsed().as_secs_f64(),
+        ..reports.iter().map(|r| r.counts).sum()
+    };
     Ok(Capture {
         image,
         kind: opts.kind.clone(),
         digest: (!whole).then(|| reports[0].digest.clone()),
-        virtual_size: sum(|r| r.virtual_size),
-        read_bytes: sum(|r| r.read_bytes),
-        data_blocks: sum(|r| r.data_blocks),
-        known_blocks: sum(|r| r.known_blocks),
-        uploaded_blocks: sum(|r| r.uploaded_blocks),
-        uploaded_bytes: sum(|r| r.uploaded_bytes),
-        seconds: started.elapsed().as_secs_f64(),
+        counts,
         disks: reports,
     })
 }
@@ -371,12 +385,14 @@ async fn capture_disk(
         image: id,
         disk: disk.to_path_buf(),
         digest: format!("sha256:{}", manifest.digest()),
-        virtual_size: size,
-        read_bytes,
-        data_blocks,
-        known_blocks,
-        uploaded_blocks,
-        uploaded_bytes,
-        seconds: started.elapsed().as_secs_f64(),
+        counts: Counts {
+            virtual_size: size,
+            read_bytes,
+            data_blocks,
+            known_blocks,
+            uploaded_blocks,
+            uploaded_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        },
     })
 }

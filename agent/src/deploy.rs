@@ -152,8 +152,8 @@ async fn capture(
     reporter.abort();
     if let Ok(made) = &outcome {
         let done = json!({"deployment": deployment, "disk": made.disks.len().saturating_sub(1),
-                          "phase": "done", "bytes_done": made.virtual_size,
-                          "bytes_total": made.virtual_size});
+                          "phase": "done", "bytes_done": made.counts.virtual_size,
+                          "bytes_total": made.counts.virtual_size});
         retrying("reporting progress", opts.patience, || {
             client.post_json("/agent/progress", &done)
         })
@@ -172,7 +172,7 @@ async fn capture(
     let made = outcome?;
     println!(
         "capture {deployment}: image {} made ({} blocks uploaded, {} bytes) and reported",
-        made.image, made.uploaded_blocks, made.uploaded_bytes
+        made.image, made.counts.uploaded_blocks, made.counts.uploaded_bytes
     );
     Ok(true)
 }

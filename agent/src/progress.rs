@@ -181,21 +181,10 @@ impl Progress {
         self.bar.set_message(phase_name(phase));
     }
 
-    /// Starts a phase of `total` bytes.
+    /// Starts a phase of `total` bytes on the same disk.
     pub fn phase(&self, phase: Phase, total: u64) {
-        if let Ok(mut s) = self.state.lock() {
-            let disk = s.disk;
-            *s = State {
-                phase,
-                total,
-                base: phase_counter(&self.counters, phase),
-                since: Instant::now(),
-                disk,
-            };
-        }
-        self.bar.reset();
-        self.bar.set_length(total);
-        self.bar.set_message(phase_name(phase));
+        let disk = self.state.lock().map(|s| s.disk).unwrap_or(0);
+        self.phase_of(disk, phase, total);
     }
 
     pub fn finish(&self) {
