@@ -102,7 +102,8 @@ fn report_progress(
         while rx.changed().await.is_ok() {
             let s = *rx.borrow_and_update();
             let body = json!({"deployment": deployment, "disk": disk.unwrap_or(s.disk),
-                              "phase": s.phase, "bytes_done": s.done, "bytes_total": s.total});
+                              "phase": s.phase, "bytes_done": s.done, "bytes_total": s.total,
+                              "eta_secs": s.eta_secs});
             if let Err(e) = client.post_json("/agent/progress", &body).await {
                 tracing::warn!("progress report: {e}");
             }

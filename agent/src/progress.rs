@@ -68,6 +68,8 @@ pub struct Snapshot {
     pub phase: &'static str,
     pub done: u64,
     pub total: u64,
+    /// Seconds left in the phase at its rate so far (none before any progress).
+    pub eta_secs: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,11 +133,16 @@ impl Progress {
                     let done = phase_counter(&counters, s.phase).saturating_sub(s.base);
                     bar.set_position(done);
                     if let Some(w) = &watch {
+                        let secs = s.since.elapsed().as_secs_f64();
+                        let eta_secs = (done > 0 && secs > 0.0).then(|| {
+                            (s.total.saturating_sub(done) as f64 * secs / done as f64).ceil() as u64
+                        });
                         w.send_replace(Snapshot {
                             disk: s.disk,
                             phase: phase_name(s.phase),
                             done,
                             total: s.total,
+                            eta_secs,
                         });
                     }
                     if !interactive && last_log.elapsed() >= Duration::from_secs(10) {

@@ -119,6 +119,9 @@ pub struct DeployDisk {
     pub bytes_done: u64,
     #[serde(default)]
     pub bytes_total: u64,
+    /// Seconds left in the phase, as the agent estimates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -188,6 +191,8 @@ pub struct CaptureProgress {
     pub phase: String,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
 }
 
 /// `POST /v1/hosts/{key}/capture`.
@@ -280,6 +285,8 @@ pub struct Progress {
     pub phase: String,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
 }
 
 /// An agent's final word on its deployment.
@@ -648,6 +655,7 @@ pub fn deploy(
             phase: None,
             bytes_done: 0,
             bytes_total: 0,
+            eta_secs: None,
         })
         .collect();
     if let Some(image) = req.image {
@@ -659,6 +667,7 @@ pub fn deploy(
                 phase: None,
                 bytes_done: 0,
                 bytes_total: 0,
+                eta_secs: None,
             },
         );
     }
@@ -710,6 +719,7 @@ pub fn deploy(
                 phase: None,
                 bytes_done: 0,
                 bytes_total: m.virtual_size.unwrap_or(0),
+                eta_secs: None,
             });
         }
     }
@@ -1099,6 +1109,7 @@ pub fn record_progress(
             phase,
             bytes_done: p.bytes_done,
             bytes_total: p.bytes_total,
+            eta_secs: p.eta_secs,
         });
         tx.execute(
             "UPDATE deployments SET state = 'running', capture = ?2, updated_at = ?3 WHERE id = ?1",
@@ -1116,6 +1127,7 @@ pub fn record_progress(
     disk.phase = Some(phase);
     disk.bytes_done = p.bytes_done;
     disk.bytes_total = p.bytes_total;
+    disk.eta_secs = p.eta_secs;
     tx.execute(
         "UPDATE deployments SET state = 'running', disks = ?2, updated_at = ?3 WHERE id = ?1",
         params![

@@ -109,18 +109,28 @@ fn host_line(h: &Host) {
     );
 }
 
+/// ", ETA 1m 05s" while an estimate is known.
+fn eta_text(eta: Option<u64>) -> String {
+    match eta {
+        Some(s) if s >= 60 => format!(", ETA {}m {:02}s", s / 60, s % 60),
+        Some(s) => format!(", ETA {s}s"),
+        None => String::new(),
+    }
+}
+
 fn progress_text(d: &Deployment) -> String {
     if let Some(c) = &d.capture {
         return match (c.image, &c.progress) {
             (Some(image), _) => format!("capture {} {}: image {image}", d.id, d.state),
             (None, Some(p)) => format!(
-                "capture {} {}: disk {} {} {} / {}",
+                "capture {} {}: disk {} {} {} / {}{}",
                 d.id,
                 d.state,
                 p.disk,
                 p.phase,
                 human_bytes(p.bytes_done),
-                human_bytes(p.bytes_total)
+                human_bytes(p.bytes_total),
+                eta_text(p.eta_secs)
             ),
             (None, None) => {
                 format!(
@@ -169,12 +179,13 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
                     if let Some(dep) = &h.deployment {
                         for (i, disk) in dep.disks.iter().enumerate() {
                             println!(
-                                "  disk {i}: {} ← image {}: {} {} / {}",
+                                "  disk {i}: {} ← image {}: {} {} / {}{}",
                                 disk.device.as_deref().unwrap_or("(first disk)"),
                                 disk.image_id,
                                 disk.phase.as_deref().unwrap_or("pending"),
                                 human_bytes(disk.bytes_done),
-                                human_bytes(disk.bytes_total)
+                                human_bytes(disk.bytes_total),
+                                eta_text(disk.eta_secs)
                             );
                         }
                         if !dep.phases.is_empty() {
