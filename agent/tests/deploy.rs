@@ -301,6 +301,30 @@ fn a_host_captures_its_disks_into_a_whole_machine_image_with_its_boot_token() {
     assert!(!busy.status.success());
 
     let token = token_in(&script(&s, MAC));
+    // What the agent may make: private system/data/whole images of the operator's project,
+    // which it may delete again.
+    let make = |body: &str| {
+        s.curl(
+            Some(&token),
+            "POST",
+            "/v1/agent/images",
+            &["-H", "content-type: application/json", "-d", body],
+        )
+    };
+    let iso = make(r#"{"name": "x", "kind": "iso"}"#);
+    assert_eq!(iso.status, 400, "{}", iso.text());
+    let made = make(r#"{"name": "x", "visibility": "public", "protected": true}"#);
+    assert_eq!(made.status, 201, "{}", made.text());
+    let made = made.json();
+    assert_eq!(made["visibility"], "private", "{made}");
+    assert_eq!(made["protected"], false, "{made}");
+    let gone = s.curl(
+        Some(&token),
+        "DELETE",
+        &format!("/v1/agent/images/{}", made["id"].as_str().expect("id")),
+        &[],
+    );
+    assert_eq!(gone.status, 204, "{}", gone.text());
     let out = run_agent(&s, &token, &[]);
     assert!(
         out.status.success(),

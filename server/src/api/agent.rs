@@ -127,16 +127,7 @@ async fn create_image(
     let region = app.config.server.region.clone();
     let image = app
         .catalog
-        .run(move |c| {
-            let (d, _, caller) = hosts::agents_capture(c, &agent)?;
-            let image = catalog_images::create(c, &caller, &region, new)?;
-            if let Err(e) = hosts::record_made(c, d.id, image.id) {
-                // Not the capture's: not kept (it holds no data yet).
-                let _ = catalog_images::delete(c, &caller, image.id);
-                return Err(e);
-            }
-            Ok(image)
-        })
+        .run(move |c| hosts::create_capture_image(c, &agent, &region, new))
         .await?;
     Ok((StatusCode::CREATED, Json(image)))
 }

@@ -884,6 +884,39 @@ pub fn agents_capture(
     }
 }
 
+/// An image the capturing agent makes for its capture: a private system, data or whole image
+/// of the project that asked, recorded as the capture's (so the agent may commit or delete it).
+/// What the host's disks hold decides nothing about who may see the image.
+pub fn create_capture_image(
+    conn: &mut Connection,
+    agent: &AgentCaller,
+    region: &str,
+    mut new: images::NewImage,
+) -> Result<kagami_images::model::Image, ApiError> {
+    let (d, _, caller) = agents_capture(conn, agent)?;
+    if !matches!(
+        new.kind,
+        ImageKind::System | ImageKind::Data | ImageKind::Whole
+    ) {
+        return Err(ApiError::bad(
+            "invalid_kind",
+            format!(
+                "a capture makes system, data or whole images, not {}",
+                new.kind
+            ),
+        ));
+    }
+    new.visibility = kagami_images::model::Visibility::Private;
+    new.protected = false;
+    let image = images::create(conn, &caller, region, new)?;
+    if let Err(e) = record_made(conn, d.id, image.id) {
+        // Not the capture's: not kept (it holds no data yet).
+        let _ = images::delete(conn, &caller, image.id);
+        return Err(e);
+    }
+    Ok(image)
+}
+
 /// Notes an image the agent created for its capture.
 pub fn record_made(conn: &Connection, deployment: Uuid, image: Uuid) -> Result<(), ApiError> {
     let spec: Option<String> = conn
