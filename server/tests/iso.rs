@@ -1,11 +1,16 @@
 //! ISO transitional boots (`kagami host boot-iso`): only an active ISO image boots; the host's
 //! iPXE script `sanboot`s the ISO's content route with a per-boot token that reads that image
 //! only and dies with the boot; `--until next-boot` and `kagami host release` return the host to
-//! the state it had; an ISO is never deployed onto a disk or exported as a disk format.
+//! the state it had; an ISO is never deployed onto a disk or exported as a disk format. With
+//! `--via iscsi` the script logs in to the iSCSI target with CHAP credentials of the boot that
+//! list, open and read that ISO only (libiscsi's `iscsi-ls`/`iscsi-inq`, `qemu-img`) and stop
+//! working when the boot's token dies.
 
 mod common;
 
+use std::net::TcpListener;
 use std::path::Path;
+use std::process::{Command, Output};
 
 use common::{Response, Server, noise, sparse_file};
 use serde_json::{Value, json};
@@ -33,7 +38,10 @@ fn iso_file(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
 
 /// The server with an ISO image and a raw one: (server, iso id, iso bytes, raw id).
 fn with_images() -> (Server, String, Vec<u8>, String) {
-    let s = Server::start();
+    with_images_on(Server::start())
+}
+
+fn with_images_on(s: Server) -> (Server, String, Vec<u8>, String) {
     let (path, bytes) = iso_file(s.dir.path());
     let iso = s.cli_json(&[
         "image",
@@ -321,4 +329,144 @@ fn until_next_boot_returns_the_host_once_its_script_is_served() {
     // A release after the fact has nothing to end: the host is as it was.
     let out = s.cli(&["host", "release", MAC]);
     assert!(out.contains("it is discovered"), "{out}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// The value of `set NAME …` in a script.
+fn setting(script: &str, name: &str) -> String {
+    let prefix = format!("set {name} ");
+    script
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` in:\n{script}"))
+        .to_string()
+}
+
+#[test]
+fn an_iscsi_iso_boot_logs_in_with_chap_credentials_for_that_image_only() {
+    // Without an iSCSI target, --via iscsi is refused and says what to do.
+    let (plain, iso, _, _) = with_images();
+    plain.cli(&["host", "add", MAC]);
+    let r = post(
+        &plain,
+        &format!("/v1/hosts/{MAC}/boot-iso"),
+        json!({"image": iso, "via": "iscsi"}),
+    );
+    refused(&r, 409, "iscsi_off");
+    assert!(r.text().contains("--iscsi-listen"), "{}", r.text());
+    drop(plain);
+
+    let port = free_port();
+    let (s, iso, bytes, raw) = with_images_on(Server::start_with_args(
+        &[],
+        &["--iscsi-listen", &format!("127.0.0.1:{port}")],
+    ));
+    s.cli(&["host", "add", MAC]);
+    refused(
+        &post(
+            &s,
+            &format!("/v1/hosts/{MAC}/boot-iso"),
+            json!({"image": iso, "via": "ftp"}),
+        ),
+        400,
+        "invalid_body",
+    );
+    let h = s.cli_json(&["host", "boot-iso", MAC, "--image", &iso, "--via", "iscsi"]);
+    assert_eq!(
+        (&h["state"], &h["iso_boot"]["via"]),
+        (&json!("iso"), &json!("iscsi")),
+        "{h}"
+    );
+
+    let text = script(&s);
+    let target = format!("iqn.2026-11.io.kagami:{iso}");
+    assert!(
+        text.contains(&format!(
+            "sanboot --no-describe iscsi:127.0.0.1::{port}:0:{target} ||"
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("token="),
+        "no bearer token in an iSCSI script: {text}"
+    );
+    let (name, secret) = (setting(&text, "username"), setting(&text, "password"));
+    assert!(name.starts_with("kagami-") && secret.len() == 32, "{text}");
+    let portal = format!("iscsi://{name}%{secret}@127.0.0.1:{port}");
+
+    // Discovery lists the ISO only, though the raw image is there too.
+    let listed = run(Command::new("iscsi-ls").args(["-s", &portal]));
+    let listed_text = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(listed_text.contains(&target), "{listed_text}");
+    assert!(!listed_text.contains(&raw), "{listed_text}");
+
+    // The ISO reads back byte for byte; the raw image does not open.
+    let copy = s.dir.path().join("iso-copy.raw");
+    let out = run(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("{portal}/{target}/0"),
+        ])
+        .arg(&copy));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        std::fs::read(&copy).expect("copy") == bytes,
+        "the copy differs"
+    );
+    let other =
+        run(Command::new("iscsi-inq").arg(format!("{portal}/iqn.2026-11.io.kagami:{raw}/0")));
+    assert!(!other.status.success(), "another image opened: {other:?}");
+    // A wrong secret for the same name is refused.
+    let wrong = run(Command::new("iscsi-inq").arg(format!(
+        "iscsi://{name}%{}@127.0.0.1:{port}/{target}/0",
+        "0".repeat(32)
+    )));
+    assert!(
+        !wrong.status.success(),
+        "a wrong secret logged in: {wrong:?}"
+    );
+
+    // The next boot's script mints new credentials: the old ones die with their token.
+    let next = script(&s);
+    let (name2, secret2) = (setting(&next, "username"), setting(&next, "password"));
+    assert_ne!((&name2, &secret2), (&name, &secret));
+    let old = run(Command::new("iscsi-inq").arg(format!("{portal}/{target}/0")));
+    assert!(
+        !old.status.success(),
+        "an earlier boot's credentials logged in: {old:?}"
+    );
+    let url2 = format!("iscsi://{name2}%{secret2}@127.0.0.1:{port}/{target}/0");
+    let inq = run(Command::new("iscsi-inq").arg(&url2));
+    assert!(inq.status.success(), "{inq:?}");
+
+    // A release ends the boot: its credentials no longer log in.
+    s.cli(&["host", "release", MAC]);
+    let released = run(Command::new("iscsi-inq").arg(&url2));
+    assert!(
+        !released.status.success(),
+        "released credentials logged in: {released:?}"
+    );
+    let listed = run(Command::new("iscsi-ls")
+        .args(["-s", &format!("iscsi://{name2}%{secret2}@127.0.0.1:{port}")]));
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(&target),
+        "{listed:?}"
+    );
 }

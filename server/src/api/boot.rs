@@ -15,9 +15,10 @@ use super::{ApiQuery, AppState};
 use crate::boot::ipxe::{self, Boot};
 use crate::boot::tftp::BootDir;
 use crate::catalog::hosts::{self, HostState};
-use crate::catalog::iso::{self, Served, Until};
+use crate::catalog::iso::{self, Served, Until, Via};
 use crate::config::UnknownHosts;
 use crate::error::ApiError;
+use crate::stream::iscsi::{chap, target_name};
 
 /// The ramdisk's files, by the only names served.
 const RAMDISK_FILES: [&str; 2] = ["vmlinuz", "initrd.img"];
@@ -42,6 +43,7 @@ async fn script(
     ApiQuery(q): ApiQuery<ScriptQuery>,
 ) -> Result<Response, ApiError> {
     let provision = app.config.provision.clone();
+    let iscsi = app.config.iscsi.listen_addr().ok().flatten();
     let ramdisk = provision.ramdisk_dir(&app.config.server.data_dir);
     let have_ramdisk = RAMDISK_FILES.iter().all(|f| ramdisk.join(f).is_file());
     let base_url = if provision.advertise_url.is_empty() {
@@ -72,13 +74,35 @@ async fn script(
         .run(move |c| plan(c, &mac, discover, have_ramdisk))
         .await?;
     let image_text;
-    let boot = match &plan {
-        Plan::Agent { token } => Boot::Agent {
+    let iscsi_boot;
+    let why = if matches!(
+        plan,
+        Plan::Iso {
+            via: Via::Iscsi,
+            ..
+        }
+    ) && iscsi.is_none()
+    {
+        format!(
+            "{why}, but this server runs no iSCSI target (--iscsi-listen); booting the local disk"
+        )
+    } else {
+        why
+    };
+    let boot = match (&plan, iscsi) {
+        (Plan::Agent { token }, _) => Boot::Agent {
             base_url: &base_url,
             token,
             kernel_args: &provision.kernel_args,
         },
-        Plan::Iso { image, token } => {
+        (
+            Plan::Iso {
+                image,
+                token,
+                via: Via::Http,
+            },
+            _,
+        ) => {
             image_text = image.to_string();
             Boot::Sanboot {
                 base_url: &base_url,
@@ -86,7 +110,37 @@ async fn script(
                 token,
             }
         }
-        Plan::Local => Boot::Local,
+        (
+            Plan::Iso {
+                image,
+                token,
+                via: Via::Iscsi,
+            },
+            Some(portal),
+        ) => {
+            // A wildcard listener: the address the machine reached the HTTP server by.
+            let server = if portal.ip().is_unspecified() {
+                ipxe::url_host(&base_url).to_string()
+            } else {
+                portal.ip().to_string()
+            };
+            let (username, password) = chap::credentials(token);
+            iscsi_boot = (server, target_name(*image), username, password);
+            Boot::SanbootIscsi {
+                server: &iscsi_boot.0,
+                port: portal.port(),
+                target: &iscsi_boot.1,
+                username: &iscsi_boot.2,
+                password: &iscsi_boot.3,
+            }
+        }
+        (
+            Plan::Iso {
+                via: Via::Iscsi, ..
+            },
+            None,
+        )
+        | (Plan::Local, _) => Boot::Local,
     };
     let why = if !have_ramdisk && matches!(plan, Plan::Local) && why.contains("deploying") {
         format!(
@@ -107,8 +161,14 @@ async fn script(
 /// What a host's script makes it boot (tokens are minted for this boot).
 #[derive(Debug)]
 enum Plan {
-    Agent { token: String },
-    Iso { image: uuid::Uuid, token: String },
+    Agent {
+        token: String,
+    },
+    Iso {
+        image: uuid::Uuid,
+        token: String,
+        via: Via,
+    },
     Local,
 }
 
@@ -122,14 +182,18 @@ fn plan(
     let host = hosts::first_contact(c, mac)?;
     if host.state == HostState::Iso {
         return Ok(match iso::serve(c, &host)? {
-            Served::Sanboot { image, token } => {
+            Served::Sanboot { image, token, via } => {
                 let until = match host.iso_boot.as_ref().map(|b| b.until) {
                     Some(Until::NextBoot) => "once (until next-boot)",
                     _ => "until released",
                 };
                 (
-                    Plan::Iso { image, token },
-                    format!("host {} boots ISO image {image} {until}", host.mac),
+                    Plan::Iso { image, token, via },
+                    format!(
+                        "host {} boots ISO image {image} {until}{}",
+                        host.mac,
+                        via.suffix()
+                    ),
                 )
             }
             Served::Local(reason) => (

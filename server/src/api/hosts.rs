@@ -93,9 +93,10 @@ async fn boot_iso(
     Path(key): Path<String>,
     ApiJson(req): ApiJson<BootIsoRequest>,
 ) -> Result<Json<Host>, ApiError> {
+    let iscsi_on = app.config.iscsi.listen_addr().ok().flatten().is_some();
     Ok(Json(
         app.catalog
-            .run(move |c| iso::boot_iso(c, &caller, &key, req))
+            .run(move |c| iso::boot_iso(c, &caller, &key, req, iscsi_on))
             .await?,
     ))
 }

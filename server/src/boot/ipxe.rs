@@ -2,7 +2,8 @@
 //!
 //! A deploying host (or an unknown one, when `provision.unknown_hosts = "discover"`) boots the
 //! agent ramdisk, its kernel told where the server is and given a per-boot agent token; every
-//! host in an ISO boot `sanboot`s its ISO over HTTP (Range requests) with a per-boot token; every
+//! host in an ISO boot `sanboot`s its ISO over HTTP (Range requests) with a per-boot token, or
+//! over iSCSI with CHAP credentials derived from that token; every
 //! other host exits iPXE so the firmware boots the next device, its own disk. Values written
 //! into a script are checked first: a script is code, and nothing from a request may inject
 //! commands into it.
@@ -22,6 +23,15 @@ pub enum Boot<'a> {
         base_url: &'a str,
         image: &'a str,
         token: &'a str,
+    },
+    /// Boot ISO target `target` (LUN 0) of the iSCSI portal `server`:`port`, logging in with
+    /// CHAP `username` and `password` (this boot's); if the ISO does not boot, the local disk.
+    SanbootIscsi {
+        server: &'a str,
+        port: u16,
+        target: &'a str,
+        username: &'a str,
+        password: &'a str,
     },
     /// Fetch the script again with the MAC filled in by iPXE: for a bare script URL handed
     /// out by DHCP or embedded in an iPXE build.
@@ -94,6 +104,33 @@ pub fn script(boot: &Boot<'_>, why: &str) -> String {
                                  holds characters unsafe in a script); booting the local disk\n\
                                  exit\n"
             .to_string(),
+        Boot::SanbootIscsi {
+            server,
+            port,
+            target,
+            username,
+            password,
+        } if safe(server) && safe(target) && safe(username) && safe(password) => {
+            // iPXE's URI: iscsi:<server>:<protocol>:<port>:<LUN>:<target> (protocol empty: TCP).
+            let server = if server.contains(':') {
+                format!("[{server}]")
+            } else {
+                server.to_string()
+            };
+            format!(
+                "#!ipxe\n\
+                 echo Kagami: {why}\n\
+                 set username {username}\n\
+                 set password {password}\n\
+                 sanboot --no-describe iscsi:{server}::{port}:0:{target} || \
+                 echo Kagami: the ISO did not boot; booting the local disk\n\
+                 exit\n"
+            )
+        }
+        Boot::SanbootIscsi { .. } => "#!ipxe\necho Kagami: cannot boot the ISO (the iSCSI \
+                                      portal holds characters unsafe in a script); booting the \
+                                      local disk\nexit\n"
+            .to_string(),
         Boot::Chain { base_url } if safe(base_url) => format!(
             "#!ipxe\nchain {}/boot/ipxe?mac=${{net0/mac}}\n",
             base_url.trim_end_matches('/')
@@ -153,6 +190,30 @@ mod tests {
     }
 
     #[test]
+    fn an_iscsi_iso_boot_sets_chap_credentials_and_sanboots_the_target() {
+        let target = "iqn.2026-11.io.kagami:0b6b5e0e-7c1a-4f4e-9d0f-3f1b8f4a2c11";
+        let boot = |server| Boot::SanbootIscsi {
+            server,
+            port: 3260,
+            target,
+            username: "kagami-0123456789abcdef",
+            password: "00112233445566778899aabbccddeeff",
+        };
+        assert_eq!(
+            script(&boot("10.0.0.1"), "iso"),
+            format!(
+                "#!ipxe\necho Kagami: iso\nset username kagami-0123456789abcdef\n\
+                 set password 00112233445566778899aabbccddeeff\n\
+                 sanboot --no-describe iscsi:10.0.0.1::3260:0:{target} \
+                 || echo Kagami: the ISO did not boot; booting the local disk\nexit\n"
+            )
+        );
+        assert!(script(&boot("fd00::1"), "iso").contains("iscsi:[fd00::1]::3260:0:"));
+        let s = script(&boot("x y"), "iso");
+        assert!(!s.contains("sanboot") && s.ends_with("exit\n"), "{s}");
+    }
+
+    #[test]
     fn a_bare_request_chains_to_itself_with_the_mac() {
         let s = script(
             &Boot::Chain {
@@ -185,5 +246,27 @@ mod tests {
         let s = script(&Boot::Local, "evil\nshell ${x}");
         assert_eq!(s.lines().count(), 3, "{s}");
         assert!(!s.contains('$'));
+    }
+}
+
+/// The host part of `base_url` (`http://HOST[:PORT]/…`), brackets of an IPv6 address removed:
+/// the address a machine reached the server by.
+pub fn url_host(base_url: &str) -> &str {
+    let rest = base_url.split_once("://").map_or(base_url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or_default();
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod url_tests {
+    #[test]
+    fn the_host_of_a_base_url() {
+        assert_eq!(super::url_host("http://10.0.0.1:8470"), "10.0.0.1");
+        assert_eq!(super::url_host("http://boot.example/x"), "boot.example");
+        assert_eq!(super::url_host("https://[fd00::1]:8470/"), "fd00::1");
+        assert_eq!(super::url_host("10.0.0.2"), "10.0.0.2");
     }
 }

@@ -10,6 +10,11 @@
 //! its state as soon as one script has been served (the booted ISO keeps reading until the host
 //! boots again); `--until release` (the default) lasts until `kagami host release`.
 //!
+//! `--via iscsi` sanboots the ISO from the iSCSI target instead (`sanboot iscsi:…`, its target
+//! `iqn.2026-11.io.kagami:<id>`, LUN 0), iPXE logging in with CHAP credentials derived from the
+//! same per-boot token ([`crate::stream::iscsi::chap`]): they open that image's target only,
+//! list only it in discovery, and stop opening it once the token dies.
+//!
 //! An ISO is never a disk: deploying one or exporting it as a disk image format is refused.
 
 use kagami_images::model::{Image, ImageKind, ImageStatus};
@@ -42,11 +47,45 @@ impl Until {
     }
 }
 
+/// How a host's iPXE reaches its ISO.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// `sanboot http://…/v1/images/{id}/content?token=…` (Range requests).
+    #[default]
+    Http,
+    /// `sanboot iscsi:…` against the server's iSCSI target, with per-boot CHAP credentials.
+    Iscsi,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Http => "http",
+            Via::Iscsi => "iscsi",
+        }
+    }
+
+    /// What a log line adds about it: nothing for the default.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Via::Http => "",
+            Via::Iscsi => " over iSCSI",
+        }
+    }
+
+    fn parse(s: &str) -> Via {
+        if s == "iscsi" { Via::Iscsi } else { Via::Http }
+    }
+}
+
 /// A host's ISO boot.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct IsoBoot {
     pub image: Uuid,
     pub until: Until,
+    #[serde(default)]
+    pub via: Via,
     /// The host's state before, which it returns to after.
     pub return_state: HostState,
     /// The project that asked for it.
@@ -61,6 +100,8 @@ pub struct BootIsoRequest {
     pub image: Uuid,
     #[serde(default)]
     pub until: Until,
+    #[serde(default)]
+    pub via: Via,
 }
 
 /// Who an ISO boot's token speaks for: one boot of a host, reading one image.
@@ -73,8 +114,12 @@ pub struct IsoReader {
 /// What a host in state `iso` boots now.
 #[derive(Debug)]
 pub enum Served {
-    /// `sanboot` this image with this token.
-    Sanboot { image: Uuid, token: String },
+    /// `sanboot` this image with this token, over `via`.
+    Sanboot {
+        image: Uuid,
+        token: String,
+        via: Via,
+    },
     /// Nothing to boot (the ISO was deleted, say): the local disk, and why.
     Local(String),
 }
@@ -98,7 +143,7 @@ pub fn refuse_as_disk(image: &Image, doing: &str) -> Result<(), ApiError> {
 pub fn get(conn: &Connection, host: Uuid) -> Result<Option<IsoBoot>, ApiError> {
     Ok(conn
         .query_row(
-            "SELECT image_id, until, return_state, created_by, created_at FROM iso_boots WHERE host_id = ?1",
+            "SELECT image_id, until, return_state, created_by, created_at, via FROM iso_boots WHERE host_id = ?1",
             [host.to_string()],
             |r| {
                 let image: String = r.get(0)?;
@@ -110,6 +155,7 @@ pub fn get(conn: &Connection, host: Uuid) -> Result<Option<IsoBoot>, ApiError> {
                     } else {
                         Until::Release
                     },
+                    via: Via::parse(&r.get::<_, String>(5)?),
                     return_state: HostState::parse(&r.get::<_, String>(2)?),
                     created_by: r.get(3)?,
                     created_at: rfc3339(r.get(4)?),
@@ -119,13 +165,23 @@ pub fn get(conn: &Connection, host: Uuid) -> Result<Option<IsoBoot>, ApiError> {
         .optional()?)
 }
 
-/// Makes the host's next network boots `sanboot` an active ISO image the caller may see.
+/// Makes the host's next network boots `sanboot` an active ISO image the caller may see;
+/// `iscsi_on`: whether the server runs its iSCSI target (`--via iscsi` needs it).
 pub fn boot_iso(
     conn: &mut Connection,
     caller: &Caller,
     key: &str,
     req: BootIsoRequest,
+    iscsi_on: bool,
 ) -> Result<Host, ApiError> {
+    if req.via == Via::Iscsi && !iscsi_on {
+        return Err(ApiError::conflict(
+            "iscsi_off",
+            "this server runs no iSCSI target, so a host cannot sanboot over iSCSI: start it \
+             with `kagami serve --iscsi-listen ADDR:PORT` (or iscsi.listen in kagami.toml), or \
+             boot over HTTP (--via http)",
+        ));
+    }
     let tx = conn.transaction()?;
     let host = hosts::get(&tx, key)?;
     let image = images::get(&tx, caller, req.image)?;
@@ -150,26 +206,28 @@ pub fn boot_iso(
     }
     hosts::refuse_busy(&host)?;
     tx.execute(
-        "INSERT INTO iso_boots (host_id, image_id, until, return_state, created_by, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO iso_boots (host_id, image_id, until, return_state, created_by, created_at, via)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             host.id.to_string(),
             image.id.to_string(),
             req.until.as_str(),
             host.state.as_str(),
             caller.project,
-            now_ms()
+            now_ms(),
+            req.via.as_str()
         ],
     )?;
     let until = match req.until {
         Until::Release => "until released",
         Until::NextBoot => "for its next network boot",
     };
+    let via = req.via.suffix();
     hosts::set_state(
         &tx,
         host.id,
         HostState::Iso,
-        &format!("boots ISO image {} {until}", image.id),
+        &format!("boots ISO image {} {until}{via}", image.id),
     )?;
     tx.commit()?;
     hosts::get_by_id(conn, host.id)
@@ -211,6 +269,7 @@ pub fn serve(conn: &mut Connection, host: &Host) -> Result<Served, ApiError> {
     Ok(Served::Sanboot {
         image: boot.image,
         token,
+        via: boot.via,
     })
 }
 
@@ -247,4 +306,47 @@ pub fn authenticate(conn: &Connection, secret: &str) -> Result<Option<IsoReader>
         host_id: host.parse().unwrap_or_default(),
         image: image.parse().unwrap_or_default(),
     }))
+}
+
+/// The live ISO tokens whose hash starts with `prefix`, with their hashes: whom a CHAP name
+/// may stand for (`kagami-` and 16 hex digits of the hash, see `stream::iscsi::chap`).
+pub fn by_hash_prefix(
+    conn: &Connection,
+    prefix: &[u8],
+) -> Result<Vec<(IsoReader, Vec<u8>)>, ApiError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT host_id, image_id, secret_hash FROM agent_tokens
+         WHERE image_id IS NOT NULL AND substr(secret_hash, 1, ?1) = ?2",
+    )?;
+    let rows = stmt.query_map(params![prefix.len() as i64, prefix], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (host, image, hash) = row?;
+        out.push((
+            IsoReader {
+                host_id: host.parse().unwrap_or_default(),
+                image: image.parse().unwrap_or_default(),
+            },
+            hash,
+        ));
+    }
+    Ok(out)
+}
+
+/// Whether the ISO token of `reader` (by its hash) is still alive.
+pub fn alive(conn: &Connection, hash: &[u8]) -> Result<bool, ApiError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM agent_tokens WHERE secret_hash = ?1 AND image_id IS NOT NULL",
+            [hash],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
 }

@@ -186,6 +186,11 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE agent_tokens ADD COLUMN image_id TEXT;
     "#,
+    // 9: how an ISO boot's iPXE reaches the ISO: 'http' (the content route) or 'iscsi' (the
+    // iSCSI target, with CHAP credentials derived from the per-boot token).
+    r#"
+    ALTER TABLE iso_boots ADD COLUMN via TEXT NOT NULL DEFAULT 'http' CHECK (via IN ('http', 'iscsi'));
+    "#,
 ];
 
 pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {

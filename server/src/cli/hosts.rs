@@ -63,7 +63,7 @@ pub enum HostCommand {
         output: Output,
     },
     /// Boot an ISO image on a host, temporarily: its next network boots `sanboot` the ISO over
-    /// HTTP, until `kagami host release` (or for one boot), then it returns to its state.
+    /// HTTP or iSCSI, until `kagami host release` (or for one boot), then it returns to its state.
     BootIso {
         host: String,
         /// The ISO image (kind iso, active).
@@ -73,6 +73,10 @@ pub enum HostCommand {
         /// one boot, then the host is back in its state.
         #[arg(long, default_value = "release", value_parser = ["release", "next-boot"])]
         until: String,
+        /// http: iPXE reads the ISO from the content route; iscsi: from the iSCSI target
+        /// (the server needs --iscsi-listen), logging in with CHAP credentials of this boot.
+        #[arg(long, default_value = "http", value_parser = ["http", "iscsi"])]
+        via: String,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -97,7 +101,12 @@ fn parse_disk(s: &str) -> Result<(String, String), String> {
 fn host_line(h: &Host) {
     let deployment = h.deployment.as_ref().map_or(String::new(), progress_text);
     let deployment = match &h.iso_boot {
-        Some(b) => format!("ISO {} until {}", b.image, b.until.as_str()),
+        Some(b) => format!(
+            "ISO {} over {} until {}",
+            b.image,
+            b.via.as_str(),
+            b.until.as_str()
+        ),
         None => deployment,
     };
     println!(
@@ -257,15 +266,16 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
             host,
             image,
             until,
+            via,
             output,
         } => {
-            let body = json!({"image": image, "until": until});
+            let body = json!({"image": image, "until": until, "via": via});
             let h: Host = client
                 .call(Method::POST, &format!("/v1/hosts/{host}/boot-iso"), &body)
                 .await?;
             print(output, &h, |h| {
                 println!(
-                    "host {} boots ISO image {image} at its next network boot (until {until}); \
+                    "host {} boots ISO image {image} over {via} at its next network boot (until {until}); \
                      `kagami host release {host}` ends it",
                     h.mac
                 )

@@ -1,6 +1,7 @@
 //! The login phase (RFC 7143 §6.3): security stage (AuthMethod None or CHAP), operational
 //! stage (text keys, [`keys`]), then full feature phase — for a discovery session or a normal
-//! session on one image's target, which the authenticated caller must be allowed to read.
+//! session on one image's target, which the authenticated principal must be allowed to read:
+//! a token's caller (its project and role), or one ISO boot of a host (its image only).
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use uuid::Uuid;
 use super::keys::{self, Params};
 use super::pdu::{self, LoginRequest};
 use super::{CMD_WINDOW, Pdu, chap, read_pdu, target_id};
+use crate::catalog::iso;
 use crate::catalog::tenancy::{self, Caller};
 use crate::stream::{Reader, open_image};
 
@@ -23,11 +25,25 @@ pub enum Kind {
     Normal { id: Uuid, manifest: Arc<Manifest> },
 }
 
+/// Who logged in.
+#[derive(Clone, Debug)]
+pub enum Principal {
+    /// A bearer token's project and role (CHAP), or the anonymous caller (no authentication).
+    Caller(Caller),
+    /// The per-boot token of a host's ISO boot (`kagami host boot-iso --via iscsi`): it opens
+    /// and lists `image` only, while the token (its `hash` in `agent_tokens`) lives.
+    BootToken {
+        host: Uuid,
+        image: Uuid,
+        hash: Vec<u8>,
+    },
+}
+
 /// A session at the start of its full feature phase.
 #[derive(Debug)]
 pub struct Session {
     pub kind: Kind,
-    pub caller: Caller,
+    pub principal: Principal,
     pub initiator: String,
     pub params: Params,
     /// The StatSN of the next response.
@@ -50,8 +66,8 @@ enum Auth {
         id: u8,
         challenge: [u8; chap::CHALLENGE_LEN],
     },
-    /// CHAP verified for this caller.
-    Done(Caller),
+    /// CHAP verified for this principal.
+    Done(Principal),
 }
 
 /// Why a login failed, as the status the initiator gets (and a line for the log).
@@ -135,10 +151,10 @@ where
         if status != pdu::LOGIN_SUCCESS {
             return Ok(None);
         }
-        if let Some((kind, caller)) = done {
+        if let Some((kind, principal)) = done {
             return Ok(Some(Session {
                 kind,
-                caller,
+                principal,
                 initiator: state.initiator.unwrap_or_default(),
                 params: state.params,
                 stat_sn: sn.wrapping_add(1),
@@ -154,7 +170,7 @@ struct Step {
     transit: bool,
     nsg: u8,
     /// Set when this response ends the login (T and NSG = full feature).
-    done: Option<(Kind, Caller)>,
+    done: Option<(Kind, Principal)>,
 }
 
 struct State {
@@ -290,8 +306,8 @@ impl State {
             let Auth::Challenged { id, challenge } = self.auth else {
                 return Err(fail(pdu::LOGIN_AUTH_FAILED, "CHAP_R before a challenge"));
             };
-            let caller = check_chap(reader, &name, &response, id, challenge).await?;
-            self.auth = Auth::Done(caller);
+            let principal = check_chap(reader, &name, &response, id, challenge).await?;
+            self.auth = Auth::Done(principal);
         }
         if csg == pdu::STAGE_OPERATIONAL && !self.declared {
             pdu::push_key(
@@ -313,15 +329,15 @@ impl State {
         }
         let mut done = None;
         if transit && nsg == pdu::STAGE_FULL_FEATURE {
-            let caller = match &self.auth {
-                Auth::Done(caller) => caller.clone(),
-                _ => Caller::anonymous(),
+            let principal = match &self.auth {
+                Auth::Done(principal) => principal.clone(),
+                _ => Principal::Caller(Caller::anonymous()),
             };
             let kind = match &self.target {
                 None => Kind::Discovery,
-                Some(name) => authorize(reader, &caller, name).await?,
+                Some(name) => authorize(reader, &principal, name).await?,
             };
-            done = Some((kind, caller));
+            done = Some((kind, principal));
         }
         Ok(Step {
             keys: out,
@@ -332,14 +348,15 @@ impl State {
     }
 }
 
-/// Finds the token a CHAP name stands for and checks the response against its secret.
+/// Finds the token a CHAP name stands for — a bearer token or a live ISO boot token — and
+/// checks the response against its secret.
 async fn check_chap(
     reader: &Reader,
     name: &str,
     response: &str,
     id: u8,
     challenge: [u8; chap::CHALLENGE_LEN],
-) -> Result<Caller, Failure> {
+) -> Result<Principal, Failure> {
     let refused = || {
         fail(
             pdu::LOGIN_AUTH_FAILED,
@@ -350,7 +367,22 @@ async fn check_chap(
     let got = chap::decode(response).ok_or_else(refused)?;
     let candidates = reader
         .catalog
-        .run(move |c| tenancy::by_hash_prefix(c, &prefix))
+        .run(move |c| {
+            let tokens = tenancy::by_hash_prefix(c, &prefix)?
+                .into_iter()
+                .map(|(caller, hash)| (Principal::Caller(caller), hash));
+            let boots = iso::by_hash_prefix(c, &prefix)?
+                .into_iter()
+                .map(|(boot, hash)| {
+                    let principal = Principal::BootToken {
+                        host: boot.host_id,
+                        image: boot.image,
+                        hash: hash.clone(),
+                    };
+                    (principal, hash)
+                });
+            Ok::<_, crate::error::ApiError>(tokens.chain(boots).collect::<Vec<_>>())
+        })
         .await
         .map_err(|e| fail(pdu::LOGIN_TARGET_ERROR, e.to_string()))?;
     candidates
@@ -359,18 +391,36 @@ async fn check_chap(
             let (_, secret) = chap::credentials_for_hash(hash);
             chap::verify(id, secret.as_bytes(), &challenge, &got)
         })
-        .map(|(caller, _)| caller)
+        .map(|(principal, _)| principal)
         .ok_or_else(refused)
 }
 
-/// The image behind target `name`, if `caller` may read it. A malformed name, a missing
-/// image and one the caller may not read are the same answer: not found.
-async fn authorize(reader: &Reader, caller: &Caller, name: &str) -> Result<Kind, Failure> {
+/// The manifest of image `id` if `principal` may read it (active): a caller by the catalog's
+/// tenancy rules, an ISO boot token its own image only, while the token lives.
+pub fn open_for(
+    conn: &rusqlite::Connection,
+    principal: &Principal,
+    id: Uuid,
+) -> Result<Arc<Manifest>, crate::error::ApiError> {
+    match principal {
+        Principal::Caller(caller) => open_image(conn, caller, id),
+        Principal::BootToken { image, hash, .. } => {
+            if *image != id || !iso::alive(conn, hash)? {
+                return Err(crate::error::ApiError::image_not_found(id));
+            }
+            open_image(conn, &Caller::system(), id)
+        }
+    }
+}
+
+/// The image behind target `name`, if `principal` may read it. A malformed name, a missing
+/// image and one the principal may not read are the same answer: not found.
+async fn authorize(reader: &Reader, principal: &Principal, name: &str) -> Result<Kind, Failure> {
     let not_found = |why: String| fail(pdu::LOGIN_NOT_FOUND, why);
     let id = target_id(name)
         .ok_or_else(|| not_found(format!("{name} is not one of this server's targets")))?;
-    let who = caller.clone();
-    match reader.catalog.run(move |c| open_image(c, &who, id)).await {
+    let who = principal.clone();
+    match reader.catalog.run(move |c| open_for(c, &who, id)).await {
         Ok(manifest) => Ok(Kind::Normal { id, manifest }),
         Err(e) => Err(not_found(e.to_string())),
     }

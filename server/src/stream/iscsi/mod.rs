@@ -27,8 +27,12 @@
 //!
 //! A refused login says "authentication failure" for wrong credentials and "not found" for a
 //! target the caller may not read — the same as for one that does not exist. Mutual CHAP is
-//! refused (the target has no secret of its own). Per-boot credentials for hosts that
-//! `sanboot` an ISO come with the transitional boots.
+//! refused (the target has no secret of its own).
+//! - *An ISO boot's per-boot token* (`kagami host boot-iso --via iscsi`): CHAP credentials
+//!   derived the same way from the token the host's iPXE script carries ([`login::Principal`]);
+//!   they list and open that boot's image only, and stop working when the token dies (release,
+//!   the host's next boot): new logins are refused and open sessions end within
+//!   [`TOKEN_RECHECK`].
 //!
 //! **Limits.** PDUs: [`pdu::MAX_DATA_SEGMENT`] of data, text within [`pdu::MAX_KEYS`]; login
 //! within [`LOGIN_TIMEOUT`]; [`scsi::MAX_TRANSFER_BLOCKS`] per command (advertised in the Block
@@ -45,7 +49,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kagami_images::Manifest;
@@ -56,11 +60,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use uuid::Uuid;
 
 use self::keys::Params;
-use self::login::{Kind, Session};
+use self::login::{Kind, Principal, Session};
 use self::pdu::Header;
 use super::Reader;
 use crate::catalog::images::{self as catalog_images, ListQuery};
-use crate::catalog::tenancy::Caller;
+use crate::catalog::iso;
 use crate::config::Config;
 
 /// The prefix of every target name; the image id follows.
@@ -75,6 +79,10 @@ pub const CONNECTION_BUDGET: usize = 4 * (scsi::MAX_TRANSFER_BLOCKS as usize * 5
 pub const BUFFER_BUDGET: usize = 256 << 20;
 /// Connections at once; more are closed on arrival.
 pub const MAX_CONNECTIONS: usize = 512;
+/// How often a session opened with an ISO boot's token checks that the token still lives
+/// (it dies when the host is released or boots again): the session ends at its next command
+/// after that.
+pub const TOKEN_RECHECK: Duration = Duration::from_secs(2);
 /// Targets listed in one SendTargets answer.
 pub const MAX_TARGETS: usize = 4096;
 
@@ -200,7 +208,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Kind::Discovery => None,
         Kind::Normal { id, .. } => Some(*id),
     };
-    tracing::info!(%peer, %initiator, ?image, "iSCSI session started");
+    let boot_host = match &session.principal {
+        Principal::BootToken { host, .. } => Some(*host),
+        Principal::Caller(_) => None,
+    };
+    tracing::info!(%peer, %initiator, ?image, ?boot_host, "iSCSI session started");
     match full_feature(rd, wr, session, local, &shared).await {
         Ok(()) => tracing::info!(%peer, %initiator, ?image, "iSCSI session ended"),
         Err(e) => tracing::info!(%peer, %initiator, ?image, "iSCSI connection ended: {e}"),
@@ -258,11 +270,19 @@ where
     };
     let portal = local.map(portal_address).unwrap_or_default();
     // The rest of a text answer too long for one PDU: (its transfer tag, the bytes).
+    let mut checked = Instant::now();
     let mut pending_text: Option<(u32, Vec<u8>)> = None;
     let ended: io::Result<()> = loop {
         let Some(Pdu { header: h, data }) = read_pdu(&mut rd).await? else {
             break Ok(());
         };
+        if h.opcode == pdu::OP_SCSI_CMD
+            && !still_alive(&session.principal, &shared.reader, &mut checked).await
+        {
+            break Err(io::Error::other(
+                "the ISO boot's token died (the host was released or booted again)",
+            ));
+        }
         // Non-immediate commands take a CmdSN; TCP keeps them in order on one connection.
         let numbered = matches!(
             h.opcode,
@@ -364,6 +384,21 @@ where
         .await
         .map_err(|e| io::Error::other(format!("iSCSI writer task failed: {e}")))?;
     ended.and(written)
+}
+
+/// Whether the session's principal may still read: an ISO boot token is looked up again
+/// every [`TOKEN_RECHECK`] (a catalog error counts as dead), a caller always may.
+async fn still_alive(principal: &Principal, reader: &Reader, checked: &mut Instant) -> bool {
+    let Principal::BootToken { hash, .. } = principal else {
+        return true;
+    };
+    if checked.elapsed() < TOKEN_RECHECK {
+        return true;
+    }
+    let hash = hash.clone();
+    let alive = reader.catalog.run(move |c| iso::alive(c, &hash)).await;
+    *checked = Instant::now();
+    alive.unwrap_or(false)
 }
 
 /// Queues one PDU for the writer; `Err` once the writer is gone.
@@ -607,9 +642,9 @@ async fn text_answer(
             continue;
         }
         let ids: Vec<Uuid> = match (&session.kind, value) {
-            (Kind::Discovery, "All") => readable_images(&shared.reader, &session.caller).await,
+            (Kind::Discovery, "All") => readable_images(&shared.reader, &session.principal).await,
             (Kind::Discovery, name) => {
-                let readable = readable_images(&shared.reader, &session.caller).await;
+                let readable = readable_images(&shared.reader, &session.principal).await;
                 target_id(name)
                     .filter(|id| readable.contains(id))
                     .into_iter()
@@ -628,9 +663,20 @@ async fn text_answer(
     Ok(out)
 }
 
-/// Active images `caller` may read, at most [`MAX_TARGETS`], oldest first.
-async fn readable_images(reader: &Reader, caller: &Caller) -> Vec<Uuid> {
-    let caller = caller.clone();
+/// Active images `principal` may read, at most [`MAX_TARGETS`], oldest first: an ISO boot
+/// token's own image only.
+async fn readable_images(reader: &Reader, principal: &Principal) -> Vec<Uuid> {
+    let caller = match principal {
+        Principal::Caller(caller) => caller.clone(),
+        Principal::BootToken { image, .. } => {
+            let (image, who) = (*image, principal.clone());
+            let open = reader
+                .catalog
+                .run(move |c| login::open_for(c, &who, image))
+                .await;
+            return open.map(|_| vec![image]).unwrap_or_default();
+        }
+    };
     let listed = reader
         .catalog
         .run(move |c| {
