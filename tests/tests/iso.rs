@@ -3,7 +3,8 @@
 //! from Kagami's content route with a per-boot token; GRUB from the ISO prints its marker on the
 //! serial console. `kagami host release` returns the host to where it was: its next network boot
 //! gets no boot file and the machine boots its own disk. Nothing is mocked: SeaBIOS, iPXE and
-//! GRUB are Debian's.
+//! GRUB are Debian's. The same machine also sanboots the ISO over iSCSI (`--via iscsi`) from
+//! Kagami's iSCSI target, iPXE logging in with the CHAP credentials its script carries.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -150,5 +151,91 @@ fn a_bios_machine_sanboots_an_iso_over_http_until_released_then_boots_its_disk()
     let h = state(&lab);
     assert_eq!(h["state"], "discovered", "{h}");
     assert!(h.get("iso_boot").is_none(), "{h}");
+    eprintln!("whole test {:?}", started.elapsed());
+}
+
+#[test]
+fn a_bios_machine_sanboots_an_iso_over_iscsi_with_the_boots_chap_credentials() {
+    let started = Instant::now();
+    // Inside the lab's own network namespace, the production port is free.
+    let lab = Lab::new(
+        &[
+            "--dhcp-mode",
+            "full",
+            "--dhcp-range",
+            "10.79.0.100,10.79.0.150",
+            "--iscsi-listen",
+            "10.79.0.1:3260",
+        ],
+        &[],
+    );
+    let s = lab.server();
+    let marker = format!("KAGAMI-ISCSI-ISO-{}", std::process::id());
+    let iso = marker_iso(lab.dir.path(), &marker);
+    let image = s.cli_json(&[
+        "image",
+        "import",
+        iso.to_str().expect("path"),
+        "--name",
+        "rescue",
+        "--kind",
+        "iso",
+    ]);
+    let id = image["id"].as_str().expect("id").to_string();
+    s.cli(&["host", "add", MAC, "--name", "iso1"]);
+    let h = s.cli_json(&[
+        "host",
+        "boot-iso",
+        "iso1",
+        "--image",
+        &id,
+        "--via",
+        "iscsi",
+        "--until",
+        "next-boot",
+    ]);
+    assert_eq!(
+        (&h["state"], &h["iso_boot"]["via"]),
+        (&"iso".into(), &"iscsi".into()),
+        "{h}"
+    );
+
+    let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
+    let disk = lab.dir.path().join("disk.raw");
+    marker_disk(lab.dir.path(), &disk, &disk_marker, 6);
+    let mut vm = lab.machine(Firmware::Bios, &disk, MAC, "iso-iscsi");
+    let booted = vm.wait_for(&marker, LIMIT);
+    let console = vm.console();
+    drop(vm);
+    eprintln!("BIOS: power-on to the ISO's GRUB over iSCSI {booted:?}");
+    in_order(
+        &console,
+        &[
+            "/boot/ipxe",
+            &format!("host {MAC} boots ISO image"),
+            &marker,
+        ],
+    );
+    assert!(!console.contains(&disk_marker), "{console}");
+    assert!(!console.contains("did not boot"), "{console}");
+
+    // iPXE logged in as this boot (not as a project's token) to the ISO's target.
+    let log = s.log_text();
+    in_order(
+        &log,
+        &[
+            &format!(
+                "boot script: host {MAC} boots ISO image {id} once (until next-boot) over iSCSI"
+            ),
+            "iSCSI session started",
+        ],
+    );
+    let session = log
+        .lines()
+        .find(|l| l.contains("iSCSI session started") && l.contains(&id))
+        .unwrap_or_else(|| panic!("no iSCSI session on the ISO:\n{log}"));
+    assert!(session.contains("boot_host=Some("), "{session}");
+    // --until next-boot: the host is back in its state once the script was served.
+    assert_eq!(state(&lab)["state"], "discovered");
     eprintln!("whole test {:?}", started.elapsed());
 }
