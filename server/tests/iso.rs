@@ -8,7 +8,8 @@
 
 mod common;
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -468,5 +469,103 @@ fn an_iscsi_iso_boot_logs_in_with_chap_credentials_for_that_image_only() {
     assert!(
         !String::from_utf8_lossy(&listed.stdout).contains(&target),
         "{listed:?}"
+    );
+}
+
+/// Sends one iSCSI PDU: a 48-byte header with `flags` and `data` (padded to 4 bytes).
+fn send_pdu(stream: &mut TcpStream, opcode: u8, flags: u8, cmd_sn: u32, data: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 48];
+    h[0] = opcode;
+    h[1] = flags;
+    h[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+    if opcode == 0x43 {
+        h[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 2]); // a login's ISID; else LUN 0
+    }
+    h[16..20].copy_from_slice(&cmd_sn.to_be_bytes()); // ITT
+    h[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
+    h.extend_from_slice(data);
+    h.resize(48 + data.len().div_ceil(4) * 4, 0);
+    stream.write_all(&h).expect("write");
+    h
+}
+
+/// Reads one PDU: (header, data).
+fn read_pdu(stream: &mut TcpStream) -> (Vec<u8>, Vec<u8>) {
+    let mut h = vec![0u8; 48];
+    stream.read_exact(&mut h).expect("read header");
+    let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
+    let mut data = vec![0u8; len.div_ceil(4) * 4];
+    stream.read_exact(&mut data).expect("read data");
+    data.truncate(len);
+    (h, data)
+}
+
+/// The value of `key` in a login response's text.
+fn key<'a>(data: &'a [u8], key: &str) -> &'a str {
+    std::str::from_utf8(data)
+        .expect("text")
+        .split('\0')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {:?}", String::from_utf8_lossy(data)))
+}
+
+/// Logs in to `target` with CHAP (`name`, `secret`) by hand, to the full feature phase.
+fn chap_login(port: u16, target: &str, name: &str, secret: &str) -> TcpStream {
+    use md5::{Digest as _, Md5};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let first = format!(
+        "InitiatorName=iqn.2026-11.test:boot\0SessionType=Normal\0TargetName={target}\0AuthMethod=CHAP\0"
+    );
+    send_pdu(&mut stream, 0x43, 0, 0, first.as_bytes());
+    let (_, data) = read_pdu(&mut stream);
+    assert_eq!(key(&data, "AuthMethod"), "CHAP");
+    send_pdu(&mut stream, 0x43, 0, 0, b"CHAP_A=5\0");
+    let (_, data) = read_pdu(&mut stream);
+    let id: u8 = key(&data, "CHAP_I").parse().expect("CHAP_I");
+    let challenge = hex::decode(&key(&data, "CHAP_C")[2..]).expect("CHAP_C");
+    let mut md5 = Md5::new();
+    md5.update([id]);
+    md5.update(secret.as_bytes());
+    md5.update(&challenge);
+    let response = hex::encode(md5.finalize());
+    let answer = format!("CHAP_N={name}\0CHAP_R=0x{response}\0");
+    // T, CSG security (0), NSG full feature (3).
+    send_pdu(&mut stream, 0x43, 0x83, 0, answer.as_bytes());
+    let (h, _) = read_pdu(&mut stream);
+    assert_eq!((h[36], h[37]), (0, 0), "login accepted");
+    assert_eq!(h[1] & 0x83, 0x83, "in full feature phase");
+    stream
+}
+
+#[test]
+fn an_open_iscsi_session_of_an_iso_boot_ends_when_its_token_dies() {
+    let port = free_port();
+    let (s, iso, _, _) = with_images_on(Server::start_with_args(
+        &[],
+        &["--iscsi-listen", &format!("127.0.0.1:{port}")],
+    ));
+    s.cli(&["host", "add", MAC]);
+    s.cli(&["host", "boot-iso", MAC, "--image", &iso, "--via", "iscsi"]);
+    let text = script(&s);
+    let target = format!("iqn.2026-11.io.kagami:{iso}");
+    let (name, secret) = (setting(&text, "username"), setting(&text, "password"));
+    let mut stream = chap_login(port, &target, &name, &secret);
+    // TEST UNIT READY: GOOD while the boot lasts.
+    let tur = |stream: &mut TcpStream, sn: u32| send_pdu(stream, 0x01, 0x80, sn, &[]);
+    tur(&mut stream, 1);
+    let (h, _) = read_pdu(&mut stream);
+    assert_eq!((h[0], h[3]), (0x21, 0), "a GOOD SCSI response");
+
+    s.cli(&["host", "release", MAC]);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    tur(&mut stream, 2);
+    let mut buf = [0u8; 64];
+    let got = stream.read(&mut buf);
+    assert!(
+        matches!(got, Ok(0)) || got.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the session went on after its token died"
     );
 }
