@@ -31,17 +31,6 @@ from agent import BLOCK, Loop, damage, measured, prepare  # noqa: E402
 from ingest import Server, run, timed  # noqa: E402
 
 
-def changed_blocks(before, after):
-    """64 KiB blocks that differ between two disks."""
-    n = 0
-    with open(before, "rb") as a, open(after, "rb") as b:
-        while True:
-            x, y = a.read(BLOCK), b.read(BLOCK)
-            if not x and not y:
-                return n
-            n += x != y
-
-
 def capture(binary, srv, dev, name):
     return measured([binary, "capture", "--server", srv.url, "--token", srv.token, "--name", name,
                      "--disk", dev])
@@ -84,17 +73,18 @@ def change_files(dev, fraction, seed):
     run(["sync"])
 
 
-def changed_pages(before, after):
-    """Bytes that differ between two disks at 4 KiB granularity (64 KiB chunks compared first)."""
-    changed = 0
+def differences(before, after):
+    """How two disks differ: (64 KiB blocks that differ, bytes that differ at 4 KiB granularity)."""
+    blocks = pages = 0
     with open(before, "rb") as a, open(after, "rb") as b:
         while True:
             x, y = a.read(BLOCK), b.read(BLOCK)
             if not x and not y:
-                return changed
+                return blocks, pages
             if x != y:
-                changed += sum(PAGE for i in range(0, max(len(x), len(y)), PAGE)
-                               if x[i:i + PAGE] != y[i:i + PAGE])
+                blocks += 1
+                pages += sum(PAGE for i in range(0, max(len(x), len(y)), PAGE)
+                             if x[i:i + PAGE] != y[i:i + PAGE])
 
 
 def overlay_bytes(before, after, work):
@@ -133,11 +123,10 @@ def main():
             row["first"], row["first_cpu"], row["first_rss"], first = capture(agent, srv, loop.dev, "first")
             if args.change == "files":
                 change_files(loop.dev, 0.01, r)
-                row["changed_4k"] = changed_pages(raw, loop.dev)
                 row["overlay"] = overlay_bytes(raw, loop.dev, args.dir)
             else:
                 damage(loop.dev, blocks, 0.01, r)
-            row["changed"] = changed_blocks(raw, loop.dev)
+            row["changed"], row["changed_4k"] = differences(raw, loop.dev)
             row["hash2"] = timed(["openssl", "dgst", "-sha256", loop.dev], stdout=subprocess.DEVNULL)
             row["second"], row["second_cpu"], row["second_rss"], second = capture(agent, srv, loop.dev, "second")
             row["uploaded"] = second["uploaded_bytes"]
