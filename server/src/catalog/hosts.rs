@@ -396,7 +396,6 @@ impl Milestone {
 pub fn mark(conn: &Connection, host: Uuid, milestone: Milestone) -> Result<(), ApiError> {
     let states = match milestone {
         Milestone::LocalBoot => "('succeeded')",
-        Milestone::Result => "('pending', 'running', 'succeeded', 'failed')",
         _ => "('pending', 'running')",
     };
     conn.execute(
@@ -740,7 +739,7 @@ pub fn deploy(
             id.to_string(),
             host.id.to_string(),
             mode,
-            serde_json::to_string(&disks).map_err(|e| ApiError::Internal(e.to_string()))?,
+            json(&disks)?,
             caller.project,
             now
         ],
@@ -893,7 +892,7 @@ pub fn create_capture_image(
     region: &str,
     mut new: images::NewImage,
 ) -> Result<kagami_images::model::Image, ApiError> {
-    let (d, _, caller) = agents_capture(conn, agent)?;
+    let (d, mut spec, caller) = agents_capture(conn, agent)?;
     if !matches!(
         new.kind,
         ImageKind::System | ImageKind::Data | ImageKind::Whole
@@ -909,7 +908,8 @@ pub fn create_capture_image(
     new.visibility = kagami_images::model::Visibility::Private;
     new.protected = false;
     let image = images::create(conn, &caller, region, new)?;
-    if let Err(e) = record_made(conn, d.id, image.id) {
+    spec.made.push(image.id);
+    if let Err(e) = save_capture(conn, d.id, &spec) {
         // Not the capture's: not kept (it holds no data yet).
         let _ = images::delete(conn, &caller, image.id);
         return Err(e);
@@ -917,23 +917,14 @@ pub fn create_capture_image(
     Ok(image)
 }
 
-/// Notes an image the agent created for its capture.
-pub fn record_made(conn: &Connection, deployment: Uuid, image: Uuid) -> Result<(), ApiError> {
-    let spec: Option<String> = conn
-        .query_row(
-            "SELECT capture FROM deployments WHERE id = ?1",
-            [deployment.to_string()],
-            |r| r.get(0),
-        )
-        .optional()?
-        .flatten();
-    let mut spec: CaptureSpec = spec
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .ok_or_else(|| ApiError::Internal(format!("capture {deployment} has no request")))?;
-    spec.made.push(image);
+/// Stores a capture's request and result; a pending capture is running from its agent's
+/// first word on (a finished one keeps its state).
+fn save_capture(conn: &Connection, deployment: Uuid, spec: &CaptureSpec) -> Result<(), ApiError> {
     conn.execute(
-        "UPDATE deployments SET capture = ?2, state = 'running', updated_at = ?3 WHERE id = ?1",
-        params![deployment.to_string(), json(&spec)?, now_ms()],
+        "UPDATE deployments SET capture = ?2, updated_at = ?3,
+             state = CASE state WHEN 'pending' THEN 'running' ELSE state END
+         WHERE id = ?1",
+        params![deployment.to_string(), json(spec)?, now_ms()],
     )?;
     Ok(())
 }
@@ -1144,10 +1135,7 @@ pub fn record_progress(
             bytes_total: p.bytes_total,
             eta_secs: p.eta_secs,
         });
-        tx.execute(
-            "UPDATE deployments SET state = 'running', capture = ?2, updated_at = ?3 WHERE id = ?1",
-            params![d.id.to_string(), json(&spec)?, now_ms()],
-        )?;
+        save_capture(&tx, d.id, &spec)?;
         tx.commit()?;
         return Ok(());
     }
@@ -1163,11 +1151,7 @@ pub fn record_progress(
     disk.eta_secs = p.eta_secs;
     tx.execute(
         "UPDATE deployments SET state = 'running', disks = ?2, updated_at = ?3 WHERE id = ?1",
-        params![
-            d.id.to_string(),
-            serde_json::to_string(&d.disks).map_err(|e| ApiError::Internal(e.to_string()))?,
-            now_ms()
-        ],
+        params![d.id.to_string(), json(&d.disks)?, now_ms()],
     )?;
     tx.commit()?;
     Ok(())
@@ -1200,7 +1184,7 @@ pub fn record_outcome(
             d.id.to_string(),
             state,
             error,
-            serde_json::to_string(&d.timings).map_err(|e| ApiError::Internal(e.to_string()))?,
+            json(&d.timings)?,
             now
         ],
     )?;
@@ -1217,10 +1201,7 @@ pub fn record_outcome(
                 }
             }
         }
-        tx.execute(
-            "UPDATE deployments SET capture = ?2 WHERE id = ?1",
-            params![d.id.to_string(), json(&spec)?],
-        )?;
+        save_capture(&tx, d.id, &spec)?;
         let why = match (&error, spec.image) {
             (None, Some(image)) => format!("capture {} made image {image}", d.id),
             (Some(e), _) => format!("capture {} failed: {e}", d.id),

@@ -680,7 +680,8 @@ pub fn delete(conn: &mut Connection, caller: &Caller, id: Uuid) -> Result<(), Ap
     }
     let tx = conn.transaction()?;
     let now = now_ms();
-    // A whole-machine image takes its disk images with it.
+    // A whole-machine image takes its disk images with it: they go first, so the whole image
+    // is no longer anyone's parent when its own row goes.
     let gone: Vec<String> = image
         .members
         .iter()
@@ -701,9 +702,6 @@ pub fn delete(conn: &mut Connection, caller: &Caller, id: Uuid) -> Result<(), Ap
              WHERE previous_id = ?1",
             [g],
         )?;
-        tx.execute("UPDATE images SET parent_id = NULL WHERE id = ?1", [g])?;
-    }
-    for g in &gone {
         tx.execute("DELETE FROM images WHERE id = ?1", [g])?;
     }
     tx.commit()?;
