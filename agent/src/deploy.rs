@@ -32,14 +32,19 @@ enum Task {
         mode: String,
         disks: Vec<Disk>,
     },
-    Capture {
-        deployment: String,
-        name: String,
-        kind: String,
-        disks: Vec<String>,
-        source: String,
-    },
+    Capture(CaptureTask),
     Wait,
+}
+
+/// Read these disks (none named: the system disk, or all fixed disks for `whole`) into a new
+/// image named `name` of `kind`, from host `source`.
+#[derive(Debug, Deserialize)]
+struct CaptureTask {
+    deployment: String,
+    name: String,
+    kind: String,
+    disks: Vec<String>,
+    source: String,
 }
 
 #[derive(Debug)]
@@ -115,13 +120,14 @@ fn report_progress(
 
 /// Captures the host's disks into a new image for the server (its per-boot token uploads the
 /// blocks and commits the images) and reports the result.
-async fn capture(
-    client: &Client,
-    opts: &Options,
-    deployment: String,
-    spec: (String, String, Vec<String>, String),
-) -> anyhow::Result<bool> {
-    let (name, kind, disks, source) = spec;
+async fn capture(client: &Client, opts: &Options, task: CaptureTask) -> anyhow::Result<bool> {
+    let CaptureTask {
+        deployment,
+        name,
+        kind,
+        disks,
+        source,
+    } = task;
     let started = Instant::now();
     // No device named: the system disk, or every fixed disk for a whole-machine image.
     let fixed = crate::inventory::fixed_disks();
@@ -199,13 +205,7 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
                 mode,
                 disks,
             } => break (deployment, mode, disks),
-            Task::Capture {
-                deployment,
-                name,
-                kind,
-                disks,
-                source,
-            } => return capture(&client, &opts, deployment, (name, kind, disks, source)).await,
+            Task::Capture(task) => return capture(&client, &opts, task).await,
             Task::Wait if opts.wait => tokio::time::sleep(Duration::from_secs(5)).await,
             Task::Wait => {
                 println!("no task for this host");
