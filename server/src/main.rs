@@ -22,6 +22,7 @@ use clap::{Parser, Subcommand};
 
 use crate::cli::admin::{ProjectCommand, StoreCommand, TokenCommand};
 use crate::cli::client::Client;
+use crate::cli::exports::ExportCommand;
 use crate::cli::hosts::HostCommand;
 use crate::cli::images::ImageCommand;
 use crate::cli::ramdisk::RamdiskCommand;
@@ -111,6 +112,13 @@ enum Command {
         remote: Remote,
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// The block exports' open sessions (NBD, iSCSI).
+    Export {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        command: ExportCommand,
     },
     /// Inspect the block store and collect garbage (admin).
     Store {
@@ -233,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token { remote, command } => cli::admin::token(&remote.client()?, command).await,
         Command::Store { remote, command } => cli::admin::store(&remote.client()?, command).await,
+        Command::Export { remote, command } => cli::exports::run(&remote.client()?, command).await,
     }
 }
 

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::jobs::gc;
 use crate::store::PackStore;
 use crate::stream::Reader;
+use crate::stream::sessions::Sessions;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dir = config.server.data_dir.clone();
@@ -98,6 +99,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         reader,
         job_queued: Arc::default(),
+        sessions: Sessions::default(),
     };
 
     tokio::spawn(crate::jobs::import::worker(state.clone()));
@@ -111,16 +113,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     // NBD before the API too: an address the API reports is one that answers.
-    if let Some(nbd) =
-        crate::stream::nbd::Server::from_config(&config, state.reader.clone()).await?
+    if let Some(nbd) = crate::stream::nbd::Server::from_config(
+        &config,
+        state.reader.clone(),
+        state.sessions.clone(),
+    )
+    .await?
     {
         tracing::info!(addr = %nbd.local_addr()?, "serving images over NBD (read-only)");
         tokio::spawn(nbd.run());
     }
 
     // iSCSI likewise.
-    if let Some(iscsi) =
-        crate::stream::iscsi::Server::from_config(&config, state.reader.clone()).await?
+    if let Some(iscsi) = crate::stream::iscsi::Server::from_config(
+        &config,
+        state.reader.clone(),
+        state.sessions.clone(),
+    )
+    .await?
     {
         tracing::info!(addr = %iscsi.local_addr()?, "serving images over iSCSI (read-only)");
         tokio::spawn(iscsi.run());

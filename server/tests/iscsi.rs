@@ -10,7 +10,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{BLOCK, Server, sparse_file};
@@ -334,6 +334,37 @@ impl Raw {
         raw
     }
 
+    /// Logs in to a discovery session without authentication.
+    fn discover(port: u16) -> Raw {
+        let mut raw = Raw::connect(port);
+        let text = "InitiatorName=iqn.2026-11.test:disc\0SessionType=Discovery\0AuthMethod=None\0";
+        let mut h = bhs(0x43, 0x80 | 3, text.len());
+        h[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 2]);
+        h[24..28].copy_from_slice(&1u32.to_be_bytes());
+        raw.pdu(h, text.as_bytes());
+        let (r, _) = raw.read();
+        assert_eq!(
+            (r[0], r[36], r[37]),
+            (0x23, 0, 0),
+            "discovery login accepted"
+        );
+        raw
+    }
+
+    /// Reads a command's Data-In PDUs up to the one with GOOD status; returns their data.
+    fn data_in(&mut self) -> Vec<u8> {
+        let mut got = Vec::new();
+        loop {
+            let (h, data) = self.read();
+            assert_eq!(h[0], 0x25, "Data-In");
+            got.extend_from_slice(&data);
+            if h[1] & 0x01 != 0 {
+                assert_eq!(h[3], 0, "GOOD");
+                return got;
+            }
+        }
+    }
+
     /// A SCSI command with `cdb` and immediate `data`; returns the response PDU.
     fn command(&mut self, itt: u32, flags: u8, cdb: &[u8], expected: u32, data: &[u8]) {
         let mut h = bhs(0x01, 0x80 | flags, data.len());
@@ -379,16 +410,7 @@ fn writes_are_refused_and_broken_sessions_end_cleanly() {
     assert_eq!(raw.check(3), (0x02, 0x05, 0x21));
     // A good READ (10) of the first 8 blocks, in Data-In PDUs with the status in the last.
     raw.command(4, 0x40, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], 4096, &[]);
-    let mut got = Vec::new();
-    loop {
-        let (h, data) = raw.read();
-        assert_eq!(h[0], 0x25, "Data-In");
-        got.extend_from_slice(&data);
-        if h[1] & 0x01 != 0 {
-            assert_eq!(h[3], 0, "GOOD");
-            break;
-        }
-    }
+    let got = raw.data_in();
     assert_eq!(got, std::fs::read(&disk).expect("read")[..4096]);
     // A NOP-Out ping is answered with its data.
     let mut h = bhs(0x40, 0x80, 4);
@@ -454,4 +476,93 @@ fn the_cli_says_when_iscsi_is_off() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--iscsi-listen"), "{err}");
+}
+
+#[test]
+fn open_sessions_are_listed_to_those_who_may_see_them() {
+    let (s, port, id, disk) = with_image();
+    let other = s.member_of("other");
+    s.cli(&["image", "update", &id, "--visibility", "public"]);
+    let target = format!("{IQN}{id}");
+
+    // An anonymous normal session that reads 8 blocks and stays open, and a discovery session.
+    let mut raw = Raw::login(port, &target);
+    let peer = raw.stream.local_addr().expect("local addr").to_string();
+    raw.command(4, 0x40, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], 4096, &[]);
+    let got = raw.data_in();
+    assert_eq!(got, std::fs::read(&disk).expect("read")[..4096]);
+    let discovery = Raw::discover(port);
+    let listed = s.sessions_until("both sessions are listed", |l| {
+        l.len() == 2 && l[0]["bytes_read"] == 4096
+    });
+    let (normal, disc) = (&listed[0], &listed[1]);
+    assert_eq!(normal["protocol"], "iscsi", "{normal}");
+    assert_eq!(normal["peer"], peer.as_str(), "{normal}");
+    assert_eq!(normal["image"], id.as_str(), "{normal}");
+    assert_eq!(normal["who"], serde_json::json!({"kind": "anonymous"}));
+    assert_eq!(normal["initiator"], "iqn.2026-11.test:raw", "{normal}");
+    assert_eq!(normal["commands"], 1, "{normal}");
+    assert_eq!(
+        disc["peer"],
+        discovery.stream.local_addr().expect("addr").to_string()
+    );
+    assert!(disc["image"].is_null(), "a discovery session: {disc}");
+    assert_eq!(
+        (disc["bytes_read"].as_u64(), disc["commands"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    // Anonymous sessions belong to no project: another project's member sees neither.
+    assert_eq!(s.sessions(&other), Vec::<serde_json::Value>::new());
+    let table = s.cli(&["export", "list"]);
+    assert!(
+        table.contains(&format!("iscsi\t{peer}\t{id}\tanonymous\t")),
+        "{table}"
+    );
+    assert!(table.contains("\t(discovery)\tanonymous\t"), "{table}");
+
+    // A session that logs out and one whose initiator hangs up both leave the list.
+    drop(discovery);
+    let mut h = bhs(0x46, 0x80, 0);
+    h[16..20].copy_from_slice(&77u32.to_be_bytes());
+    raw.pdu(h, &[]);
+    let (r, _) = raw.read();
+    assert_eq!(r[0], 0x26, "a logout response");
+    s.sessions_until("both sessions are gone", |l| l.is_empty());
+
+    // A session with CHAP credentials is its token's: its project sees it, others do not.
+    s.cli(&["image", "update", &id, "--visibility", "private"]);
+    let (o_name, o_secret) = chap_of(&s, &other);
+    let mine = s.cli_as(
+        &other,
+        &["image", "list", "--name", "mine", "--output", "json"],
+    );
+    let mine: serde_json::Value = serde_json::from_slice(&mine.stdout).expect("json");
+    let mine_id = mine[0]["id"].as_str().expect("id").to_string();
+    let mut reader = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read 0 4096",
+            "-c",
+            "sleep 3000",
+            &format!("iscsi://{o_name}%{o_secret}@127.0.0.1:{port}/{IQN}{mine_id}/0"),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let listed = s.sessions_until("the CHAP session is listed", |l| l.len() == 1);
+    assert_eq!(
+        listed[0]["who"],
+        serde_json::json!({"kind": "token", "project": "other", "role": "member"})
+    );
+    assert_eq!(listed[0]["image"], mine_id.as_str());
+    assert_eq!(s.sessions(&other).len(), 1);
+    let third = s.member_of("third");
+    assert_eq!(s.sessions(&third), Vec::<serde_json::Value>::new());
+    let _ = reader.kill();
+    let _ = reader.wait();
+    s.sessions_until("the CHAP session is gone", |l| l.is_empty());
 }

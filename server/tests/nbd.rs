@@ -377,3 +377,57 @@ fn the_cli_says_when_nbd_is_off() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--nbd-listen"), "{err}");
 }
+
+#[test]
+fn open_connections_are_listed_to_those_who_may_see_them() {
+    let (s, port, id, disk) = with_image();
+    let team = s.member_of("team");
+    let other = s.member_of("other");
+    s.cli(&["image", "update", &id, "--visibility", "public"]);
+
+    // A connection opened with team's token, which reads 4096 bytes and stays open.
+    let mut raw = Raw::go(port, &format!("{id}/{team}"));
+    let peer = raw.0.local_addr().expect("local addr").to_string();
+    raw.request(0, 0, 1, BLOCK as u64 - 7, 4096);
+    assert_eq!(raw.simple_reply(), (0, 1));
+    let want = std::fs::read(&disk).expect("read");
+    assert_eq!(raw.read(4096), &want[BLOCK - 7..BLOCK - 7 + 4096]);
+    let listed = s.sessions_until("the connection is listed with its read", |l| {
+        l.len() == 1 && l[0]["bytes_read"] == 4096
+    });
+    let session = &listed[0];
+    assert_eq!(session["protocol"], "nbd", "{session}");
+    assert_eq!(session["peer"], peer.as_str(), "{session}");
+    assert_eq!(session["image"], id.as_str(), "{session}");
+    assert_eq!(
+        session["who"],
+        serde_json::json!({"kind": "token", "project": "team", "role": "member"})
+    );
+    assert_eq!(session["commands"], 1, "{session}");
+    assert!(session.get("initiator").is_none(), "{session}");
+    assert!(
+        session["started_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{session}"
+    );
+    // The token itself is never shown.
+    assert!(!session.to_string().contains(&team));
+
+    // Its project sees it; another project does not; the CLI prints it.
+    assert_eq!(s.sessions(&team).len(), 1);
+    assert_eq!(s.sessions(&other), Vec::<serde_json::Value>::new());
+    let table = s.cli(&["export", "list"]);
+    assert!(
+        table.contains(&format!("nbd\t{peer}\t{id}\tteam/member\t")),
+        "{table}"
+    );
+    assert!(table.contains("4.0 KiB read\t1 commands"), "{table}");
+    let out = s.cli_as(&other, &["export", "list", "--output", "json"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+
+    // Gone once the client hangs up.
+    drop(raw);
+    s.sessions_until("the connection is gone", |l| l.is_empty());
+}

@@ -13,6 +13,7 @@ mod images;
 mod jobs;
 
 pub use admin::StoreStats;
+pub use exports::Exports;
 pub use images::DIGEST_HEADER;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::store::PackStore;
 use crate::stream::Reader;
+use crate::stream::sessions::Sessions;
 
 /// Everything a handler may reach.
 #[derive(Clone, Debug)]
@@ -43,6 +45,8 @@ pub struct AppState {
     pub reader: Reader,
     /// Wakes the import worker when a job is queued (it also polls, for jobs queued elsewhere).
     pub job_queued: Arc<tokio::sync::Notify>,
+    /// The NBD and iSCSI sessions open now (`GET /v1/exports`).
+    pub sessions: Sessions,
 }
 
 pub fn router(state: AppState) -> Router {

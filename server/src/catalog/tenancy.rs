@@ -30,6 +30,10 @@ impl Role {
     }
 }
 
+/// The project of [`Caller::anonymous`]: a name no real project can have
+/// ([`check_project_name`]).
+const ANONYMOUS_PROJECT: &str = "(anonymous)";
+
 /// The authenticated caller of a request.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -51,13 +55,18 @@ impl Caller {
     /// marketplace images only. Its project name is one no real project can have.
     pub fn anonymous() -> Caller {
         Caller {
-            project: "(anonymous)".into(),
+            project: ANONYMOUS_PROJECT.into(),
             role: Role::Member,
         }
     }
 
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
+    }
+
+    /// Whether this is [`Caller::anonymous`]: no token at all.
+    pub fn is_anonymous(&self) -> bool {
+        self.role == Role::Member && self.project == ANONYMOUS_PROJECT
     }
 
     /// Refuses callers that are not admins.

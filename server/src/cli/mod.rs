@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod exports;
 pub mod hosts;
 pub mod images;
 pub mod ramdisk;

@@ -2,8 +2,8 @@
 //! (segment reads for agents and peers). Every block read from a pack is re-hashed before it is
 //! served when `store.verify_reads` is on, so a corrupt pack is reported, never passed on.
 //!
-//! The block exports ([`nbd`], [`iscsi`]) read through here too, and share the accept loop
-//! and the access check below.
+//! The block exports ([`nbd`], [`iscsi`]) read through here too, and share the accept loop,
+//! the access check below and the registry of open sessions ([`sessions`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ use crate::store::{Location, PackStore};
 
 pub mod iscsi;
 pub mod nbd;
+pub mod sessions;
 
 /// The manifest of image `id` if `caller` may read it and it is active: what a block export
 /// opens. A missing image and one the caller may not see are the same answer.

@@ -298,6 +298,29 @@ impl Server {
         r.json()
     }
 
+    /// The open NBD and iSCSI sessions `token` may see (`GET /v1/exports`).
+    pub fn sessions(&self, token: &str) -> Vec<Value> {
+        let r = self.curl(Some(token), "GET", "/v1/exports", &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["sessions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("no sessions in {}", r.text()))
+    }
+
+    /// Waits up to 10 s for the sessions an admin sees to satisfy `done`; returns them.
+    pub fn sessions_until(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sessions = self.sessions(&self.token);
+            if done(&sessions) {
+                return sessions;
+            }
+            assert!(Instant::now() < deadline, "{what}: {sessions:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Creates a project and a member token for it; returns the token.
     pub fn member_of(&self, project: &str) -> String {
         self.cli(&["project", "create", project]);

@@ -34,6 +34,10 @@
 //!   the host's next boot): new logins are refused and open sessions end within
 //!   [`TOKEN_RECHECK`].
 //!
+//! **Sessions.** A logged-in session (discovery or normal) is listed in [`super::sessions`]
+//! (`GET /v1/exports`, `kagami export list`) with its principal and initiator name, until its
+//! connection ends.
+//!
 //! **Limits.** PDUs: [`pdu::MAX_DATA_SEGMENT`] of data, text within [`pdu::MAX_KEYS`]; login
 //! within [`LOGIN_TIMEOUT`]; [`scsi::MAX_TRANSFER_BLOCKS`] per command (advertised in the Block
 //! Limits VPD page); [`CONNECTION_BUDGET`] bytes of read buffers per connection and
@@ -63,6 +67,7 @@ use self::keys::Params;
 use self::login::{Kind, Principal, Session};
 use self::pdu::Header;
 use super::Reader;
+use super::sessions::{self, Live, Opened, Protocol, Sessions, Who};
 use crate::catalog::images::{self as catalog_images, ListQuery};
 use crate::catalog::iso;
 use crate::config::Config;
@@ -110,11 +115,17 @@ struct Shared {
     buffers: Arc<Semaphore>,
     /// The last TSIH handed out (never 0, which means "a new session").
     tsih: AtomicU16,
+    sessions: Sessions,
 }
 
 impl Server {
-    /// Binds `iscsi.listen`, or returns `None` when it is empty (iSCSI off).
-    pub async fn from_config(config: &Config, reader: Reader) -> anyhow::Result<Option<Server>> {
+    /// Binds `iscsi.listen`, or returns `None` when it is empty (iSCSI off). Sessions are
+    /// registered in `sessions` once logged in.
+    pub async fn from_config(
+        config: &Config,
+        reader: Reader,
+        sessions: Sessions,
+    ) -> anyhow::Result<Option<Server>> {
         let Some(addr) = config.iscsi.listen_addr()? else {
             return Ok(None);
         };
@@ -127,6 +138,7 @@ impl Server {
                 reader,
                 buffers: Arc::new(Semaphore::new(BUFFER_BUDGET)),
                 tsih: AtomicU16::new(0),
+                sessions,
             }),
         }))
     }
@@ -208,12 +220,19 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Kind::Discovery => None,
         Kind::Normal { id, .. } => Some(*id),
     };
-    let boot_host = match &session.principal {
-        Principal::BootToken { host, .. } => Some(*host),
-        Principal::Caller(_) => None,
+    let (who, boot_host) = match &session.principal {
+        Principal::BootToken { host, .. } => (Who::IsoBoot { host: *host }, Some(*host)),
+        Principal::Caller(caller) => (Who::caller(caller), None),
     };
     tracing::info!(%peer, %initiator, ?image, ?boot_host, "iSCSI session started");
-    match full_feature(rd, wr, session, local, &shared).await {
+    let live = shared.sessions.open(Opened {
+        protocol: Protocol::Iscsi,
+        peer,
+        image,
+        who,
+        initiator: Some(initiator.clone()),
+    });
+    match full_feature(rd, wr, session, local, &shared, &live).await {
         Ok(()) => tracing::info!(%peer, %initiator, ?image, "iSCSI session ended"),
         Err(e) => tracing::info!(%peer, %initiator, ?image, "iSCSI connection ended: {e}"),
     }
@@ -248,6 +267,7 @@ async fn full_feature<R, W>(
     session: Session,
     local: Option<SocketAddr>,
     shared: &Shared,
+    live: &sessions::Guard,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -312,16 +332,15 @@ where
             }
             pdu::OP_SCSI_CMD => match &unit {
                 Some((unit, manifest)) => {
-                    command(
-                        &h,
-                        unit,
-                        manifest,
+                    live.command();
+                    let io = Io {
                         shared,
-                        &in_flight,
-                        &connection_budget,
-                        &tx,
-                    )
-                    .await
+                        in_flight: &in_flight,
+                        connection_budget: &connection_budget,
+                        tx: &tx,
+                        live,
+                    };
+                    command(&h, unit, manifest, &io).await
                 }
                 None => reject(&tx, &h, pdu::REJECT_PROTOCOL_ERROR).await,
             },
@@ -427,16 +446,30 @@ fn unit(id: Uuid, manifest: &Arc<Manifest>) -> (scsi::Unit, Arc<Manifest>) {
     (unit, manifest.clone())
 }
 
+/// What a command needs of its connection: the shared reader and budgets, the connection's
+/// window and budget, its writer and its session's counters.
+struct Io<'a> {
+    shared: &'a Shared,
+    in_flight: &'a Arc<Semaphore>,
+    connection_budget: &'a Arc<Semaphore>,
+    tx: &'a mpsc::Sender<Out>,
+    live: &'a sessions::Guard,
+}
+
 /// Runs one SCSI command: the pure part answers at once, a read is queued.
 async fn command(
     h: &Header,
     unit: &scsi::Unit,
     manifest: &Arc<Manifest>,
-    shared: &Shared,
-    in_flight: &Arc<Semaphore>,
-    connection_budget: &Arc<Semaphore>,
-    tx: &mpsc::Sender<Out>,
+    io: &Io<'_>,
 ) -> Result<(), ()> {
+    let Io {
+        shared,
+        in_flight,
+        connection_budget,
+        tx,
+        live,
+    } = *io;
     let mut cdb = [0u8; 16];
     cdb.copy_from_slice(&h.bhs[32..48]);
     let (itt, lun, expected) = (h.itt(), h.lun(), h.word20());
@@ -467,16 +500,20 @@ async fn command(
                 return Err(());
             };
             let (reader, manifest, tx) = (shared.reader.clone(), manifest.clone(), tx.clone());
+            let live: Arc<Live> = live.live();
             tokio::task::spawn_blocking(move || {
                 let offset = lba * u64::from(scsi::BLOCK_LEN);
                 let out = match read_padded(&reader, &manifest, offset, len) {
-                    Ok(data) => Out::DataIn {
-                        itt,
-                        lun,
-                        data,
-                        expected,
-                        budget: vec![mine, global],
-                    },
+                    Ok(data) => {
+                        live.read(len as u64);
+                        Out::DataIn {
+                            itt,
+                            lun,
+                            data,
+                            expected,
+                            budget: vec![mine, global],
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(offset, len, "iSCSI read failed: {e}");
                         check_condition(itt, scsi::MEDIUM_ERROR)

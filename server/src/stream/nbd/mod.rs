@@ -22,8 +22,11 @@
 //! `ERR_POLICY`; an image the token may not see, or that is not active, with `ERR_UNKNOWN`
 //! (the same answer as a missing one). `OPT_LIST` lists nothing: every name is a secret.
 //! Without TLS the token crosses the network in clear, as the HTTP API's does over plain HTTP:
-//! keep the port on the provisioning network; per-boot tokens scoped to one image come with
-//! the transitional boots.
+//! keep the port on the provisioning network. Only project tokens open exports here: an ISO
+//! boot's per-boot token reads its image over HTTP or iSCSI, never over NBD.
+//!
+//! **Sessions.** A connection past negotiation is listed in [`super::sessions`] (`GET
+//! /v1/exports`, `kagami export list`) with its token's project and role, until it ends.
 //!
 //! **Limits.** Options up to 16 KiB and 64 of them per negotiation, which must end within
 //! [`HANDSHAKE_TIMEOUT`]; requests up to 32 MiB; [`IN_FLIGHT`] requests per connection; at most
@@ -44,6 +47,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use uuid::Uuid;
 
 use self::proto::{Action, Opt};
+use super::sessions::{self, Opened, Protocol, Sessions, Who};
 use super::{Reader, block_at};
 use crate::catalog::images::parse_id;
 use crate::catalog::tenancy;
@@ -77,11 +81,17 @@ pub struct Server {
 struct Shared {
     reader: Reader,
     buffers: Arc<Semaphore>,
+    sessions: Sessions,
 }
 
 impl Server {
-    /// Binds `nbd.listen`, or returns `None` when it is empty (NBD off).
-    pub async fn from_config(config: &Config, reader: Reader) -> anyhow::Result<Option<Server>> {
+    /// Binds `nbd.listen`, or returns `None` when it is empty (NBD off). Open connections are
+    /// registered in `sessions`.
+    pub async fn from_config(
+        config: &Config,
+        reader: Reader,
+        sessions: Sessions,
+    ) -> anyhow::Result<Option<Server>> {
         let Some(addr) = config.nbd.listen_addr()? else {
             return Ok(None);
         };
@@ -93,6 +103,7 @@ impl Server {
             shared: Arc::new(Shared {
                 reader,
                 buffers: Arc::new(Semaphore::new(BUFFER_BUDGET)),
+                sessions,
             }),
         }))
     }
@@ -114,11 +125,12 @@ impl Server {
     }
 }
 
-/// An export a client opened: the image and its manifest.
+/// An export a client opened: the image, its manifest, and whose token opened it.
 #[derive(Debug)]
 struct Export {
     id: Uuid,
     manifest: Arc<Manifest>,
+    caller: tenancy::Caller,
 }
 
 /// Why an export name was refused, as the option error the client gets.
@@ -164,7 +176,11 @@ fn authorize(conn: &rusqlite::Connection, name: &str) -> Result<(Uuid, tenancy::
 fn open(conn: &rusqlite::Connection, name: &str) -> Result<Export, Refusal> {
     let (id, caller) = authorize(conn, name)?;
     let manifest = super::open_image(conn, &caller, id)?;
-    Ok(Export { id, manifest })
+    Ok(Export {
+        id,
+        manifest,
+        caller,
+    })
 }
 
 /// What negotiation settled.
@@ -217,7 +233,14 @@ async fn connection(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     let image = session.export.id;
     tracing::info!(%peer, %image, "NBD client connected");
-    match transmit(rd, wr, session, &shared).await {
+    let live = shared.sessions.open(Opened {
+        protocol: Protocol::Nbd,
+        peer,
+        image: Some(image),
+        who: Who::caller(&session.export.caller),
+        initiator: None,
+    });
+    match transmit(rd, wr, session, &shared, &live).await {
         Ok(()) => tracing::info!(%peer, %image, "NBD client disconnected"),
         Err(e) => tracing::info!(%peer, %image, "NBD connection ended: {e}"),
     }
@@ -398,7 +421,13 @@ type Outgoing = (Vec<u8>, Option<OwnedSemaphorePermit>);
 /// The transmission phase: requests are decoded here in order and answered concurrently (reads
 /// on the blocking pool, up to [`IN_FLIGHT`]); one writer task sends each reply whole, in the
 /// order they complete, which the protocol allows (cookies match them up).
-async fn transmit<R, W>(mut rd: R, mut wr: W, session: Session, shared: &Shared) -> io::Result<()>
+async fn transmit<R, W>(
+    mut rd: R,
+    mut wr: W,
+    session: Session,
+    shared: &Shared,
+    live: &sessions::Guard,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -432,6 +461,7 @@ where
             ));
         };
         let send = |bytes: Vec<u8>| tx.send((bytes, None));
+        live.command();
         match proto::check(&req, size, session.structured, session.allocation) {
             Action::Disconnect => break Ok(()),
             Action::Close => {
@@ -481,10 +511,13 @@ where
                     tx.clone(),
                 );
                 let structured = session.structured;
+                let live = live.live();
                 tokio::task::spawn_blocking(move || {
                     let reply = read_reply(
                         &reader, &manifest, req.cookie, offset, len, structured, one_chunk,
-                    );
+                    )
+                    .inspect(|_| live.read(u64::from(len)))
+                    .unwrap_or_else(|failed| failed);
                     let _ = tx.blocking_send((reply, Some(budget)));
                     drop(slot);
                 });
@@ -509,7 +542,8 @@ fn refusal_text(error: u32) -> &'static str {
 
 /// The reply to a read of `len` bytes at `offset` (within the disk, checked by the caller).
 /// With structured replies a read that falls entirely in holes is a hole chunk (no data on the
-/// wire) unless the client asked for one data chunk (DF). A failed read is `EIO`.
+/// wire) unless the client asked for one data chunk (DF). A failed read is `Err` with the
+/// `EIO` reply to send instead.
 fn read_reply(
     reader: &Reader,
     manifest: &Manifest,
@@ -518,22 +552,22 @@ fn read_reply(
     len: u32,
     structured: bool,
     one_chunk: bool,
-) -> Vec<u8> {
+) -> Result<Vec<u8>, Vec<u8>> {
     if structured && !one_chunk && len > 0 && all_holes(manifest, offset, len) {
-        return proto::hole_chunk(cookie, offset, len);
+        return Ok(proto::hole_chunk(cookie, offset, len));
     }
     let mut out = proto::read_header(cookie, offset, len, structured);
     let at = out.len();
     out.resize(at + len as usize, 0);
     match reader.read_at(manifest, offset, &mut out[at..]) {
-        Ok(()) => out,
+        Ok(()) => Ok(out),
         Err(e) => {
             tracing::error!(offset, len, "NBD read failed: {e}");
-            if structured {
+            Err(if structured {
                 proto::error_chunk(cookie, proto::EIO, &e.to_string())
             } else {
                 proto::simple_reply(cookie, proto::EIO).to_vec()
-            }
+            })
         }
     }
 }
