@@ -16,7 +16,10 @@
 //! collapse); NOP-Out pings are answered, task management waits for the commands in flight,
 //! logout closes. Commands of one connection run concurrently (up to [`CMD_WINDOW`], which is
 //! also the CmdSN window) and complete in any order. Logical blocks are 512 bytes; an image
-//! whose size is not a multiple of 512 reads as padded with zeros.
+//! whose size is not a multiple of 512 reads as padded with zeros. An ISO needs no CD-ROM
+//! unit: iPXE's `sanboot` finds ISO 9660's primary volume descriptor at block 16 of any SAN
+//! device, then reads it as a CD-ROM of 2048-byte blocks (four of ours) and boots El Torito —
+//! hybrid ISOs and El Torito-only ones (no MBR), on BIOS and UEFI (tests/tests/iso.rs).
 //!
 //! **Access.** A discovery session lists, and a normal session opens, only images the caller
 //! may read by the catalog's tenancy rules (active ones):
