@@ -85,10 +85,12 @@ fn marker_iso(dir: &Path, marker: &str, platforms: Platforms) -> PathBuf {
     iso
 }
 
-/// A non-hybrid ISO, as Windows and many vendors' firmware ISOs are: El Torito no-emulation
-/// boot only (GRUB's `i386-pc-eltorito` core with everything it needs built in), nothing in the
-/// system area — no MBR, no partition table, so only a firmware or iPXE that reads the ISO as a
-/// CD-ROM and follows its boot catalog can boot it.
+/// A non-hybrid ISO, as Windows' and many vendors' firmware ISOs are: two El Torito
+/// no-emulation entries — BIOS (GRUB's `i386-pc-eltorito` core with everything it needs built
+/// in) and UEFI (a FAT image holding a standalone GRUB as `\EFI\BOOT\BOOTX64.EFI`, which finds
+/// the ISO 9660 file system and reads its `grub.cfg`) — and nothing in the system area: no MBR,
+/// no partition table, so only a firmware or iPXE that reads the ISO as a CD-ROM and follows its
+/// boot catalog can boot it.
 fn eltorito_only_iso(dir: &Path, marker: &str) -> PathBuf {
     let root = dir.join("eltorito-root");
     let grub = root.join("boot/grub");
@@ -108,16 +110,57 @@ fn eltorito_only_iso(dir: &Path, marker: &str) -> PathBuf {
             "terminal",
             "configfile",
         ]));
+    // UEFI: GRUB's own configuration (in its memdisk) looks for the ISO by a file only the ISO
+    // has, and reads the ISO's grub.cfg.
+    let work = tempfile::tempdir_in(dir).expect("tmp");
+    let embedded = work.path().join("embedded.cfg");
+    std::fs::write(
+        &embedded,
+        "search --no-floppy --file /boot/grub/i386-pc/eltorito.img --set=root\n\
+         configfile /boot/grub/grub.cfg\n",
+    )
+    .expect("embedded.cfg");
+    let efi = work.path().join("BOOTX64.EFI");
+    run(Command::new("grub-mkstandalone")
+        .args(["-O", "x86_64-efi", "-o"])
+        .arg(&efi)
+        .args([
+            "--install-modules=search search_fs_file iso9660 configfile normal echo sleep \
+             serial terminal",
+            "--locales=",
+            "--fonts=",
+            "--themes=",
+        ])
+        .arg(format!("boot/grub/grub.cfg={}", embedded.display())));
+    let fat = root.join("efi.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-n", "KAGAMI_EFI"])
+        .arg(&fat)
+        .arg("2048"));
+    for (program, args) in [
+        ("mmd", vec!["::/EFI", "::/EFI/BOOT"]),
+        (
+            "mcopy",
+            vec![efi.to_str().expect("path"), "::/EFI/BOOT/BOOTX64.EFI"],
+        ),
+    ] {
+        run(Command::new(program)
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&fat)
+            .args(args));
+    }
     let iso = dir.join("eltorito-only.iso");
     run(Command::new("xorriso")
         .args(["-as", "mkisofs", "-R", "-V", "KAGAMI_ELTORITO"])
         .args(["-b", "boot/grub/i386-pc/eltorito.img", "-no-emul-boot"])
-        .args(["-boot-load-size", "4", "-boot-info-table", "-o"])
+        .args(["-boot-load-size", "4", "-boot-info-table"])
+        .args(["-eltorito-alt-boot", "-e", "efi.img", "-no-emul-boot", "-o"])
         .arg(&iso)
         .arg(&root));
     let eltorito = el_torito(&iso);
     assert!(eltorito.contains("BIOS  y   none"), "{eltorito}");
-    assert!(!eltorito.contains("UEFI"), "{eltorito}");
+    assert!(eltorito.contains("UEFI  y   none"), "{eltorito}");
     let bytes = std::fs::read(&iso).expect("iso");
     assert!(
         bytes[..32 << 10].iter().all(|&b| b == 0),
@@ -476,11 +519,12 @@ fn a_bios_machine_sanboots_a_non_hybrid_el_torito_iso_over_http_and_iscsi() {
 }
 
 /// A UEFI machine (OVMF's own PXE fetches `ipxe.efi` over Kagami's TFTP) sanboots a
-/// BIOS-and-UEFI ISO over HTTP until released, then once over iSCSI; iPXE presents it to the
-/// firmware as a CD-ROM, whose El Torito EFI image starts GRUB. After the boot over iSCSI the
-/// host is back where it was: its next network boot gets no boot file.
+/// BIOS-and-UEFI `grub-mkrescue` ISO over HTTP until released, then once over iSCSI, then the
+/// non-hybrid ISO once over iSCSI; iPXE presents each to the firmware as a CD-ROM, whose El
+/// Torito EFI image starts GRUB. After the boots over iSCSI the host is back where it was: its
+/// next network boot gets no boot file.
 #[test]
-fn a_uefi_machine_sanboots_an_iso_over_http_until_released_then_over_iscsi_once() {
+fn a_uefi_machine_sanboots_isos_over_http_until_released_then_over_iscsi_once() {
     let started = Instant::now();
     let lab = Lab::new(
         &[
@@ -515,17 +559,31 @@ fn a_uefi_machine_sanboots_an_iso_over_http_until_released_then_over_iscsi_once(
         "iso",
     ]);
     let id = image["id"].as_str().expect("id").to_string();
+    let eltorito_marker = format!("KAGAMI-UEFI-ELTORITO-{}", std::process::id());
+    let eltorito = eltorito_only_iso(lab.dir.path(), &eltorito_marker);
+    let eltorito = s.cli_json(&[
+        "image",
+        "import",
+        eltorito.to_str().expect("path"),
+        "--name",
+        "eltorito",
+        "--kind",
+        "iso",
+    ])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     s.cli(&["host", "add", MAC, "--name", "iso1"]);
     let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
     let disk = lab.dir.path().join("disk.raw");
     marker_disk(lab.dir.path(), &disk, &disk_marker, 6);
-    let uefi_boot = |name: &str| {
+    let uefi_boot = |name: &str, marker: &str| {
         let mut vm = lab.machine(Firmware::Uefi, &disk, MAC, name);
-        let booted = vm.wait_for(&marker, UEFI_LIMIT);
-        // GRUB names the device it came from: an EFI CD-ROM.
+        let booted = vm.wait_for(marker, UEFI_LIMIT);
+        // GRUB names the device its grub.cfg came from: an EFI CD-ROM.
         vm.wait_for("booted from (cd0)", LIMIT);
         let console = vm.console();
-        eprintln!("UEFI: power-on to the ISO's GRUB over {name} {booted:?}");
+        eprintln!("UEFI: power-on to the ISO's GRUB, {name}: {booted:?}");
         in_order(
             &console,
             &[
@@ -535,7 +593,7 @@ fn a_uefi_machine_sanboots_an_iso_over_http_until_released_then_over_iscsi_once(
                 "/boot/ipxe",
                 &format!("host {MAC} boots ISO image"),
                 "Booting from SAN device",
-                &marker,
+                marker,
             ],
         );
         assert!(!console.contains(&disk_marker), "{console}");
@@ -545,7 +603,7 @@ fn a_uefi_machine_sanboots_an_iso_over_http_until_released_then_over_iscsi_once(
     // Over HTTP, until released.
     let h = s.cli_json(&["host", "boot-iso", "iso1", "--image", &id]);
     assert_eq!(h["state"], "iso", "{h}");
-    uefi_boot("http");
+    uefi_boot("grub-mkrescue ISO over HTTP", &marker);
     let log = s.log_text();
     in_order(
         &log,
@@ -569,39 +627,45 @@ fn a_uefi_machine_sanboots_an_iso_over_http_until_released_then_over_iscsi_once(
     let out = s.cli(&["host", "release", "iso1"]);
     assert!(out.contains("it is discovered"), "{out}");
 
-    // Over iSCSI, once.
-    let h = s.cli_json(&[
-        "host",
-        "boot-iso",
-        "iso1",
-        "--image",
-        &id,
-        "--via",
-        "iscsi",
-        "--until",
-        "next-boot",
-    ]);
-    assert_eq!(h["iso_boot"]["via"], "iscsi", "{h}");
-    let before = s.log_text().len();
-    uefi_boot("iscsi");
-    let log = s.log_text();
-    in_order(
-        &log[before..],
-        &[
-            &format!(
-                "boot script: host {MAC} boots ISO image {id} once (until next-boot) over iSCSI"
-            ),
-            "iSCSI session started",
-        ],
-    );
-    let session = log[before..]
-        .lines()
-        .find(|l| l.contains("iSCSI session started") && l.contains(&id))
-        .unwrap_or_else(|| panic!("no iSCSI session on the ISO:\n{log}"));
-    assert!(session.contains("boot_host=Some("), "{session}");
-    let h = state(&lab);
-    assert_eq!(h["state"], "discovered", "{h}");
-    assert!(h.get("iso_boot").is_none(), "{h}");
+    // Over iSCSI, once: the same ISO, then the non-hybrid one (El Torito only).
+    for (image, marker, name) in [
+        (&id, &marker, "grub-mkrescue ISO over iSCSI"),
+        (&eltorito, &eltorito_marker, "El Torito-only ISO over iSCSI"),
+    ] {
+        let h = s.cli_json(&[
+            "host",
+            "boot-iso",
+            "iso1",
+            "--image",
+            image,
+            "--via",
+            "iscsi",
+            "--until",
+            "next-boot",
+        ]);
+        assert_eq!(h["iso_boot"]["via"], "iscsi", "{h}");
+        let before = s.log_text().len();
+        uefi_boot(name, marker);
+        let log = s.log_text();
+        in_order(
+            &log[before..],
+            &[
+                &format!(
+                    "boot script: host {MAC} boots ISO image {image} once (until next-boot) over \
+                     iSCSI"
+                ),
+                "iSCSI session started",
+            ],
+        );
+        let session = log[before..]
+            .lines()
+            .find(|l| l.contains("iSCSI session started") && l.contains(image.as_str()))
+            .unwrap_or_else(|| panic!("no iSCSI session on the ISO:\n{log}"));
+        assert!(session.contains("boot_host=Some("), "{session}");
+        let h = state(&lab);
+        assert_eq!(h["state"], "discovered", "{h}");
+        assert!(h.get("iso_boot").is_none(), "{h}");
+    }
 
     // The next power-on: OVMF's PXE gets an address and no boot file (the firmware then goes on
     // to its other boot options and, minutes of IPv6 and HTTP boot timeouts later, the disk).
