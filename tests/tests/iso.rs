@@ -6,14 +6,14 @@
 //! next network boot gets no boot file and the machine boots its own disk. Nothing is mocked:
 //! SeaBIOS, OVMF, iPXE and GRUB are Debian's.
 //!
-//! The machines: BIOS (QEMU's iPXE ROM) with a hybrid ISO from `grub-mkrescue` over HTTP and
-//! over iSCSI; BIOS with a non-hybrid ISO (El Torito only, no MBR, as Windows' and many firmware
-//! ISOs are) over both; UEFI (OVMF's PXE, `ipxe.efi` over Kagami's TFTP) with a BIOS-and-UEFI
-//! `grub-mkrescue` ISO over both and the non-hybrid ISO over iSCSI. Hybrid or not makes no difference to iPXE: it finds ISO 9660's
-//! primary volume descriptor on the SAN device, treats the device as a CD-ROM of 2048-byte
-//! blocks (four of the iSCSI LUN's 512-byte ones) and boots El Torito — on BIOS through its INT
-//! 13 CD-ROM emulation, on UEFI as a CD-ROM block device whose El Torito EFI image the firmware
-//! opens.
+//! The machines: BIOS (QEMU's iPXE ROM) with a hybrid ISO from `grub-mkrescue` over HTTP and over
+//! iSCSI; BIOS with a non-hybrid ISO (El Torito only, no MBR, as Windows' and many firmware ISOs
+//! are) over both; UEFI (OVMF's PXE, `ipxe.efi` over Kagami's TFTP) with a BIOS-and-UEFI
+//! `grub-mkrescue` ISO over both and the non-hybrid ISO over iSCSI. Hybrid or not makes no
+//! difference to iPXE: it finds ISO 9660's primary volume descriptor on the SAN device, treats the
+//! device as a CD-ROM of 2048-byte blocks (four of the iSCSI LUN's 512-byte ones) and boots El
+//! Torito — on BIOS through its INT 13 CD-ROM emulation, on UEFI as a CD-ROM block device whose El
+//! Torito EFI image the firmware opens.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -69,7 +69,7 @@ fn marker_iso(dir: &Path, marker: &str, platforms: Platforms) -> PathBuf {
         ])
         .arg(&root)
         .output()
-        .expect("grub-mkrescue (scripts/lab-setup installs grub-pc-bin, grub-efi-amd64-bin and xorriso)");
+        .expect("grub-mkrescue (scripts/lab-setup installs GRUB and xorriso)");
     assert!(
         out.status.success(),
         "grub-mkrescue failed: {}",
