@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -185,12 +186,27 @@ impl NbdConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IscsiConfig {
     /// Address of the read-only iSCSI target, `ADDR:PORT` (3260 is iSCSI's port); empty turns
     /// it off (the default).
     pub listen: String,
+    /// A connection that has sent nothing for this long (and has no command in flight) gets a
+    /// NOP-In ping, in seconds; 0: never pinged.
+    pub nop_interval_secs: u64,
+    /// A pinged connection that shows no life within this long is closed, in seconds.
+    pub nop_timeout_secs: u64,
+}
+
+impl Default for IscsiConfig {
+    fn default() -> Self {
+        IscsiConfig {
+            listen: String::new(),
+            nop_interval_secs: 30,
+            nop_timeout_secs: 15,
+        }
+    }
 }
 
 impl IscsiConfig {
@@ -205,6 +221,24 @@ impl IscsiConfig {
                 self.listen
             )
         })
+    }
+
+    /// How silent connections are pinged: (idle time before a NOP-In, time to answer it), or
+    /// `None` when pings are off.
+    pub fn nop(&self) -> anyhow::Result<Option<(Duration, Duration)>> {
+        if self.nop_interval_secs == 0 {
+            return Ok(None);
+        }
+        if self.nop_timeout_secs == 0 {
+            anyhow::bail!(
+                "invalid configuration: iscsi.nop_timeout_secs must be at least 1 while \
+                 iscsi.nop_interval_secs pings (set that to 0 to turn pings off)"
+            );
+        }
+        Ok(Some((
+            Duration::from_secs(self.nop_interval_secs),
+            Duration::from_secs(self.nop_timeout_secs),
+        )))
     }
 }
 

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{BLOCK, Server, sparse_file};
 
@@ -264,6 +264,12 @@ fn chap_of(s: &Server, token: &str) -> (String, String) {
 struct Raw {
     stream: TcpStream,
     cmd_sn: u32,
+    /// The StatSN the target's next status-carrying PDU will have (after login).
+    stat_sn: u32,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
 fn bhs(opcode: u8, flags: u8, data_len: usize) -> Vec<u8> {
@@ -280,7 +286,11 @@ impl Raw {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        Raw { stream, cmd_sn: 1 }
+        Raw {
+            stream,
+            cmd_sn: 1,
+            stat_sn: 0,
+        }
     }
 
     fn send(&mut self, bytes: &[u8]) {
@@ -331,6 +341,7 @@ impl Raw {
         assert_eq!(r[0], 0x23, "a login response");
         assert_eq!((r[36], r[37]), (0, 0), "login accepted");
         assert_eq!(r[1] & 0x83, 0x83, "in full feature phase");
+        raw.stat_sn = be32(&r, 24) + 1;
         raw
     }
 
@@ -565,4 +576,126 @@ fn open_sessions_are_listed_to_those_who_may_see_them() {
     let _ = reader.kill();
     let _ = reader.wait();
     s.sessions_until("the CHAP session is gone", |l| l.is_empty());
+}
+
+/// A server whose iSCSI target pings after 1 s of silence and waits 2 s for an answer.
+fn pinging() -> (Server, u16, String, PathBuf) {
+    let port = free_port();
+    let s = Server::start_with_args(
+        &[
+            ("KAGAMI__ISCSI__NOP_INTERVAL_SECS", "1"),
+            ("KAGAMI__ISCSI__NOP_TIMEOUT_SECS", "2"),
+            ("KAGAMI_LOG", "info,kagami::stream::iscsi=debug"),
+        ],
+        &["--iscsi-listen", &format!("127.0.0.1:{port}")],
+    );
+    let disk = sparse_file(s.dir.path(), "p.raw", 4 << 20, &[(0, 2 * BLOCK)], 5);
+    let image = s.import(&disk, "pinged");
+    let id = image["id"].as_str().expect("id").to_string();
+    s.cli(&["image", "update", &id, "--visibility", "public"]);
+    (s, port, id, disk)
+}
+
+impl Raw {
+    /// Waits for a NOP-In ping and checks its fields (RFC 7143 §11.19): F set, no data, ITT
+    /// reserved, a TTT of the target's, LUN 0, and the next StatSN, which it does not advance.
+    /// Returns its header and how long it took to come.
+    fn ping(&mut self) -> (Vec<u8>, Duration) {
+        let waited = Instant::now();
+        let (h, data) = self.read();
+        let took = waited.elapsed();
+        assert_eq!((h[0], h[1]), (0x20, 0x80), "a NOP-In: {h:02x?}");
+        assert!(data.is_empty());
+        assert_eq!(be32(&h, 16), u32::MAX, "ITT reserved");
+        assert_ne!(be32(&h, 20), u32::MAX, "a TTT to echo");
+        assert_eq!(&h[8..16], &[0; 8], "LUN 0");
+        assert_eq!(be32(&h, 24), self.stat_sn, "StatSN: the next, not advanced");
+        assert_eq!(be32(&h, 28), self.cmd_sn, "ExpCmdSN");
+        (h, took)
+    }
+
+    /// The NOP-Out answering ping `h`: immediate, ITT reserved, its TTT and LUN echoed.
+    fn answer(&mut self, h: &[u8]) {
+        let mut out = bhs(0x40, 0x80, 0);
+        out[8..16].copy_from_slice(&h[8..16]);
+        out[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+        out[20..24].copy_from_slice(&h[20..24]);
+        out[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
+        out[28..32].copy_from_slice(&self.stat_sn.to_be_bytes());
+        self.pdu(out, &[]);
+    }
+}
+
+#[test]
+fn silent_sessions_are_pinged_and_closed_when_they_do_not_answer() {
+    let (s, port, id, disk) = pinging();
+    let target = format!("{IQN}{id}");
+    let mut raw = Raw::login(port, &target);
+    s.sessions_until("the session is listed", |l| l.len() == 1);
+
+    // Idle: pinged after about a second; answered, it stays open and is pinged again with a
+    // new tag; the pings never advance StatSN.
+    let (first, took) = raw.ping();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    raw.answer(&first);
+    let (second, _) = raw.ping();
+    assert_ne!(be32(&first, 20), be32(&second, 20), "a new tag per ping");
+    raw.answer(&second);
+    // Commands go on as before; the response carries the StatSN the pings did not use.
+    raw.command(1, 0x40, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0], 4096, &[]);
+    assert_eq!(
+        raw.data_in(),
+        std::fs::read(&disk).expect("read")[..4096],
+        "a read after the pings"
+    );
+    raw.stat_sn += 1;
+    let (third, _) = raw.ping();
+    raw.answer(&third);
+    assert_eq!(s.sessions(&s.token).len(), 1, "answered: still open");
+
+    // A ping left unanswered: the connection closes within the 2 s timeout (plus slack), and
+    // the session is gone.
+    raw.ping();
+    let waited = Instant::now();
+    assert!(raw.closed(), "an unanswered ping closes the connection");
+    let took = waited.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "{took:?}"
+    );
+    s.sessions_until("the silent session is gone", |l| l.is_empty());
+    let log = s.log_text();
+    assert!(log.contains("no answer to NOP-In ping"), "{log}");
+
+    // libiscsi answers the pings: qemu-io reads, sleeps through several intervals, reads again.
+    let url = format!("iscsi://127.0.0.1:{port}/{target}/0");
+    let answered = log.matches("answered").count();
+    let out = ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0 131072 65536",
+        "-c",
+        "sleep 4000",
+        "-c",
+        "read -P 0 1048576 65536",
+        &url,
+    ]));
+    assert_eq!(out.matches("read 65536/65536 bytes").count(), 2, "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(
+        s.log_text().matches("answered").count() > answered,
+        "libiscsi answered no ping: {}",
+        s.log_text()
+    );
+    // And a whole copy with qemu-img is unaffected.
+    let copy = s.dir.path().join("pinged.raw");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &url])
+        .arg(&copy));
+    assert!(std::fs::read(&copy).expect("copy") == padded(&disk));
 }

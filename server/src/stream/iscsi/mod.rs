@@ -14,7 +14,8 @@
 //! every block verified, and come back as Data-In PDUs of the initiator's
 //! MaxRecvDataSegmentLength, sequences of MaxBurstLength, status in the last one (phase
 //! collapse); NOP-Out pings are answered, task management waits for the commands in flight,
-//! logout closes. Commands of one connection run concurrently (up to [`CMD_WINDOW`], which is
+//! logout closes. A connection silent for `iscsi.nop_interval_secs` is pinged with a NOP-In
+//! and closed if it shows no life within `iscsi.nop_timeout_secs` ([`Nop`]). Commands of one connection run concurrently (up to [`CMD_WINDOW`], which is
 //! also the CmdSN window) and complete in any order. Logical blocks are 512 bytes; an image
 //! whose size is not a multiple of 512 reads as padded with zeros. An ISO needs no CD-ROM
 //! unit: iPXE's `sanboot` finds ISO 9660's primary volume descriptor at block 16 of any SAN
@@ -61,7 +62,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kagami_images::Manifest;
 use kagami_images::model::ImageStatus;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    BufWriter,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use uuid::Uuid;
@@ -119,6 +123,19 @@ struct Shared {
     /// The last TSIH handed out (never 0, which means "a new session").
     tsih: AtomicU16,
     sessions: Sessions,
+    /// Pings of silent connections; `None` when off (`iscsi.nop_interval_secs = 0`).
+    nop: Option<Nop>,
+}
+
+/// NOP-In pings (RFC 7143 §11.19): a connection that has sent nothing for `interval`, with no
+/// command in flight, gets a NOP-In with a Target Transfer Tag of ours; it must show life
+/// within `timeout` — the NOP-Out that answers it, or any PDU — or it is closed. An initiator
+/// that vanished without a word (a machine powered off, an OS that took over from iPXE) would
+/// otherwise hold its connection and its session entry for ever.
+#[derive(Clone, Copy, Debug)]
+pub struct Nop {
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 impl Server {
@@ -132,6 +149,10 @@ impl Server {
         let Some(addr) = config.iscsi.listen_addr()? else {
             return Ok(None);
         };
+        let nop = config
+            .iscsi
+            .nop()?
+            .map(|(interval, timeout)| Nop { interval, timeout });
         let listener = TcpListener::bind(addr).await.with_context(|| {
             format!("cannot listen for iSCSI on {addr} (iscsi.listen / --iscsi-listen)")
         })?;
@@ -142,6 +163,7 @@ impl Server {
                 buffers: Arc::new(Semaphore::new(BUFFER_BUDGET)),
                 tsih: AtomicU16::new(0),
                 sessions,
+                nop,
             }),
         }))
     }
@@ -273,7 +295,7 @@ async fn full_feature<R, W>(
     live: &sessions::Guard,
 ) -> io::Result<()>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let exp_cmd_sn = Arc::new(AtomicU32::new(session.exp_cmd_sn));
@@ -292,13 +314,57 @@ where
         Kind::Discovery => None,
     };
     let portal = local.map(portal_address).unwrap_or_default();
-    // The rest of a text answer too long for one PDU: (its transfer tag, the bytes).
     let mut checked = Instant::now();
+    // The rest of a text answer too long for one PDU: (its transfer tag, the bytes).
     let mut pending_text: Option<(u32, Vec<u8>)> = None;
+    let mut ping = Ping::default();
     let ended: io::Result<()> = loop {
-        let Some(Pdu { header: h, data }) = read_pdu(&mut rd).await? else {
-            break Ok(());
+        let next = match shared.nop {
+            None => read_pdu(&mut rd).await?.map_or(Next::End, Next::Pdu),
+            Some(nop) => next_pdu(&mut rd, nop, ping.outstanding.is_some()).await?,
         };
+        let (h, data) = match next {
+            Next::Pdu(Pdu { header, data }) => (header, data),
+            Next::End => break Ok(()),
+            Next::Silent => {
+                let Some(nop) = shared.nop else {
+                    continue;
+                };
+                if let Some(ttt) = ping.outstanding {
+                    break Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "no answer to NOP-In ping {ttt:#x} within {} s",
+                            nop.timeout.as_secs()
+                        ),
+                    ));
+                }
+                if in_flight.available_permits() < CMD_WINDOW as usize {
+                    continue; // not idle: commands of its are still being answered
+                }
+                // ITT reserved, TTT ours: a ping that wants a NOP-Out back. It does not
+                // advance StatSN (§11.19), and is sent on LUN 0, the only one there is.
+                let ttt = ping.start();
+                let bhs = pdu::nop_in(pdu::RESERVED_TAG, ttt, [0; 8], 0);
+                match tokio::time::timeout(nop.timeout, send(&tx, bhs, Vec::new(), false)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(())) => break Ok(()),
+                    Err(_) => {
+                        break Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the initiator reads nothing: a NOP-In ping could not be queued",
+                        ));
+                    }
+                }
+            }
+        };
+        // Any PDU shows the initiator is there, the NOP-Out answering our ping or another.
+        if let Some(ttt) = ping.outstanding.take()
+            && h.opcode == pdu::OP_NOP_OUT
+            && h.word20() == ttt
+        {
+            tracing::debug!("NOP-In ping {ttt:#x} answered");
+        }
         if h.opcode == pdu::OP_SCSI_CMD
             && !still_alive(&session.principal, &shared.reader, &mut checked).await
         {
@@ -402,10 +468,71 @@ where
         }
     };
     drop(tx);
+    if ended.is_err() {
+        // The connection is being dropped (a dead initiator, a dead token): the writer may be
+        // stuck sending to a peer that reads nothing, and nothing it still holds is owed.
+        writer.abort();
+        return ended;
+    }
     let written = writer
         .await
         .map_err(|e| io::Error::other(format!("iSCSI writer task failed: {e}")))?;
     ended.and(written)
+}
+
+/// What the full feature phase waits for next.
+#[derive(Debug)]
+enum Next {
+    Pdu(Pdu),
+    /// A clean end of stream.
+    End,
+    /// Nothing arrived for the interval (or, with a ping outstanding, its timeout).
+    Silent,
+}
+
+/// The next PDU, or [`Next::Silent`] when nothing starts to arrive within `nop.interval` (or
+/// `nop.timeout` when `pinged`). Only the wait for a PDU's first byte is cut short — cancelling
+/// `fill_buf` loses nothing — and a PDU that has started must be whole within the interval and
+/// the timeout together, or the connection closes: a peer that stalls half-way is as dead as a
+/// silent one.
+async fn next_pdu<R: AsyncBufRead + Unpin>(rd: &mut R, nop: Nop, pinged: bool) -> io::Result<Next> {
+    let wait = if pinged { nop.timeout } else { nop.interval };
+    let arrived = tokio::select! {
+        buffered = rd.fill_buf() => buffered.map(|b| !b.is_empty())?,
+        () = tokio::time::sleep(wait) => return Ok(Next::Silent),
+    };
+    if !arrived {
+        return Ok(Next::End);
+    }
+    let whole = nop.interval + nop.timeout;
+    match tokio::time::timeout(whole, read_pdu(rd)).await {
+        Ok(pdu) => Ok(pdu?.map_or(Next::End, Next::Pdu)),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "a PDU started but was not whole within {} s",
+                whole.as_secs()
+            ),
+        )),
+    }
+}
+
+/// The connection's NOP-In ping, if one is outstanding, and the tags it uses.
+#[derive(Debug, Default)]
+struct Ping {
+    /// The Target Transfer Tag of the ping awaiting an answer.
+    outstanding: Option<u32>,
+    last: u32,
+}
+
+impl Ping {
+    /// Starts a ping: its tag, never the reserved one (a ping with the reserved tag asks for
+    /// no answer).
+    fn start(&mut self) -> u32 {
+        self.last = self.last % 0x7fff_ffff + 1;
+        self.outstanding = Some(self.last);
+        self.last
+    }
 }
 
 /// Whether the session's principal may still read: an ISO boot token is looked up again
@@ -771,6 +898,17 @@ mod tests {
         assert_eq!(residual(512, 512), None);
         assert_eq!(residual(512, 36), Some((false, 476)));
         assert_eq!(residual(36, 66), Some((true, 30)));
+    }
+
+    #[test]
+    fn ping_tags_are_never_reserved_and_change() {
+        let mut ping = Ping::default();
+        assert_eq!(ping.start(), 1);
+        assert_eq!(ping.outstanding, Some(1));
+        assert_eq!(ping.start(), 2);
+        ping.last = 0x7fff_fffe;
+        assert_eq!(ping.start(), 0x7fff_ffff);
+        assert_eq!(ping.start(), 1, "wraps before reaching the reserved tag");
     }
 
     #[test]
