@@ -699,3 +699,162 @@ fn silent_sessions_are_pinged_and_closed_when_they_do_not_answer() {
         .arg(&copy));
     assert!(std::fs::read(&copy).expect("copy") == padded(&disk));
 }
+
+impl Raw {
+    /// One Login Request of a login in the operational stage: `flags` beyond CSG 1 (T, C, NSG)
+    /// and its part of the text; returns the response.
+    fn login_part(&mut self, flags: u8, text: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut h = bhs(0x43, 0x04 | flags, text.len());
+        h[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 3]);
+        h[16..20].copy_from_slice(&5u32.to_be_bytes());
+        h[24..28].copy_from_slice(&1u32.to_be_bytes());
+        self.pdu(h, text);
+        let (r, data) = self.read();
+        assert_eq!(r[0], 0x23, "a login response");
+        (r, data)
+    }
+
+    /// One Text Request (`flags`: F, C) with `ttt`; returns the response.
+    fn text(&mut self, itt: u32, flags: u8, ttt: u32, text: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut h = bhs(0x04, flags, text.len());
+        h[16..20].copy_from_slice(&itt.to_be_bytes());
+        h[20..24].copy_from_slice(&ttt.to_be_bytes());
+        h[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
+        h[28..32].copy_from_slice(&self.stat_sn.to_be_bytes());
+        self.cmd_sn += 1;
+        self.pdu(h, text);
+        let (r, data) = self.read();
+        assert_eq!(r[0], 0x24, "a text response: {r:02x?}");
+        assert_eq!(be32(&r, 16), itt);
+        assert_eq!(be32(&r, 24), self.stat_sn, "StatSN");
+        self.stat_sn += 1;
+        (r, data)
+    }
+}
+
+/// `key=value` pairs of text.
+fn pairs(text: &[u8]) -> Vec<(String, String)> {
+    text.split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let p = String::from_utf8_lossy(p);
+            let (k, v) = p.split_once('=').expect("key=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn login_and_text_split_over_several_pdus() {
+    let (s, port, id, _) = with_image();
+    // Enough public targets that SendTargets needs several 512-byte PDUs.
+    let mut ids = vec![id.clone()];
+    s.cli(&["image", "update", &id, "--visibility", "public"]);
+    for i in 0..6 {
+        let disk = sparse_file(s.dir.path(), &format!("t{i}.raw"), 1 << 20, &[(0, 4096)], i);
+        let image = s.import(&disk, &format!("t{i}"));
+        let other = image["id"].as_str().expect("id").to_string();
+        s.cli(&["image", "update", &other, "--visibility", "public"]);
+        ids.push(other);
+    }
+
+    // A discovery login whose text comes in three parts, pairs cut across them: each part but
+    // the last gets an empty response (neither T nor C, success), StatSN counting up.
+    let text = b"InitiatorName=iqn.2026-11.test:split\0SessionType=Discovery\0\
+                 MaxRecvDataSegmentLength=512\0";
+    let mut raw = Raw::connect(port);
+    for (i, part) in [&text[..10], &text[10..40]].into_iter().enumerate() {
+        let (r, data) = raw.login_part(0x40, part);
+        assert_eq!(r[1], 0x04, "no T, no C, CSG 1: {r:02x?}");
+        assert!(data.is_empty(), "an empty response");
+        assert_eq!((r[36], r[37]), (0, 0), "success");
+        assert_eq!(be32(&r, 24), i as u32, "StatSN");
+    }
+    let (r, data) = raw.login_part(0x80 | 3, &text[40..]);
+    assert_eq!((r[36], r[37]), (0, 0), "login accepted");
+    assert_eq!(r[1], 0x80 | 0x04 | 3, "T, to full feature");
+    assert_eq!(be32(&r, 24), 2, "StatSN");
+    assert!(
+        pairs(&data)
+            .iter()
+            .any(|(k, _)| k == "MaxRecvDataSegmentLength"),
+        "negotiated once whole: {:?}",
+        pairs(&data)
+    );
+    raw.stat_sn = 3;
+    raw.cmd_sn = 1;
+
+    // SendTargets=All split over two Text Requests: the first gets an empty response with a
+    // tag (neither F nor C), the second echoes it. The answer, past 512 bytes, comes in parts
+    // with C set, each asked for with an empty request carrying the target's tag.
+    let (r, data) = raw.text(1, 0x40, u32::MAX, b"SendTarg");
+    assert_eq!(r[1], 0, "neither F nor C");
+    assert!(data.is_empty());
+    let tag = be32(&r, 20);
+    assert_ne!(tag, u32::MAX, "a tag to echo");
+    let (mut r, mut answer) = raw.text(1, 0x80, tag, b"ets=All\0");
+    let mut parts = 1;
+    while r[1] & 0x80 == 0 {
+        assert_eq!(r[1], 0x40, "C until the last part");
+        assert!(answer.len().is_multiple_of(512), "full 512-byte parts");
+        let tag = be32(&r, 20);
+        assert_ne!(tag, u32::MAX);
+        let (next, data) = raw.text(2, 0x80, tag, b"");
+        answer.extend_from_slice(&data);
+        r = next;
+        parts += 1;
+        assert!(parts < 100, "the answer never ends");
+    }
+    assert_eq!(be32(&r, 20), u32::MAX, "the last part: F, reserved tag");
+    assert!(parts >= 2, "split: {parts} part(s)");
+    let names: Vec<String> = pairs(&answer)
+        .into_iter()
+        .filter(|(k, _)| k == "TargetName")
+        .map(|(_, v)| v)
+        .collect();
+    for id in &ids {
+        assert!(
+            names.contains(&format!("{IQN}{id}")),
+            "{id} not in {names:?}"
+        );
+    }
+    assert_eq!(names.len(), ids.len(), "{names:?}");
+
+    // A continuation with a tag the target did not give is rejected; the session goes on.
+    let mut h = bhs(0x04, 0x80, 0);
+    h[16..20].copy_from_slice(&3u32.to_be_bytes());
+    h[20..24].copy_from_slice(&0x1234u32.to_be_bytes());
+    h[24..28].copy_from_slice(&raw.cmd_sn.to_be_bytes());
+    raw.cmd_sn += 1;
+    raw.pdu(h, &[]);
+    let (r, _) = raw.read();
+    assert_eq!((r[0], r[2]), (0x3f, 0x04), "Reject, protocol error");
+    raw.stat_sn += 1;
+    let (r, data) = raw.text(
+        4,
+        0x80,
+        u32::MAX,
+        format!("SendTargets={IQN}{id}\0").as_bytes(),
+    );
+    assert_eq!(r[1], 0x80);
+    assert!(pairs(&data).contains(&("TargetName".into(), format!("{IQN}{id}"))));
+
+    // Login text past the 64 KiB budget: an initiator error, then closed.
+    let mut raw = Raw::connect(port);
+    let filler = format!("X-kagami-filler={}\0", "f".repeat(8000)).repeat(5);
+    let (r, _) = raw.login_part(0x40, filler.as_bytes());
+    assert_eq!((r[36], r[37]), (0, 0), "the first 40 KB are fine");
+    let (r, _) = raw.login_part(0x40, filler.as_bytes());
+    assert_eq!((r[36], r[37]), (2, 0), "initiator error");
+    assert!(raw.closed());
+    assert!(
+        s.log_text().contains("longer than 65536 bytes"),
+        "{}",
+        s.log_text()
+    );
+    // C and T together: an initiator error too.
+    let mut raw = Raw::connect(port);
+    let (r, _) = raw.login_part(0xc0 | 3, text);
+    assert_eq!((r[36], r[37]), (2, 0));
+    assert!(raw.closed());
+}

@@ -2,6 +2,12 @@
 //! stage (text keys, [`keys`]), then full feature phase — for a discovery session or a normal
 //! session on one image's target, which the authenticated principal must be allowed to read:
 //! a token's caller (its project and role), or one ISO boot of a host (its image only).
+//!
+//! An initiator may split a request's text over several Login Requests with C set (§11.12.2):
+//! each such PDU gets an empty Login Response (neither T nor C), and the text is negotiated
+//! once whole, within [`pdu::MAX_TEXT`] (more is refused as an initiator error). Our own
+//! answers are a few hundred bytes, always within the 8192 bytes every initiator receives
+//! during login, so they are never split.
 
 use std::sync::Arc;
 
@@ -96,16 +102,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut state = State {
-        auth: Auth::NotOffered,
-        stage: None,
-        initiator: None,
-        target: None,
-        discovery: None,
-        params: Params::default(),
-        declared: false,
-    };
+    let mut state = State::new();
     let mut stat_sn: Option<u32> = None;
+    let mut text = pdu::TextGather::default();
     loop {
         let Some(Pdu { header, data }) = read_pdu(rd).await? else {
             return Ok(None);
@@ -116,7 +115,17 @@ where
         }
         let req = pdu::login_request(&header);
         let sn = *stat_sn.get_or_insert(req.exp_stat_sn);
-        let step = state.step(&req, &data, reader).await;
+        let step = match state.gather(&req, &data, &mut text) {
+            Ok(Some(whole)) => state.step(&req, &whole, reader).await,
+            // Part of a split text: an empty response asks for the rest.
+            Ok(None) => Ok(Step {
+                keys: Vec::new(),
+                transit: false,
+                nsg: 0,
+                done: None,
+            }),
+            Err(f) => Err(f),
+        };
         let (keys, transit, nsg, status, done) = match step {
             Ok(Step {
                 keys,
@@ -186,14 +195,27 @@ struct State {
 }
 
 impl State {
-    async fn step(
+    fn new() -> State {
+        State {
+            auth: Auth::NotOffered,
+            stage: None,
+            initiator: None,
+            target: None,
+            discovery: None,
+            params: Params::default(),
+            declared: false,
+        }
+    }
+
+    /// Checks one Login Request's framing and adds its data to the text being gathered: the
+    /// whole text once a request without C arrives, `None` while more is to come.
+    fn gather(
         &mut self,
         req: &LoginRequest,
         data: &[u8],
-        reader: &Reader,
-    ) -> Result<Step, Failure> {
-        let first = self.stage.is_none();
-        if first {
+        text: &mut pdu::TextGather,
+    ) -> Result<Option<Vec<u8>>, Failure> {
+        if self.stage.is_none() {
             if req.version_min != 0 {
                 return Err(fail(
                     pdu::LOGIN_UNSUPPORTED_VERSION,
@@ -206,10 +228,11 @@ impl State {
                 return Err(fail(pdu::LOGIN_NO_SESSION, "no session to join"));
             }
         }
-        if req.cont {
+        if req.cont && req.transit {
+            // §11.12.2: a request whose text goes on cannot also ask to move on.
             return Err(fail(
-                pdu::LOGIN_INVALID_REQUEST,
-                "text split over several login PDUs is not supported",
+                pdu::LOGIN_INITIATOR_ERROR,
+                "a Login Request with both C and T set",
             ));
         }
         let csg = req.csg;
@@ -220,6 +243,20 @@ impl State {
             return Err(fail(pdu::LOGIN_INITIATOR_ERROR, "stage out of step"));
         }
         self.stage = Some(csg);
+        text.push(data, req.cont)
+            .map_err(|e| fail(pdu::LOGIN_INITIATOR_ERROR, e.to_string()))
+    }
+
+    /// Negotiates one request's whole text (checked by [`State::gather`]).
+    async fn step(
+        &mut self,
+        req: &LoginRequest,
+        data: &[u8],
+        reader: &Reader,
+    ) -> Result<Step, Failure> {
+        // The first whole text: it must name the initiator, so no later one finds it unset.
+        let first = self.initiator.is_none();
+        let csg = req.csg;
         let pairs =
             pdu::decode_text(data).map_err(|e| fail(pdu::LOGIN_INITIATOR_ERROR, e.to_string()))?;
         if csg == pdu::STAGE_OPERATIONAL {
@@ -423,5 +460,94 @@ async fn authorize(reader: &Reader, principal: &Principal, name: &str) -> Result
     match reader.catalog.run(move |c| open_for(c, &who, id)).await {
         Ok(manifest) => Ok(Kind::Normal { id, manifest }),
         Err(e) => Err(not_found(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(csg: u8, cont: bool, transit: bool) -> LoginRequest {
+        LoginRequest {
+            transit,
+            cont,
+            csg,
+            nsg: if transit { pdu::STAGE_FULL_FEATURE } else { 0 },
+            version_max: 0,
+            version_min: 0,
+            isid: [0x80, 0, 0, 0, 0, 1],
+            tsih: 0,
+            itt: 1,
+            cid: 0,
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+        }
+    }
+
+    fn status(r: Result<Option<Vec<u8>>, Failure>) -> u16 {
+        r.expect_err("refused").status
+    }
+
+    #[test]
+    fn split_login_text_is_gathered_until_a_request_without_c() {
+        let mut state = State::new();
+        let mut text = pdu::TextGather::default();
+        let op = pdu::STAGE_OPERATIONAL;
+        let got = state.gather(&request(op, true, false), b"InitiatorName=iq", &mut text);
+        assert_eq!(got.ok(), Some(None), "more to come");
+        let got = state.gather(&request(op, true, false), b"n.x\0SessionType=", &mut text);
+        assert_eq!(got.ok(), Some(None));
+        let got = state.gather(&request(op, false, true), b"Discovery\0", &mut text);
+        assert_eq!(
+            got.ok(),
+            Some(Some(
+                b"InitiatorName=iqn.x\0SessionType=Discovery\0".to_vec()
+            ))
+        );
+    }
+
+    #[test]
+    fn split_login_text_is_refused_when_malformed_or_too_long() {
+        let op = pdu::STAGE_OPERATIONAL;
+        // C with T: an initiator error.
+        let mut text = pdu::TextGather::default();
+        let got = State::new().gather(&request(op, true, true), b"A=1\0", &mut text);
+        assert_eq!(status(got), pdu::LOGIN_INITIATOR_ERROR);
+        // A continuation in another stage.
+        let mut state = State::new();
+        let mut text = pdu::TextGather::default();
+        assert!(
+            state
+                .gather(&request(op, true, false), b"A=", &mut text)
+                .is_ok()
+        );
+        let got = state.gather(
+            &request(pdu::STAGE_SECURITY, false, false),
+            b"1\0",
+            &mut text,
+        );
+        assert_eq!(status(got), pdu::LOGIN_INITIATOR_ERROR);
+        // Past the text budget.
+        let mut state = State::new();
+        let mut text = pdu::TextGather::default();
+        let part = vec![b'a'; pdu::MAX_TEXT / 2];
+        assert!(
+            state
+                .gather(&request(op, true, false), &part, &mut text)
+                .is_ok()
+        );
+        assert!(
+            state
+                .gather(&request(op, true, false), &part, &mut text)
+                .is_ok()
+        );
+        let got = state.gather(&request(op, true, false), b"b", &mut text);
+        assert_eq!(status(got), pdu::LOGIN_INITIATOR_ERROR);
+        // The first request's version and TSIH are checked on its first PDU.
+        let mut text = pdu::TextGather::default();
+        let mut old = request(op, true, false);
+        old.version_min = 1;
+        let got = State::new().gather(&old, b"A=", &mut text);
+        assert_eq!(status(got), pdu::LOGIN_UNSUPPORTED_VERSION);
     }
 }

@@ -7,8 +7,9 @@
 //! and the codec that faces untrusted bytes is ours to bound and fuzz anyway.
 //!
 //! **Protocol.** RFC 7143: login with AuthMethod None or CHAP (MD5), text negotiation of the
-//! operational keys ([`keys`]: no digests, one connection per session, ERL 0), discovery
-//! sessions answering `SendTargets`, normal sessions running SCSI commands ([`scsi`]: INQUIRY
+//! operational keys ([`keys`]: no digests, one connection per session, ERL 0) — a login's or
+//! text request's text may come split over PDUs with C set, and a long answer goes out that
+//! way ([`login`], [`text`]) —, discovery sessions answering `SendTargets`, normal sessions running SCSI commands ([`scsi`]: INQUIRY
 //! with VPD pages, READ CAPACITY, READ, MODE SENSE with WP set, REPORT LUNS, …; writes get
 //! CHECK CONDITION, DATA PROTECT / WRITE PROTECTED). Reads go through [`Reader::read_at`],
 //! every block verified, and come back as Data-In PDUs of the initiator's
@@ -42,7 +43,8 @@
 //! (`GET /v1/exports`, `kagami export list`) with its principal and initiator name, until its
 //! connection ends.
 //!
-//! **Limits.** PDUs: [`pdu::MAX_DATA_SEGMENT`] of data, text within [`pdu::MAX_KEYS`]; login
+//! **Limits.** PDUs: [`pdu::MAX_DATA_SEGMENT`] of data; a request's text, however many PDUs
+//! it is split into, within [`pdu::MAX_TEXT`] and [`pdu::MAX_KEYS`]; login
 //! within [`LOGIN_TIMEOUT`]; [`scsi::MAX_TRANSFER_BLOCKS`] per command (advertised in the Block
 //! Limits VPD page); [`CONNECTION_BUDGET`] bytes of read buffers per connection and
 //! [`BUFFER_BUDGET`] across all; [`MAX_CONNECTIONS`]; [`MAX_TARGETS`] in one SendTargets answer.
@@ -52,6 +54,7 @@ pub mod keys;
 pub mod login;
 pub mod pdu;
 pub mod scsi;
+pub mod text;
 
 use std::io;
 use std::net::SocketAddr;
@@ -61,7 +64,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kagami_images::Manifest;
-use kagami_images::model::ImageStatus;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
     BufWriter,
@@ -75,7 +77,6 @@ use self::login::{Kind, Principal, Session};
 use self::pdu::Header;
 use super::Reader;
 use super::sessions::{self, Live, Opened, Protocol, Sessions, Who};
-use crate::catalog::images::{self as catalog_images, ListQuery};
 use crate::catalog::iso;
 use crate::config::Config;
 
@@ -313,10 +314,9 @@ where
         Kind::Normal { id, manifest } => Some(unit(*id, manifest)),
         Kind::Discovery => None,
     };
-    let portal = local.map(portal_address).unwrap_or_default();
+    let portal = local.map(text::portal_address).unwrap_or_default();
     let mut checked = Instant::now();
-    // The rest of a text answer too long for one PDU: (its transfer tag, the bytes).
-    let mut pending_text: Option<(u32, Vec<u8>)> = None;
+    let mut exchange = text::Exchange::default();
     let mut ping = Ping::default();
     let ended: io::Result<()> = loop {
         let next = match shared.nop {
@@ -431,25 +431,34 @@ where
                 send(&tx, pdu::task_response(h.itt(), response), Vec::new(), true).await
             }
             pdu::OP_TEXT => {
-                let answer = match pending_text.take() {
-                    Some((ttt, rest)) if h.word20() == ttt => Ok(rest),
-                    _ => text_answer(&data, &session, &portal, shared).await,
+                let max = session.params.max_send as usize;
+                let (cont, fin) = (
+                    h.flags() & pdu::FLAG_CONTINUE != 0,
+                    h.flags() & pdu::FLAG_FINAL != 0,
+                );
+                let reply = match exchange.request(h.itt(), h.word20(), cont, fin, &data, max) {
+                    text::Step::Reply(reply) => Ok(reply),
+                    text::Step::Whole(request) => {
+                        match text::answer(&request, &session, &portal, &shared.reader).await {
+                            Ok(answer) => Ok(exchange.answer(h.itt(), answer, max)),
+                            Err(()) => Err(("a Text Request that is not key=value text", false)),
+                        }
+                    }
+                    text::Step::Refused { why, close } => Err((why, close)),
                 };
-                match answer {
-                    Err(()) => reject(&tx, &h, pdu::REJECT_PROTOCOL_ERROR).await,
-                    Ok(mut text) => {
-                        let max = session.params.max_send as usize;
-                        let more = if text.len() > max {
-                            let rest = text.split_off(max);
-                            // Any tag but the reserved one; the initiator echoes it.
-                            let ttt = h.itt() & 0x7fff_ffff;
-                            pending_text = Some((ttt, rest));
-                            Some(ttt)
-                        } else {
-                            None
-                        };
-                        let bhs = pdu::text_response(h.itt(), h.lun(), more, text.len());
-                        send(&tx, bhs, text, true).await
+                match reply {
+                    Ok(text::Reply { flow, data }) => {
+                        let bhs = pdu::text_response(h.itt(), h.lun(), flow, data.len());
+                        send(&tx, bhs, data, true).await
+                    }
+                    Err((why, close)) => {
+                        tracing::info!(initiator = %session.initiator, "iSCSI text refused: {why}");
+                        let rejected = reject(&tx, &h, pdu::REJECT_PROTOCOL_ERROR).await;
+                        if close {
+                            // The writer sends the reject before the connection closes.
+                            break Ok(());
+                        }
+                        rejected
                     }
                 }
             }
@@ -784,98 +793,6 @@ async fn write_pdu<W: AsyncWrite + Unpin>(
     wr.write_all(&[0u8; 3][..pad]).await
 }
 
-/// `ADDR:PORT,1`: the portal the initiator reached, as SendTargets names it.
-fn portal_address(local: SocketAddr) -> String {
-    match local {
-        SocketAddr::V4(a) => format!("{}:{},1", a.ip(), a.port()),
-        SocketAddr::V6(a) => format!("[{}]:{},1", a.ip(), a.port()),
-    }
-}
-
-/// The answer to a text request: `SendTargets` (All in a discovery session; empty or this
-/// target's name in a normal one), other keys not understood. `Err` when the request is not
-/// text.
-async fn text_answer(
-    data: &[u8],
-    session: &Session,
-    portal: &str,
-    shared: &Shared,
-) -> Result<Vec<u8>, ()> {
-    let pairs = pdu::decode_text(data).map_err(|_| ())?;
-    let mut out = Vec::new();
-    for (key, value) in pairs {
-        if key != "SendTargets" {
-            pdu::push_key(&mut out, key, "NotUnderstood");
-            continue;
-        }
-        let ids: Vec<Uuid> = match (&session.kind, value) {
-            (Kind::Discovery, "All") => readable_images(&shared.reader, &session.principal).await,
-            (Kind::Discovery, name) => {
-                let readable = readable_images(&shared.reader, &session.principal).await;
-                target_id(name)
-                    .filter(|id| readable.contains(id))
-                    .into_iter()
-                    .collect()
-            }
-            (Kind::Normal { id, .. }, "") => vec![*id],
-            (Kind::Normal { id, .. }, name) => {
-                target_id(name).filter(|t| t == id).into_iter().collect()
-            }
-        };
-        for id in ids {
-            pdu::push_key(&mut out, "TargetName", &target_name(id));
-            pdu::push_key(&mut out, "TargetAddress", portal);
-        }
-    }
-    Ok(out)
-}
-
-/// Active images `principal` may read, at most [`MAX_TARGETS`], oldest first: an ISO boot
-/// token's own image only.
-async fn readable_images(reader: &Reader, principal: &Principal) -> Vec<Uuid> {
-    let caller = match principal {
-        Principal::Caller(caller) => caller.clone(),
-        Principal::BootToken { image, .. } => {
-            let (image, who) = (*image, principal.clone());
-            let open = reader
-                .catalog
-                .run(move |c| login::open_for(c, &who, image))
-                .await;
-            return open.map(|_| vec![image]).unwrap_or_default();
-        }
-    };
-    let listed = reader
-        .catalog
-        .run(move |c| {
-            let mut ids = Vec::new();
-            let mut marker = None;
-            while ids.len() < MAX_TARGETS {
-                let page = catalog_images::list(
-                    c,
-                    &caller,
-                    &ListQuery {
-                        status: Some(ImageStatus::Active),
-                        limit: Some(catalog_images::MAX_LIMIT),
-                        marker: marker.take(),
-                        ..ListQuery::default()
-                    },
-                )?;
-                ids.extend(page.images.iter().map(|i| i.id));
-                match page.next_marker {
-                    Some(next) => marker = Some(next.to_string()),
-                    None => break,
-                }
-            }
-            ids.truncate(MAX_TARGETS);
-            Ok(ids)
-        })
-        .await;
-    listed.unwrap_or_else(|e| {
-        tracing::error!("iSCSI SendTargets: cannot list images: {e}");
-        Vec::new()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -909,17 +826,5 @@ mod tests {
         ping.last = 0x7fff_fffe;
         assert_eq!(ping.start(), 0x7fff_ffff);
         assert_eq!(ping.start(), 1, "wraps before reaching the reserved tag");
-    }
-
-    #[test]
-    fn portals() {
-        assert_eq!(
-            portal_address("127.0.0.1:3260".parse().expect("addr")),
-            "127.0.0.1:3260,1"
-        );
-        assert_eq!(
-            portal_address("[::1]:3260".parse().expect("addr")),
-            "[::1]:3260,1"
-        );
     }
 }

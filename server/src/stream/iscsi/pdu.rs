@@ -23,6 +23,9 @@ pub const MAX_KEY_LEN: usize = 63;
 /// Longest value (§6.1: 8192 bytes at most for the largest, the text of a SendTargets answer is
 /// built by us, never parsed).
 pub const MAX_VALUE_LEN: usize = 8192;
+/// Text of one login or text request as a whole, over however many PDUs it is split into
+/// (initiators send under 2 KiB; [`MAX_KEYS`] pairs of sensible size fit many times over).
+pub const MAX_TEXT: usize = 64 << 10;
 
 /// "No task", "no target transfer tag": the reserved tag value.
 pub const RESERVED_TAG: u32 = 0xffff_ffff;
@@ -70,7 +73,6 @@ pub const LOGIN_UNSUPPORTED_VERSION: u16 = 0x0205;
 pub const LOGIN_MISSING_PARAMETER: u16 = 0x0207;
 pub const LOGIN_UNSUPPORTED_SESSION_TYPE: u16 = 0x0209;
 pub const LOGIN_NO_SESSION: u16 = 0x020a;
-pub const LOGIN_INVALID_REQUEST: u16 = 0x020b;
 pub const LOGIN_TARGET_ERROR: u16 = 0x0300;
 
 /// Reject reasons (§11.17.1).
@@ -264,6 +266,38 @@ pub fn decode_text(data: &[u8]) -> Result<Vec<(&str, &str)>, PduError> {
     Ok(out)
 }
 
+/// The text of one request, gathered over the PDUs it is split into (§6.1: an initiator sets C,
+/// "continue", on every PDU but the last, and a pair may span PDUs), within [`MAX_TEXT`].
+#[derive(Debug, Default)]
+pub struct TextGather {
+    buf: Vec<u8>,
+}
+
+impl TextGather {
+    /// Adds one PDU's data; `more` is its C bit. `Ok(None)`: more is to come; `Ok(Some(text))`:
+    /// the whole text, and the gather is empty again. Past [`MAX_TEXT`] it is an error and the
+    /// gather is emptied.
+    pub fn push(&mut self, data: &[u8], more: bool) -> Result<Option<Vec<u8>>, PduError> {
+        if self.buf.len() + data.len() > MAX_TEXT {
+            self.clear();
+            return Err(PduError::BadText(
+                "a request's text is longer than 65536 bytes",
+            ));
+        }
+        self.buf.extend_from_slice(data);
+        if more {
+            Ok(None)
+        } else {
+            Ok(Some(std::mem::take(&mut self.buf)))
+        }
+    }
+
+    /// Drops what was gathered (the initiator started a new request).
+    pub fn clear(&mut self) {
+        self.buf = Vec::new();
+    }
+}
+
 /// Appends `key=value\0`.
 pub fn push_key(out: &mut Vec<u8>, key: &str, value: &str) {
     out.extend_from_slice(key.as_bytes());
@@ -318,18 +352,30 @@ pub fn login_response(
     b
 }
 
-/// A text response (§11.11): `more` sets C and a target transfer tag the initiator sends back
-/// to ask for the rest; the final part has F and the reserved tag.
-pub fn text_response(itt: u32, lun: [u8; 8], more: Option<u32>, data_len: usize) -> [u8; BHS_LEN] {
-    let flags = if more.is_some() {
-        FLAG_CONTINUE
-    } else {
-        FLAG_FINAL
+/// How a text response (§11.11) continues the exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextFlow {
+    /// The exchange is over: F set, the reserved tag.
+    Final,
+    /// Our text goes on in the next response (C set), which the initiator asks for with an
+    /// empty Text Request carrying this tag.
+    More(u32),
+    /// The initiator's request was split (it set C): this empty response asks for its next
+    /// part, which carries this tag (neither F nor C).
+    Awaiting(u32),
+}
+
+/// A text response (§11.11): its data, `data_len` bytes, follows.
+pub fn text_response(itt: u32, lun: [u8; 8], flow: TextFlow, data_len: usize) -> [u8; BHS_LEN] {
+    let (flags, ttt) = match flow {
+        TextFlow::Final => (FLAG_FINAL, RESERVED_TAG),
+        TextFlow::More(tag) => (FLAG_CONTINUE, tag),
+        TextFlow::Awaiting(tag) => (0, tag),
     };
     let mut b = bhs(OP_TEXT_RSP, flags, data_len);
     b[8..16].copy_from_slice(&lun);
     put32(&mut b, 16, itt);
-    put32(&mut b, 20, more.unwrap_or(RESERVED_TAG));
+    put32(&mut b, 20, ttt);
     b
 }
 
@@ -448,6 +494,7 @@ fn be32(bytes: &[u8], at: usize) -> u32 {
 )]
 pub fn fuzz(data: &[u8]) {
     let mut rest = data;
+    let mut gather = TextGather::default();
     while let Some((bhs, after)) = rest.split_first_chunk::<BHS_LEN>() {
         let Ok(h) = decode_header(*bhs) else {
             return;
@@ -465,6 +512,9 @@ pub fn fuzz(data: &[u8]) {
             for (k, v) in pairs {
                 push_key(&mut out, k, v);
             }
+        }
+        if let Ok(Some(text)) = gather.push(payload, h.flags() & FLAG_CONTINUE != 0) {
+            let _ = decode_text(&text);
         }
         rest = &after[h.rest_len()..];
     }
@@ -549,10 +599,41 @@ mod tests {
         set_numbers(&mut r, 1, 2, 3);
         assert_eq!((r[0], r[1], r[3]), (OP_SCSI_RSP, FLAG_FINAL, 2));
         assert_eq!((be32(&r, 24), be32(&r, 28), be32(&r, 32)), (1, 2, 3));
-        let t = text_response(4, [0; 8], Some(77), 10);
+        let t = text_response(4, [0; 8], TextFlow::More(77), 10);
         assert_eq!((t[1], be32(&t, 20)), (FLAG_CONTINUE, 77));
-        let t = text_response(4, [0; 8], None, 10);
+        let t = text_response(4, [0; 8], TextFlow::Awaiting(78), 0);
+        assert_eq!((t[1], be32(&t, 20), &t[5..8]), (0, 78, &[0u8; 3][..]));
+        let t = text_response(4, [0; 8], TextFlow::Final, 10);
         assert_eq!((t[1], be32(&t, 20)), (FLAG_FINAL, RESERVED_TAG));
+    }
+
+    #[test]
+    fn text_split_over_pdus_is_gathered_within_the_limit() {
+        let mut g = TextGather::default();
+        // A pair spanning the PDUs, cut inside its key and inside its value.
+        assert_eq!(g.push(b"Initiator", true), Ok(None));
+        assert_eq!(g.push(b"Name=iqn.x\0Session", true), Ok(None));
+        let text = g.push(b"Type=Discovery\0", false).expect("whole");
+        assert_eq!(
+            decode_text(text.as_deref().expect("whole")),
+            Ok(vec![
+                ("InitiatorName", "iqn.x"),
+                ("SessionType", "Discovery")
+            ])
+        );
+        // A lone PDU is its own whole text.
+        assert_eq!(g.push(b"A=1\0", false), Ok(Some(b"A=1\0".to_vec())));
+        // Exactly the limit is fine; a byte more is refused and the gather emptied.
+        let part = vec![b'a'; MAX_TEXT / 2];
+        assert_eq!(g.push(&part, true), Ok(None));
+        assert_eq!(g.push(&part, true), Ok(None));
+        assert!(g.push(b"x", false).is_err());
+        assert_eq!(
+            g.push(b"B=2\0", false),
+            Ok(Some(b"B=2\0".to_vec())),
+            "emptied"
+        );
+        assert!(g.push(&vec![0u8; MAX_TEXT + 1], false).is_err());
     }
 
     /// The property test standing in for the fuzz target in CI: random streams, truncated and
