@@ -693,8 +693,12 @@ impl Placer {
     /// Hashes every placed block in `out`; returns how many there are, or names the first
     /// whose bytes are not the manifest's.
     fn verify(&self, out: &[u8]) -> Result<u64, String> {
-        for &(j, block) in &self.wanted {
-            let actual = BlockId::hash(&out[j * BLOCK_SIZE..j * BLOCK_SIZE + block.len]);
+        let placed: Vec<&[u8]> = self
+            .wanted
+            .iter()
+            .map(|&(j, block)| &out[j * BLOCK_SIZE..j * BLOCK_SIZE + block.len])
+            .collect();
+        for (&(_, block), actual) in self.wanted.iter().zip(BlockId::hash_many(&placed)) {
             if actual != block.id {
                 return Err(format!(
                     "block {} (byte {}) came back corrupt: its bytes hash to {actual}; the \

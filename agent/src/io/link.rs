@@ -142,7 +142,8 @@ pub async fn scan(
                 let buf = job.buf.ok_or_else(|| anyhow!("a read came back without its buffer"))?;
                 let len = job.ops.first().map_or(0, |op| op.len);
                 hashing.spawn_blocking(move || {
-                    let ids = buf.as_slice()[..len].chunks(BLOCK_SIZE).map(BlockId::of).collect();
+                    let blocks: Vec<&[u8]> = buf.as_slice()[..len].chunks(BLOCK_SIZE).collect();
+                    let ids = BlockId::of_many(&blocks);
                     (index, ids, buf, len)
                 });
             }

@@ -80,6 +80,9 @@ pub struct Reader {
 
 static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
 
+/// A block to read: its id, where it is stored, and the buffer it goes into (at the front).
+type Slot<'a> = (BlockId, Location, &'a mut [u8]);
+
 /// Pieces of an export produced ahead of the client (4 MiB runs: up to 16 MiB in flight).
 const EXPORT_AHEAD: usize = 4;
 
@@ -171,33 +174,41 @@ pub fn logical(
 }
 
 impl Reader {
-    /// Reads the given non-hole blocks (in order), verifying each.
+    /// Reads the given non-hole blocks (in order), verified, on every core.
     pub fn read_blocks(&self, ids: &[BlockId]) -> Result<Vec<Vec<u8>>, ApiError> {
         let locations = self.catalog.run_blocking(|c| blocks::locate(c, ids))?;
-        kagami_images::split::parallel_map(ids, |id| {
-            let loc = *locations
-                .get(id)
-                .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
-            let mut buf = vec![0u8; loc.len as usize];
-            self.read_one(id, loc, &mut buf)?;
-            Ok(buf)
-        })
-        .into_iter()
-        .collect()
+        let located: Vec<Location> = ids
+            .iter()
+            .map(|id| {
+                locations
+                    .get(id)
+                    .copied()
+                    .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut bufs: Vec<Vec<u8>> = located.iter().map(|l| vec![0u8; l.len as usize]).collect();
+        let mut slots: Vec<Slot> = ids
+            .iter()
+            .zip(&located)
+            .zip(bufs.iter_mut())
+            .map(|((id, loc), buf)| (*id, *loc, buf.as_mut_slice()))
+            .collect();
+        self.read_verified_all(&mut slots)?;
+        Ok(bufs)
     }
 
-    /// Reads block `id`, stored at `loc`, into the front of `dst` and verifies it (when
-    /// `verify_reads` is on); returns its length. GC may have moved the block to a new pack since
-    /// it was located: it is looked up again once.
-    fn read_one(&self, id: &BlockId, loc: Location, dst: &mut [u8]) -> Result<usize, ApiError> {
+    /// Reads block `id`, stored at `loc`, into the front of `dst`, unverified; returns its length
+    /// and the pack it came from. GC may have moved the block to a new pack since it was
+    /// located: it is looked up again once.
+    fn load(&self, id: &BlockId, loc: Location, dst: &mut [u8]) -> Result<(usize, u64), ApiError> {
         let n = loc.len as usize;
         if n > dst.len() {
             return Err(ApiError::Internal(format!(
                 "block {id} is stored as {n} bytes, more than a block"
             )));
         }
-        let loc = match self.store.read(loc, &mut dst[..n]) {
-            Ok(()) => loc,
+        match self.store.read(loc, &mut dst[..n]) {
+            Ok(()) => Ok((n, loc.pack)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let again = self.catalog.run_blocking(|c| blocks::locate(c, &[*id]))?;
                 let moved = *again
@@ -205,17 +216,58 @@ impl Reader {
                     .filter(|m| m.len == loc.len)
                     .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
                 self.store.read(moved, &mut dst[..n])?;
-                moved
+                Ok((n, moved.pack))
             }
-            Err(e) => return Err(e.into()),
-        };
-        if self.verify && BlockId::hash(&dst[..n]) != *id {
-            return Err(ApiError::Corrupt(format!(
-                "the server's copy of block {id} is corrupt (pack {:016x}); run a scrub",
-                loc.pack
-            )));
+            Err(e) => Err(e.into()),
         }
-        Ok(n)
+    }
+
+    /// Reads each block of `slots` into the front of its buffer, then verifies them together
+    /// (when `verify_reads` is on; several hashed at once, [`BlockId::hash_many`]) on the
+    /// calling thread; returns each block's length.
+    fn read_verified(&self, slots: &mut [Slot]) -> Result<Vec<usize>, ApiError> {
+        let mut loaded = Vec::with_capacity(slots.len());
+        for (id, loc, dst) in slots.iter_mut() {
+            loaded.push(self.load(id, *loc, dst)?);
+        }
+        if self.verify {
+            let data: Vec<&[u8]> = slots
+                .iter()
+                .zip(&loaded)
+                .map(|((_, _, dst), &(n, _))| &dst[..n])
+                .collect();
+            let hashed = BlockId::hash_many(&data);
+            let corrupt = slots.iter().zip(&hashed).position(|((id, ..), h)| h != id);
+            if let Some(i) = corrupt {
+                return Err(ApiError::Corrupt(format!(
+                    "the server's copy of block {} is corrupt (pack {:016x}); run a scrub",
+                    slots[i].0, loaded[i].1
+                )));
+            }
+        }
+        Ok(loaded.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// [`Reader::read_verified`] with the slots cut into one run per core.
+    fn read_verified_all(&self, slots: &mut [Slot]) -> Result<Vec<usize>, ApiError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = slots.len().div_ceil(cores).max(1);
+        std::thread::scope(|scope| {
+            let mut runs = slots.chunks_mut(per);
+            let first = runs.next().unwrap_or_default();
+            let others: Vec<_> = runs
+                .map(|run| scope.spawn(move || self.read_verified(run)))
+                .collect();
+            let mut lens = Vec::new();
+            let mut result = self.read_verified(first).map(|l| lens.extend(l));
+            for handle in others {
+                let run = handle
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                result = result.and(run.map(|l| lens.extend(l)));
+            }
+            result.map(|()| lens)
+        })
     }
 
     /// Reads the given blocks into one body of block frames (`kagami_images::wire`).
@@ -292,40 +344,22 @@ impl Reader {
                 ApiError::Internal("export asked for a block past the end of the disk".into())
             })?;
         let locations = self.catalog.run_blocking(|c| blocks::locate(c, &ids))?;
-        let fill = |id: &BlockId, slot: &mut [u8]| -> Result<(), ApiError> {
+        let mut slots: Vec<Slot> = Vec::with_capacity(ids.len());
+        for (id, slot) in ids.iter().zip(buf.chunks_mut(BLOCK_SIZE)) {
             if id.is_hole() {
                 slot.fill(0);
-                return Ok(());
+                continue;
             }
             let loc = *locations
                 .get(id)
                 .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
-            let n = self.read_one(id, loc, slot)?;
+            slots.push((*id, loc, slot));
+        }
+        let lens = self.read_verified_all(&mut slots)?;
+        for ((_, _, slot), n) in slots.iter_mut().zip(lens) {
             slot[n..].fill(0);
-            Ok(())
-        };
-        let mut slots: Vec<(&BlockId, &mut [u8])> =
-            ids.iter().zip(buf.chunks_mut(BLOCK_SIZE)).collect();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = slots.len().div_ceil(cores).max(1);
-        let fill_part = |part: &mut [(&BlockId, &mut [u8])]| {
-            part.iter_mut().try_for_each(|(id, slot)| fill(id, slot))
-        };
-        std::thread::scope(|scope| {
-            let mut parts = slots.chunks_mut(per);
-            let first = parts.next().unwrap_or_default();
-            let others: Vec<_> = parts
-                .map(|part| scope.spawn(move || fill_part(part)))
-                .collect();
-            let mut result = fill_part(first);
-            for handle in others {
-                let part = handle
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                result = result.and(part);
-            }
-            result
-        })
+        }
+        Ok(())
     }
 
     /// Fills `out` with the logical bytes at `offset` (holes as zeroes): what a block protocol
@@ -353,11 +387,16 @@ impl Reader {
             .collect::<Option<_>>()
             .ok_or_else(|| ApiError::Internal("the manifest has no such block".into()))?;
         let locations = self.catalog.run_blocking(|c| blocks::locate(c, &ids))?;
-        let mut scratch = Vec::new();
+        // Each block's share of `out`: a whole block is read straight into it, one cut by the
+        // range's ends whole into scratch and its part copied after verification.
+        let mut whole: Vec<Slot> = Vec::with_capacity(ids.len());
+        let mut cut = Vec::new();
+        let mut rest = out;
         for (i, id) in (first..).zip(&ids) {
             let start = i * block;
             let (from, to) = (offset.max(start), end.min(start + block));
-            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut((to - from) as usize);
+            rest = tail;
             if id.is_hole() {
                 dst.fill(0);
                 continue;
@@ -366,14 +405,28 @@ impl Reader {
                 .get(id)
                 .ok_or_else(|| ApiError::NotFound(format!("block {id} is not stored")))?;
             if from == start && dst.len() == loc.len as usize {
-                self.read_one(id, loc, dst)?;
-                continue;
+                whole.push((*id, loc, dst));
+            } else {
+                cut.push((
+                    *id,
+                    loc,
+                    (from - start) as usize..(to - start) as usize,
+                    dst,
+                ));
             }
-            scratch.resize(BLOCK_SIZE, 0);
-            let n = self.read_one(id, loc, &mut scratch)?;
-            let part = scratch
-                .get((from - start) as usize..(to - start) as usize)
-                .filter(|_| (to - start) as usize <= n)
+        }
+        let mut scratch = vec![vec![0u8; BLOCK_SIZE]; cut.len()];
+        let mut slots = whole;
+        for ((id, loc, ..), buf) in cut.iter().zip(scratch.iter_mut()) {
+            slots.push((*id, *loc, buf.as_mut_slice()));
+        }
+        let lens = self.read_verified(&mut slots)?;
+        drop(slots);
+        let cut_lens = &lens[lens.len() - cut.len()..];
+        for ((id, _, range, dst), (buf, &n)) in cut.into_iter().zip(scratch.iter().zip(cut_lens)) {
+            let part = buf
+                .get(range.clone())
+                .filter(|_| range.end <= n)
                 .ok_or_else(|| {
                     ApiError::Internal(format!("block {id} is shorter than its slot"))
                 })?;
