@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::Bytes;
 use kagami_images::{BLOCK_SIZE, Manifest, SEGMENT_BLOCKS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,7 +49,7 @@ use uuid::Uuid;
 
 use self::proto::{Action, Opt};
 use super::sessions::{self, Opened, Protocol, Sessions, Who};
-use super::{Reader, block_at};
+use super::{BufferPool, Reader, block_at};
 use crate::catalog::images::parse_id;
 use crate::catalog::tenancy;
 use crate::config::Config;
@@ -62,6 +63,8 @@ const MAX_OPTIONS: usize = 64;
 /// Requests of one connection being served at once (clients pipeline; nbdcopy keeps 64 in
 /// flight per connection); more wait in the socket.
 pub const IN_FLIGHT: usize = 16;
+/// Reply buffers kept for reuse across connections, in bytes.
+pub const SPARE_BUDGET: usize = 32 << 20;
 /// Read buffers across all connections, in bytes: memory stays bounded however many clients
 /// ask for 32 MiB each.
 pub const BUFFER_BUDGET: usize = 256 << 20;
@@ -81,6 +84,8 @@ pub struct Server {
 struct Shared {
     reader: Reader,
     buffers: Arc<Semaphore>,
+    /// Reply buffers for reuse, across connections.
+    spare: BufferPool,
     sessions: Sessions,
 }
 
@@ -103,6 +108,7 @@ impl Server {
             shared: Arc::new(Shared {
                 reader,
                 buffers: Arc::new(Semaphore::new(BUFFER_BUDGET)),
+                spare: BufferPool::new(SPARE_BUDGET),
                 sessions,
             }),
         }))
@@ -416,7 +422,7 @@ fn wants_allocation(set: bool, queries: &[&str]) -> bool {
 }
 
 /// A reply for the writer task, with the read-buffer budget it holds until it is sent.
-type Outgoing = (Vec<u8>, Option<OwnedSemaphorePermit>);
+type Outgoing = (Bytes, Option<OwnedSemaphorePermit>);
 
 /// The transmission phase: requests are decoded here in order and answered concurrently (reads
 /// on the blocking pool, up to [`IN_FLIGHT`]); one writer task sends each reply whole, in the
@@ -460,7 +466,7 @@ where
                 "bad request magic",
             ));
         };
-        let send = |bytes: Vec<u8>| tx.send((bytes, None));
+        let send = |bytes: Vec<u8>| tx.send((Bytes::from(bytes), None));
         live.command();
         match proto::check(&req, size, session.structured, session.allocation) {
             Action::Disconnect => break Ok(()),
@@ -505,8 +511,9 @@ where
                 let Ok(budget) = shared.buffers.clone().acquire_many_owned(len.max(1)).await else {
                     break Ok(());
                 };
-                let (reader, manifest, tx) = (
+                let (reader, spare, manifest, tx) = (
                     shared.reader.clone(),
+                    shared.spare.clone(),
                     session.export.manifest.clone(),
                     tx.clone(),
                 );
@@ -514,7 +521,7 @@ where
                 let live = live.live();
                 tokio::task::spawn_blocking(move || {
                     let reply = read_reply(
-                        &reader, &manifest, req.cookie, offset, len, structured, one_chunk,
+                        &reader, &spare, &manifest, req.cookie, offset, len, structured, one_chunk,
                     )
                     .inspect(|_| live.read(u64::from(len)))
                     .unwrap_or_else(|failed| failed);
@@ -544,30 +551,36 @@ fn refusal_text(error: u32) -> &'static str {
 /// With structured replies a read that falls entirely in holes is a hole chunk (no data on the
 /// wire) unless the client asked for one data chunk (DF). A failed read is `Err` with the
 /// `EIO` reply to send instead.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one request's fields, passed as they were decoded"
+)]
 fn read_reply(
     reader: &Reader,
+    spare: &BufferPool,
     manifest: &Manifest,
     cookie: u64,
     offset: u64,
     len: u32,
     structured: bool,
     one_chunk: bool,
-) -> Result<Vec<u8>, Vec<u8>> {
+) -> Result<Bytes, Bytes> {
     if structured && !one_chunk && len > 0 && all_holes(manifest, offset, len) {
-        return Ok(proto::hole_chunk(cookie, offset, len));
+        return Ok(Bytes::from(proto::hole_chunk(cookie, offset, len)));
     }
-    let mut out = proto::read_header(cookie, offset, len, structured);
-    let at = out.len();
-    out.resize(at + len as usize, 0);
+    let header = proto::read_header(cookie, offset, len, structured);
+    let at = header.len();
+    let mut out = spare.take(at + len as usize);
+    out[..at].copy_from_slice(&header);
     match reader.read_at(manifest, offset, &mut out[at..]) {
-        Ok(()) => Ok(out),
+        Ok(()) => Ok(spare.bytes(out)),
         Err(e) => {
             tracing::error!(offset, len, "NBD read failed: {e}");
-            Err(if structured {
+            Err(Bytes::from(if structured {
                 proto::error_chunk(cookie, proto::EIO, &e.to_string())
             } else {
                 proto::simple_reply(cookie, proto::EIO).to_vec()
-            })
+            }))
         }
     }
 }
