@@ -130,6 +130,16 @@ where
         }
         let mut chunk = chunk;
         while !chunk.is_empty() {
+            // A whole segment arriving at a segment boundary (a format reader's output) is
+            // hashed and stored where it is, without a copy into `pending`.
+            if pending.is_empty() && chunk.len() >= SEGMENT_SIZE {
+                let full = chunk.split_to(SEGMENT_SIZE);
+                if let Some(task) = in_flight.take() {
+                    spare = spare.or(task.finish(&mut builder, &mut stats).await?);
+                }
+                in_flight = Some(SegmentTask::start(&catalog, &store, full));
+                continue;
+            }
             let take = chunk.len().min(SEGMENT_SIZE - pending.len());
             pending.extend_from_slice(&chunk.split_to(take));
             if pending.len() == SEGMENT_SIZE {

@@ -258,6 +258,17 @@ pub fn check_image(image: &Path, format: DiskFormat, qemu_format: &str, disk: &[
         got == qemu_raw(image, qemu_format),
         "{name}: differs from qemu-img convert"
     );
+    // What the tables call a hole reads as zeroes, in windows of a block, a segment, and odd.
+    for window in [64 << 10, 4 << 20, 3 * 4096 + 512] {
+        for at in (0..got.len()).step_by(window) {
+            let len = window.min(got.len() - at);
+            let hole = reader.is_hole(at as u64, len as u64).expect("is_hole");
+            assert!(
+                !hole || got[at..at + len].iter().all(|&b| b == 0),
+                "{name}: {len} bytes at {at} called a hole hold data"
+            );
+        }
+    }
     // Reads past the end are refused, not zero-filled or wrapped.
     let mut one = [0u8; 2];
     assert!(

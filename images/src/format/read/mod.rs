@@ -22,6 +22,14 @@ pub trait Logical: Send {
     fn virtual_size(&self) -> u64;
     /// Fills `buf` with the disk's bytes at `offset` (unallocated areas read as zeroes).
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError>;
+
+    /// Whether the `len` bytes at `offset` are known from the image's tables alone to read as
+    /// zeroes (unallocated, or marked zero): a caller may skip reading them. `false` when the
+    /// format cannot tell without reading (raw) or part of the range holds data.
+    fn is_hole(&mut self, offset: u64, len: u64) -> Result<bool, FormatError> {
+        let _ = (offset, len);
+        Ok(false)
+    }
 }
 
 /// Where the stretch of logical disk starting at some position lives.
@@ -60,6 +68,35 @@ impl<R: ReadAt + Send, M: Locate> Logical for Mapped<R, M> {
             map.locate(r, pos)
         })
     }
+
+    fn is_hole(&mut self, offset: u64, len: u64) -> Result<bool, FormatError> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut pos = offset;
+        while pos < end {
+            match self.map.locate(&self.r, pos)? {
+                Run::Zero { len } if len > 0 => pos = pos.saturating_add(len),
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// [`Logical::is_hole`] for formats mapped in fixed units (qcow2 clusters, VMDK grains):
+/// whether every unit the range touches reads as zeroes (`zero(index)`).
+fn units_are_zero(
+    offset: u64,
+    len: u64,
+    unit: u64,
+    mut zero: impl FnMut(u64) -> Result<bool, FormatError>,
+) -> Result<bool, FormatError> {
+    let last = offset.saturating_add(len).div_ceil(unit.max(1));
+    for index in offset / unit.max(1)..last {
+        if !zero(index)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Fills `buf` with the logical disk at `offset`: `locate(r, pos)` says where the stretch
@@ -225,5 +262,46 @@ impl<R: ReadAt + Send> Logical for Raw<R> {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::DiskFormat;
+    use super::super::tests_support::{convert, open_file, write};
+
+    /// A mostly empty disk made by qemu-img in every format with a map: the tables alone show
+    /// its empty stretches (what lets an import skip them), and never a stretch with data.
+    #[test]
+    fn is_hole_finds_what_the_tables_leave_unallocated() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut disk = vec![0u8; 64 << 20];
+        disk[..1 << 20].fill(0x11);
+        disk[(40 << 20) + 12_345] = 0x22;
+        let raw = dir.path().join("disk.raw");
+        write(&raw, &disk);
+        for (format, qemu, ext, opts) in [
+            (DiskFormat::Qcow2, "qcow2", "qcow2", &[][..]),
+            (DiskFormat::Vmdk, "vmdk", "vmdk", &[][..]),
+            (
+                DiskFormat::Vmdk,
+                "vmdk",
+                "stream.vmdk",
+                &["-o", "subformat=streamOptimized"][..],
+            ),
+            (DiskFormat::Vhd, "vpc", "vhd", &[][..]),
+            (DiskFormat::Vhdx, "vhdx", "vhdx", &[][..]),
+            (DiskFormat::Vdi, "vdi", "vdi", &[][..]),
+            (DiskFormat::Qed, "qed", "qed", &[][..]),
+        ] {
+            let image = convert(&raw, dir.path().join(format!("disk.{ext}")), qemu, opts);
+            let (_, mut reader) = open_file(&image, format);
+            let hole =
+                |r: &mut dyn super::Logical, at: u64| r.is_hole(at, 4 << 20).expect("is_hole");
+            assert!(hole(&mut *reader, 8 << 20), "{ext}: 8 MiB.. is empty");
+            assert!(hole(&mut *reader, 60 << 20), "{ext}: 60 MiB.. is empty");
+            assert!(!hole(&mut *reader, 0), "{ext}: the first MiB holds data");
+            assert!(!hole(&mut *reader, 40 << 20), "{ext}: one byte at 40 MiB");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! qcow2 as its logical disk: L1 → L2 → clusters, compressed (zlib, zstd) and extended-L2.
 
 use super::super::{FormatError, Limits, ReadAt, be32, be64, check_metadata, read_exact};
-use super::{Logical, read_by_unit};
+use super::{Logical, read_by_unit, units_are_zero};
 
 /// qcow2 L2 entry bits.
 const L2_COMPRESSED: u64 = 1 << 62;
@@ -126,6 +126,23 @@ impl<R: ReadAt + Send> Qcow2<R> {
         Ok(())
     }
 
+    /// Whether cluster `index` reads as zeroes without data behind it (the same rules as
+    /// [`Qcow2::read_cluster`]'s).
+    fn cluster_is_zero(&mut self, index: u64) -> Result<bool, FormatError> {
+        let (entry, bitmap) = self.l2_entry(index)?;
+        if entry & L2_COMPRESSED != 0 {
+            return Ok(false);
+        }
+        let host = entry & OFFSET_MASK;
+        if !self.extended_l2 {
+            return Ok(entry & L2_ZERO != 0 || host == 0);
+        }
+        Ok(
+            (0..32)
+                .all(|i| !(bitmap & (1 << i) != 0 && bitmap & (1 << (32 + i)) == 0 && host != 0)),
+        )
+    }
+
     fn read_host(&self, host: u64, out: &mut [u8]) -> Result<(), FormatError> {
         if host
             .checked_add(out.len() as u64)
@@ -192,6 +209,12 @@ impl<R: ReadAt + Send> Logical for Qcow2<R> {
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
         read_by_unit(buf, offset, self.cluster(), |index, out| {
             self.read_cluster(index, out)
+        })
+    }
+
+    fn is_hole(&mut self, offset: u64, len: u64) -> Result<bool, FormatError> {
+        units_are_zero(offset, len, self.cluster(), |index| {
+            self.cluster_is_zero(index)
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use super::super::vmdk::{COMPRESSED, GD_AT_END, SECTOR, parse_header};
 use super::super::{DiskInfo, FormatError, Limits, ReadAt, check_metadata, le32, read_exact};
-use super::{Logical, read_by_unit};
+use super::{Logical, read_by_unit, units_are_zero};
 
 /// Grain tables kept in memory (512 entries of 4 bytes each, usually).
 const GT_CACHE: usize = 8;
@@ -113,7 +113,12 @@ impl<R: ReadAt + Send> Vmdk<R> {
                     "grain {index} lies past the end of the file"
                 )));
             }
-            read_exact(&self.r, at, out.len(), "a grain").map(|data| out.copy_from_slice(&data))?;
+            let n = self.r.read_at(out, at)?;
+            if n < out.len() {
+                return Err(FormatError::Truncated(format!(
+                    "grain {index} at offset {at} is cut short"
+                )));
+            }
             return Ok(());
         }
         // A grain marker: LBA (u64), compressed size (u32), then zlib data.
@@ -145,6 +150,12 @@ impl<R: ReadAt + Send> Logical for Vmdk<R> {
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
         read_by_unit(buf, offset, self.grain, |index, out| {
             self.read_grain(index, out)
+        })
+    }
+
+    fn is_hole(&mut self, offset: u64, len: u64) -> Result<bool, FormatError> {
+        units_are_zero(offset, len, self.grain, |index| {
+            self.grain_sector(index).map(|s| s <= 1)
         })
     }
 }
