@@ -11,7 +11,8 @@ times, for each format:
              against curl POST /v1/images/{id}/import?disk_format=FMT into a fresh server,
              until its import job ends;
   - export:  qemu-img convert -f raw -O FMT (vmdk: streamOptimized) of the raw disk (then sync)
-             against curl GET /v1/images/{id}/file?format=FMT to a file (then sync).
+             against `kagami image download ID --format FMT -o FILE --no-verify` (GET
+             /v1/images/{id}/file?format=FMT written to a file; then sync).
 Prints medians of same-run ratios (qemu-img time / Kagami time: above 1 means Kagami is faster),
 server CPU seconds and peak RSS. --binary measures a kagami binary already built (no cargo
 build); --baseline also measures the imports and exports of another kagami binary (an older
@@ -66,6 +67,13 @@ def import_file(srv, image_id, fmt, src):
         if state["state"] == "failed":
             raise SystemExit(f"import of {src} failed: {state['error']}")
         time.sleep(0.02)
+
+
+def download(binary, srv, image_id, fmt, out):
+    """The operator's download: `kagami image download` (without its read-back check, which
+    qemu-img does not do either), then sync."""
+    return ["sh", "-c", f"KAGAMI_URL={srv.url} KAGAMI_TOKEN={srv.token} {binary} image download "
+                        f"{image_id} --format {fmt} -o {out} --no-verify && sync -f {out}"]
 
 
 def upload_base(srv, raw):
@@ -142,16 +150,14 @@ def main():
                 qsize = os.path.getsize(out)
                 os.remove(out)
                 cpu0 = cpu_seconds(pid)
-                k = timed(["sh", "-c", f"curl -sfS -o {out} -H 'Authorization: Bearer {srv.token}' "
-                                       f"'{srv.url}/v1/images/{base['id']}/file?format={name}' && sync -f {out}"])
+                k = timed(download(binary, srv, base["id"], name, out))
                 cpu = cpu_seconds(pid) - cpu0
                 ksize = os.path.getsize(out)
                 os.remove(out)
                 results.setdefault(f"export {name}", []).append((q, k, cpu, qsize, ksize))
                 if old:
                     cpu0 = cpu_seconds(old.proc.pid)
-                    b = timed(["sh", "-c", f"curl -sfS -o {out} -H 'Authorization: Bearer {old.token}' "
-                                           f"'{old.url}/v1/images/{old_base['id']}/file?format={name}' && sync -f {out}"])
+                    b = timed(download(args.baseline, old, old_base["id"], name, out))
                     bcpu = cpu_seconds(old.proc.pid) - cpu0
                     os.remove(out)
                     results.setdefault(f"baseline export {name}", []).append((q, b, bcpu, k, cpu))

@@ -70,12 +70,27 @@ pub struct GcConfig {
     pub rewrite_below_live_fraction: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ImportConfig {
     /// A PEM file of CA certificates trusted for https source URLs, besides the system's
     /// roots; empty for the system's roots only.
     pub ca_file: PathBuf,
+    /// Seconds an uploaded file waiting for (or in) its import job may stay in the page cache
+    /// before it is fsynced so that a restart can run the job again. A job that ends sooner
+    /// (most do) deletes a file that never had to be written: an import writes its bytes to
+    /// disk once (the blocks), not twice. A crash inside the window fails the job ("upload
+    /// again"). 0: fsync at once.
+    pub durable_after_secs: u64,
+}
+
+impl Default for ImportConfig {
+    fn default() -> Self {
+        ImportConfig {
+            ca_file: PathBuf::new(),
+            durable_after_secs: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

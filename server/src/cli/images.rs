@@ -605,6 +605,57 @@ async fn upload(
     follow(client, &job?).await
 }
 
+/// Bytes flushed to disk at a time while a download is written.
+const FLUSH_EVERY: u64 = 16 << 20;
+/// Received chunks waiting for the writer (tens of KiB each).
+const WRITE_QUEUE: usize = 256;
+
+/// Writes what is sent to `file` on a thread of its own, so the transfer goes on while the disk
+/// writes; another thread flushes (fdatasync) each [`FLUSH_EVERY`] bytes as they are written,
+/// so the disk works alongside the transfer rather than all at the end. The handle ends once
+/// the file is on disk (fsync).
+fn durable_writer(
+    file: std::fs::File,
+) -> (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    use std::io::Write;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
+    let done = tokio::task::spawn_blocking(move || {
+        let file = std::sync::Arc::new(file);
+        // One flush pending at most: a flush that starts later covers everything before it.
+        let (flush, flushes) = std::sync::mpsc::sync_channel::<()>(1);
+        let flusher = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                while flushes.recv().is_ok() {
+                    file.sync_data()?;
+                }
+                Ok::<(), std::io::Error>(())
+            })
+        };
+        let mut since = 0u64;
+        let wrote = (|| {
+            while let Some(chunk) = rx.blocking_recv() {
+                (&*file).write_all(&chunk)?;
+                since += chunk.len() as u64;
+                if since >= FLUSH_EVERY {
+                    since = 0;
+                    let _ = flush.try_send(());
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        drop(flush);
+        let flushed = flusher
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the flushing thread panicked")));
+        wrote.and(flushed).and_then(|()| file.sync_all())
+    });
+    (tx, done)
+}
+
 async fn download(
     client: &Client,
     id: &str,
@@ -625,22 +676,31 @@ async fn download(
         .map(str::to_string);
     let pb = bar(resp.content_length().unwrap_or(0), "downloading");
     let to_stdout = output == Path::new("-");
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if to_stdout {
-        Box::new(tokio::io::stdout())
-    } else {
-        Box::new(
-            tokio::fs::File::create(output)
-                .await
-                .with_context(|| format!("cannot create {}", output.display()))?,
-        )
-    };
     let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.context("the download broke off; run it again")?;
-        out.write_all(&chunk).await?;
-        pb.inc(chunk.len() as u64);
+    if to_stdout {
+        let mut out = tokio::io::stdout();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.context("the download broke off; run it again")?;
+            out.write_all(&chunk).await?;
+            pb.inc(chunk.len() as u64);
+        }
+        out.flush().await?;
+    } else {
+        let file = std::fs::File::create(output)
+            .with_context(|| format!("cannot create {}", output.display()))?;
+        let (tx, written) = durable_writer(file);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.context("the download broke off; run it again")?;
+            pb.inc(chunk.len() as u64);
+            if tx.send(chunk).await.is_err() {
+                break; // the writer stopped: its error follows
+            }
+        }
+        drop(tx);
+        written
+            .await?
+            .with_context(|| format!("cannot write {}", output.display()))?;
     }
-    out.flush().await?;
     pb.finish_and_clear();
     if to_stdout || !verify {
         return Ok(());

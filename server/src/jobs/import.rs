@@ -26,6 +26,7 @@ use kagami_images::format::DiskFormat;
 use kagami_images::model::ImageStatus;
 use reqwest::StatusCode;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::api::AppState;
@@ -46,9 +47,11 @@ const DURABLE: &str = "durable";
 pub const NOT_DURABLE: &str =
     "the upload was not yet on disk when the server stopped; upload again";
 
-/// The background tasks making staged uploads durable, by job, until the job's end waits for
-/// its task (so the folder is not removed under a task still writing the marker).
-static SYNCING: LazyLock<Mutex<HashMap<Uuid, tokio::task::JoinHandle<()>>>> =
+/// The background tasks making staged uploads durable, by job, with the sender that tells one
+/// its job ended; the job's end waits for its task (so the folder is not removed under a task
+/// still writing the marker).
+#[expect(clippy::type_complexity, reason = "one map, used in two places")]
+static SYNCING: LazyLock<Mutex<HashMap<Uuid, (oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>> =
     LazyLock::new(Mutex::default);
 
 /// Runs forever: one job at a time (imports are disk- and CPU-bound already).
@@ -76,7 +79,8 @@ pub async fn worker(app: AppState) {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .remove(&id);
-                if let Some(task) = syncing {
+                if let Some((ended, task)) = syncing {
+                    let _ = ended.send(());
                     let _ = task.await;
                 }
                 let dir = job_dir(&app.config.server.data_dir, id);
@@ -247,19 +251,34 @@ pub async fn accept_upload(
             .catalog
             .run(move |c| jobs::enqueue_upload(c, &caller, id, image_id, claimed.as_str()))
             .await?;
-        // Off the request's path: the job may convert from the page cache meanwhile.
+        // Off the request's path, and only if the job has not ended by then: the job converts
+        // from the page cache meanwhile.
+        // A job that ends within `import.durable_after_secs` (most do: it converts from the page
+        // cache right away) deletes a file that never needed the disk — writing it would double
+        // an import's disk writes; a queued or long job's file is made durable after that, so a
+        // restart can run it again. A crash inside the window fails the job with
+        // [`NOT_DURABLE`] ("upload again"), as one before its fsync ended always did.
         let root = data_dir.clone();
-        let task = tokio::task::spawn_blocking(move || match make_durable(&root, id) {
-            Ok(()) => tracing::debug!(job = %id, "the staged upload is on disk"),
-            // The job ended and took its folder first: nothing is left to make durable.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            // The job still runs from the page cache; a restart before its end fails it.
-            Err(e) => tracing::error!(job = %id, "cannot make the staged upload durable: {e}"),
+        let wait = Duration::from_secs(app.config.import.durable_after_secs);
+        let (ended, job_ended) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = job_ended => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let synced = tokio::task::spawn_blocking(move || make_durable(&root, id)).await;
+            match synced.map_err(std::io::Error::other).and_then(|r| r) {
+                Ok(()) => tracing::debug!(job = %id, "the staged upload is on disk"),
+                // The job ended and took its folder first: nothing is left to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // The job still runs from the page cache; a restart before its end fails it.
+                Err(e) => tracing::error!(job = %id, "cannot make the staged upload durable: {e}"),
+            }
         });
         SYNCING
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(id, task);
+            .insert(id, (ended, task));
         app.job_queued.notify_one();
         Ok(job)
     }
