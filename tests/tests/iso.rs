@@ -195,6 +195,39 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// A lab whose server answers DHCP in full and serves iSCSI on the bridge, logging DHCP and
+/// the ISO boots' content reads.
+fn iso_lab() -> Lab {
+    Lab::new(
+        &[
+            "--dhcp-mode",
+            "full",
+            "--dhcp-range",
+            "10.79.0.100,10.79.0.150",
+            // Inside the lab's own network namespace, the production port is free.
+            "--iscsi-listen",
+            "10.79.0.1:3260",
+        ],
+        &[(
+            "KAGAMI_LOG",
+            "info,kagami::boot::dhcp=debug,kagami::api::images=debug",
+        )],
+    )
+}
+
+/// `iso` imported as an ISO image named `name`.
+fn import_iso(lab: &Lab, iso: &Path, name: &str) -> serde_json::Value {
+    lab.server().cli_json(&[
+        "image",
+        "import",
+        iso.to_str().expect("path"),
+        "--name",
+        name,
+        "--kind",
+        "iso",
+    ])
+}
+
 fn state(lab: &Lab) -> serde_json::Value {
     lab.server().cli_json(&["host", "show", "iso1"])
 }
@@ -202,30 +235,11 @@ fn state(lab: &Lab) -> serde_json::Value {
 #[test]
 fn a_bios_machine_sanboots_an_iso_over_http_until_released_then_boots_its_disk() {
     let started = Instant::now();
-    let lab = Lab::new(
-        &[
-            "--dhcp-mode",
-            "full",
-            "--dhcp-range",
-            "10.79.0.100,10.79.0.150",
-        ],
-        &[(
-            "KAGAMI_LOG",
-            "info,kagami::boot::dhcp=debug,kagami::api::images=debug",
-        )],
-    );
+    let lab = iso_lab();
     let s = lab.server();
     let marker = format!("KAGAMI-ISO-{}", std::process::id());
     let iso = marker_iso(lab.dir.path(), &marker, Platforms::Bios);
-    let image = s.cli_json(&[
-        "image",
-        "import",
-        iso.to_str().expect("path"),
-        "--name",
-        "rescue",
-        "--kind",
-        "iso",
-    ]);
+    let image = import_iso(&lab, &iso, "rescue");
     assert_eq!(
         (&image["kind"], &image["status"]),
         (&"iso".into(), &"active".into()),
@@ -302,30 +316,11 @@ fn a_bios_machine_sanboots_an_iso_over_http_until_released_then_boots_its_disk()
 #[test]
 fn a_bios_machine_sanboots_an_iso_over_iscsi_with_the_boots_chap_credentials() {
     let started = Instant::now();
-    // Inside the lab's own network namespace, the production port is free.
-    let lab = Lab::new(
-        &[
-            "--dhcp-mode",
-            "full",
-            "--dhcp-range",
-            "10.79.0.100,10.79.0.150",
-            "--iscsi-listen",
-            "10.79.0.1:3260",
-        ],
-        &[],
-    );
+    let lab = iso_lab();
     let s = lab.server();
     let marker = format!("KAGAMI-ISCSI-ISO-{}", std::process::id());
     let iso = marker_iso(lab.dir.path(), &marker, Platforms::Bios);
-    let image = s.cli_json(&[
-        "image",
-        "import",
-        iso.to_str().expect("path"),
-        "--name",
-        "rescue",
-        "--kind",
-        "iso",
-    ]);
+    let image = import_iso(&lab, &iso, "rescue");
     let id = image["id"].as_str().expect("id").to_string();
     s.cli(&["host", "add", MAC, "--name", "iso1"]);
     let h = s.cli_json(&[
@@ -422,33 +417,12 @@ fn ranges_read(log: &str, image: &str) -> Vec<(u64, u64)> {
 #[test]
 fn a_bios_machine_sanboots_a_non_hybrid_el_torito_iso_over_http_and_iscsi() {
     let started = Instant::now();
-    let lab = Lab::new(
-        &[
-            "--dhcp-mode",
-            "full",
-            "--dhcp-range",
-            "10.79.0.100,10.79.0.150",
-            "--iscsi-listen",
-            "10.79.0.1:3260",
-        ],
-        &[(
-            "KAGAMI_LOG",
-            "info,kagami::boot::dhcp=debug,kagami::api::images=debug",
-        )],
-    );
+    let lab = iso_lab();
     let s = lab.server();
     let marker = format!("KAGAMI-ELTORITO-{}", std::process::id());
     let iso = eltorito_only_iso(lab.dir.path(), &marker);
     let (catalog, boot_image) = el_torito_lbas(&std::fs::read(&iso).expect("iso"));
-    let image = s.cli_json(&[
-        "image",
-        "import",
-        iso.to_str().expect("path"),
-        "--name",
-        "eltorito",
-        "--kind",
-        "iso",
-    ]);
+    let image = import_iso(&lab, &iso, "eltorito");
     let id = image["id"].as_str().expect("id").to_string();
     s.cli(&["host", "add", MAC, "--name", "iso1"]);
     let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
@@ -526,20 +500,7 @@ fn a_bios_machine_sanboots_a_non_hybrid_el_torito_iso_over_http_and_iscsi() {
 #[test]
 fn a_uefi_machine_sanboots_isos_over_http_until_released_then_over_iscsi_once() {
     let started = Instant::now();
-    let lab = Lab::new(
-        &[
-            "--dhcp-mode",
-            "full",
-            "--dhcp-range",
-            "10.79.0.100,10.79.0.150",
-            "--iscsi-listen",
-            "10.79.0.1:3260",
-        ],
-        &[(
-            "KAGAMI_LOG",
-            "info,kagami::boot::dhcp=debug,kagami::api::images=debug",
-        )],
-    );
+    let lab = iso_lab();
     let s = lab.server();
     let marker = format!("KAGAMI-UEFI-ISO-{}", std::process::id());
     let iso = marker_iso(lab.dir.path(), &marker, Platforms::BiosAndUefi);
@@ -549,27 +510,11 @@ fn a_uefi_machine_sanboots_isos_over_http_until_released_then_over_iscsi_once() 
         .find(|l| l.contains("El Torito boot img") && l.contains("UEFI"))
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
         .expect("a UEFI El Torito entry");
-    let image = s.cli_json(&[
-        "image",
-        "import",
-        iso.to_str().expect("path"),
-        "--name",
-        "rescue",
-        "--kind",
-        "iso",
-    ]);
+    let image = import_iso(&lab, &iso, "rescue");
     let id = image["id"].as_str().expect("id").to_string();
     let eltorito_marker = format!("KAGAMI-UEFI-ELTORITO-{}", std::process::id());
     let eltorito = eltorito_only_iso(lab.dir.path(), &eltorito_marker);
-    let eltorito = s.cli_json(&[
-        "image",
-        "import",
-        eltorito.to_str().expect("path"),
-        "--name",
-        "eltorito",
-        "--kind",
-        "iso",
-    ])["id"]
+    let eltorito = import_iso(&lab, &eltorito, "eltorito")["id"]
         .as_str()
         .expect("id")
         .to_string();
