@@ -858,3 +858,90 @@ fn login_and_text_split_over_several_pdus() {
     assert_eq!((r[36], r[37]), (2, 0));
     assert!(raw.closed());
 }
+
+/// A read whose answer is still being delivered is not idle: an initiator taking its Data-In
+/// slowly (it cannot see a ping queued behind them) is neither pinged nor closed while the
+/// target's writes go on, however long they take.
+#[test]
+fn slow_readers_of_long_answers_are_not_closed() {
+    let port = free_port();
+    let s = Server::start_with_args(
+        &[
+            ("KAGAMI__ISCSI__NOP_INTERVAL_SECS", "1"),
+            ("KAGAMI__ISCSI__NOP_TIMEOUT_SECS", "3"),
+        ],
+        &["--iscsi-listen", &format!("127.0.0.1:{port}")],
+    );
+    let size = 32u64 << 20;
+    let disk = sparse_file(
+        s.dir.path(),
+        "slow.raw",
+        size,
+        &[
+            (0, 4 * BLOCK),
+            ((20 << 20) + 777, 3 * BLOCK),
+            (size - 4096, 4096),
+        ],
+        9,
+    );
+    let image = s.import(&disk, "slow");
+    let id = image["id"].as_str().expect("id").to_string();
+    s.cli(&["image", "update", &id, "--visibility", "public"]);
+    let mut raw = Raw::login(port, &format!("{IQN}{id}"));
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // Four reads of 8 MiB (the whole connection budget), taken at about 4 MiB/s: the target has
+    // them all read at once and spends seconds writing them.
+    let blocks = 16384u32;
+    for itt in 0..4u32 {
+        let lba = itt * blocks;
+        let mut cdb = [0x28, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&(blocks as u16).to_be_bytes());
+        raw.command(itt + 1, 0x40, &cdb, blocks * 512, &[]);
+    }
+    let want = std::fs::read(&disk).expect("read");
+    let mut got = vec![Vec::new(); 4];
+    let mut done = 0;
+    let started = Instant::now();
+    while done < 4 {
+        let mut h = vec![0u8; 48];
+        if let Err(e) = raw.stream.read_exact(&mut h) {
+            panic!(
+                "the connection ended after {:?} with {done} reads done: {e}",
+                started.elapsed()
+            );
+        }
+        let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
+        let mut data = vec![0u8; len.div_ceil(4) * 4];
+        raw.stream.read_exact(&mut data).expect("read data");
+        data.truncate(len);
+        match h[0] {
+            0x20 => raw.answer(&h),
+            0x25 => {
+                let itt = be32(&h, 16) as usize - 1;
+                got[itt].extend_from_slice(&data);
+                if h[1] & 0x01 != 0 {
+                    assert_eq!(h[3], 0, "GOOD");
+                    raw.stat_sn = be32(&h, 24) + 1;
+                    done += 1;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            other => panic!("unexpected PDU {other:#x}"),
+        }
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "slow enough to outlast a ping's interval and timeout: {:?}",
+        started.elapsed()
+    );
+    for (i, part) in got.iter().enumerate() {
+        assert!(part[..] == want[i << 23..(i + 1) << 23], "read {i}");
+    }
+    // Idle now: pinged, answered, still open.
+    let (ping, _) = raw.ping();
+    raw.answer(&ping);
+    assert_eq!(s.sessions(&s.token).len(), 1, "still open");
+}

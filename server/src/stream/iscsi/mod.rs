@@ -59,7 +59,7 @@ pub mod text;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -301,12 +301,15 @@ where
 {
     let exp_cmd_sn = Arc::new(AtomicU32::new(session.exp_cmd_sn));
     let (tx, rx) = mpsc::channel::<Out>(CMD_WINDOW as usize);
+    // PDUs written so far: a connection whose answers are still going out is not idle.
+    let written = Arc::new(AtomicU64::new(0));
     let writer = tokio::spawn(write_loop(
         wr,
         rx,
         session.stat_sn,
         exp_cmd_sn.clone(),
         session.params,
+        written.clone(),
     ));
     let in_flight = Arc::new(Semaphore::new(CMD_WINDOW as usize));
     let connection_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET));
@@ -318,6 +321,7 @@ where
     let mut checked = Instant::now();
     let mut exchange = text::Exchange::default();
     let mut ping = Ping::default();
+    let mut seen_written = 0u64;
     let ended: io::Result<()> = loop {
         let next = match shared.nop {
             None => read_pdu(&mut rd).await?.map_or(Next::End, Next::Pdu),
@@ -341,6 +345,15 @@ where
                 }
                 if in_flight.available_permits() < CMD_WINDOW as usize {
                     continue; // not idle: commands of its are still being answered
+                }
+                // Read data not yet written (it holds its connection budget until sent): an
+                // initiator taking it slowly could not see a ping queued behind it. Not idle
+                // while the writes go on; one that stopped reading is pinged like any other.
+                let now_written = written.load(Ordering::Relaxed);
+                let unsent = connection_budget.available_permits() < CONNECTION_BUDGET;
+                if unsent && now_written != seen_written {
+                    seen_written = now_written;
+                    continue;
                 }
                 // ITT reserved, TTT ours: a ping that wants a NOP-Out back. It does not
                 // advance StatSN (§11.19), and is sent on LUN 0, the only one there is.
@@ -710,6 +723,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut stat_sn: u32,
     exp_cmd_sn: Arc<AtomicU32>,
     params: Params,
+    written: Arc<AtomicU64>,
 ) -> io::Result<()> {
     let numbers = |bhs: &mut [u8; pdu::BHS_LEN], stat_sn: u32| {
         let exp = exp_cmd_sn.load(Ordering::Relaxed);
@@ -768,6 +782,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         stat_sn = stat_sn.wrapping_add(1);
                     }
                     write_pdu(&mut wr, &bhs, &data[offset..offset + len]).await?;
+                    written.fetch_add(1, Ordering::Relaxed);
                     offset += len;
                     data_sn = data_sn.wrapping_add(1);
                 }
