@@ -75,14 +75,7 @@ pub async fn worker(app: AppState) {
                 }
                 // An uploaded file goes with its job (start-up removes any left by a crash),
                 // once its fsync, if still running, is over: nothing writes in the folder then.
-                let syncing = SYNCING
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .remove(&id);
-                if let Some((ended, task)) = syncing {
-                    let _ = ended.send(());
-                    let _ = task.await;
-                }
+                end_syncing(id).await;
                 let dir = job_dir(&app.config.server.data_dir, id);
                 if let Err(e) = tokio::fs::remove_dir_all(&dir).await
                     && e.kind() != std::io::ErrorKind::NotFound
@@ -247,13 +240,7 @@ pub async fn accept_upload(
         .await
         .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
         .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
-        let job = app
-            .catalog
-            .run(move |c| jobs::enqueue_upload(c, &caller, id, image_id, claimed.as_str()))
-            .await?;
-        // Off the request's path, and only if the job has not ended by then: the job converts
-        // from the page cache meanwhile.
-        // A job that ends within `import.durable_after_secs` (most do: it converts from the page
+        // Off the request's path, and only if the job has not ended by then. A job that ends within `import.durable_after_secs` (most do: it converts from the page
         // cache right away) deletes a file that never needed the disk — writing it would double
         // an import's disk writes; a queued or long job's file is made durable after that, so a
         // restart can run it again. A crash inside the window fails the job with
@@ -275,10 +262,22 @@ pub async fn accept_upload(
                 Err(e) => tracing::error!(job = %id, "cannot make the staged upload durable: {e}"),
             }
         });
+        // Registered before the job is queued, so a job that ends at once finds it.
         SYNCING
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(id, (ended, task));
+        let queued = app
+            .catalog
+            .run(move |c| jobs::enqueue_upload(c, &caller, id, image_id, claimed.as_str()))
+            .await;
+        let job = match queued {
+            Ok(job) => job,
+            Err(e) => {
+                end_syncing(id).await;
+                return Err(e);
+            }
+        };
         app.job_queued.notify_one();
         Ok(job)
     }
@@ -305,6 +304,19 @@ async fn stage_upload(app: &AppState, dir: &Path, body: axum::body::Body) -> Res
     let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
     ingest::write_body(body, &mut out, idle, app.config.limits.max_image_bytes).await?;
     Ok(())
+}
+
+/// Tells job `id`'s durability task (if any) that the job ended and waits for it — an fsync
+/// already running ends first — so nothing writes in the job's folder afterwards.
+async fn end_syncing(id: Uuid) {
+    let syncing = SYNCING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .remove(&id);
+    if let Some((ended, task)) = syncing {
+        let _ = ended.send(());
+        let _ = task.await;
+    }
 }
 
 /// Makes job `id`'s staged upload durable, then says so: fsyncs the file, its folder and the
