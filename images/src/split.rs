@@ -9,29 +9,13 @@ use std::io::{self, Read};
 
 use crate::manifest::{BLOCK_SIZE, BlockId, Manifest, ManifestError, SEGMENT_SIZE, Segment};
 
-/// Names each 64 KiB block of `data` (a segment, at most 4 MiB), on every core.
+/// Names each 64 KiB block of `data` (a segment, at most 4 MiB), on every core: one run of
+/// blocks per core, each run hashed several blocks at once ([`BlockId::of_many`]).
 pub fn hash_blocks(data: &[u8]) -> Vec<BlockId> {
     let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
-    of_all(&blocks)
-}
-
-/// [`BlockId::of`] for each of `blocks`, on every core, each core hashing its run several
-/// blocks at once ([`BlockId::of_many`]).
-pub fn of_all(blocks: &[&[u8]]) -> Vec<BlockId> {
-    per_core(blocks, BlockId::of_many)
-}
-
-/// [`BlockId::hash`] for each of `parts`, on every core, several at once per core.
-pub fn hash_all(parts: &[&[u8]]) -> Vec<BlockId> {
-    per_core(parts, BlockId::hash_many)
-}
-
-/// Cuts `items` into one run per core and maps each run with `f` (which returns one result
-/// per item), in order.
-fn per_core<T: Sync, R: Send>(items: &[T], f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runs: Vec<&[T]> = items.chunks(items.len().div_ceil(cores).max(1)).collect();
-    parallel_map(&runs, |run| f(run))
+    let runs: Vec<&[&[u8]]> = blocks.chunks(blocks.len().div_ceil(cores).max(1)).collect();
+    parallel_map(&runs, |run| BlockId::of_many(run))
         .into_iter()
         .flatten()
         .collect()

@@ -74,6 +74,13 @@ fn sparse_gigabyte_round_trips_and_stores_only_its_data() {
         cli_out.to_str().expect("path"),
     ]);
     assert!(same_bytes(&disk, &cli_out));
+    // Holes stay holes: the CLI leaves the image's all-zero blocks out of the file.
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&cli_out.metadata().expect("stat")) * 512;
+    assert!(
+        allocated < bytes + (1 << 20),
+        "{allocated} bytes allocated for {bytes} of data"
+    );
 }
 
 #[test]

@@ -609,20 +609,26 @@ async fn upload(
 const FLUSH_EVERY: u64 = 16 << 20;
 /// Received chunks waiting for the writer (tens of KiB each).
 const WRITE_QUEUE: usize = 256;
+/// Bytes gathered before they are written: whole 64 KiB blocks, so all-zero ones can be left
+/// out, and a few large writes instead of one per received chunk.
+const WRITE_BUFFER: usize = 4 << 20;
 
 /// Writes what is sent to `file` on a thread of its own, so the transfer goes on while the disk
 /// writes; another thread flushes (fdatasync) each [`FLUSH_EVERY`] bytes as they are written,
-/// so the disk works alongside the transfer rather than all at the end. The handle ends once
-/// the file is on disk (fsync).
+/// so the disk works alongside the transfer rather than all at the end. With `holes` (a raw
+/// disk), a regular file (created empty) gets its all-zero blocks as holes — a raw download of a
+/// sparse image stays sparse —, a device every byte; other formats carry their own holes and
+/// are written as they come. The handle ends once the file is on disk (fsync).
 fn durable_writer(
     file: std::fs::File,
+    holes: bool,
 ) -> (
     tokio::sync::mpsc::Sender<bytes::Bytes>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
-    use std::io::Write;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
     let done = tokio::task::spawn_blocking(move || {
+        let sparse = holes && file.metadata()?.is_file();
         let file = std::sync::Arc::new(file);
         // One flush pending at most: a flush that starts later covers everything before it.
         let (flush, flushes) = std::sync::mpsc::sync_channel::<()>(1);
@@ -635,15 +641,39 @@ fn durable_writer(
                 Ok::<(), std::io::Error>(())
             })
         };
-        let mut since = 0u64;
         let wrote = (|| {
-            while let Some(chunk) = rx.blocking_recv() {
-                (&*file).write_all(&chunk)?;
-                since += chunk.len() as u64;
+            let mut buf = Vec::with_capacity(if sparse { WRITE_BUFFER } else { 0 });
+            let (mut at, mut since) = (0u64, 0u64);
+            // Counts written bytes; asks for a flush every FLUSH_EVERY of them.
+            let mut advance = |n: usize| {
+                since += n as u64;
                 if since >= FLUSH_EVERY {
                     since = 0;
                     let _ = flush.try_send(());
                 }
+            };
+            while let Some(mut chunk) = rx.blocking_recv() {
+                if !sparse {
+                    std::os::unix::fs::FileExt::write_all_at(&*file, &chunk, at)?;
+                    at += chunk.len() as u64;
+                    advance(chunk.len());
+                    continue;
+                }
+                while !chunk.is_empty() {
+                    let take = chunk.len().min(WRITE_BUFFER - buf.len());
+                    buf.extend_from_slice(&chunk.split_to(take));
+                    if buf.len() == WRITE_BUFFER {
+                        write_blocks(&file, &buf, at)?;
+                        at += buf.len() as u64;
+                        advance(buf.len());
+                        buf.clear();
+                    }
+                }
+            }
+            if sparse {
+                write_blocks(&file, &buf, at)?;
+                // Trailing holes: the file still ends where the download does.
+                file.set_len(at + buf.len() as u64)?;
             }
             Ok::<(), std::io::Error>(())
         })();
@@ -654,6 +684,30 @@ fn durable_writer(
         wrote.and(flushed).and_then(|()| file.sync_all())
     });
     (tx, done)
+}
+
+/// Writes `data` at offset `at` of `file` (a multiple of the block size), leaving out its
+/// all-zero 64 KiB blocks (holes in a file created empty): runs of the others go in one write
+/// each.
+fn write_blocks(file: &std::fs::File, data: &[u8], at: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let block = kagami_images::BLOCK_SIZE;
+    let mut run: Option<usize> = None;
+    for (i, piece) in data.chunks(block).enumerate() {
+        let zero = kagami_images::manifest::is_zero(piece);
+        match (run, zero) {
+            (None, false) => run = Some(i),
+            (Some(from), true) => {
+                file.write_all_at(&data[from * block..i * block], at + (from * block) as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = run {
+        file.write_all_at(&data[from * block..], at + (from * block) as u64)?;
+    }
+    Ok(())
 }
 
 async fn download(
@@ -688,7 +742,7 @@ async fn download(
     } else {
         let file = std::fs::File::create(output)
             .with_context(|| format!("cannot create {}", output.display()))?;
-        let (tx, written) = durable_writer(file);
+        let (tx, written) = durable_writer(file, format == DiskFormat::Raw);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.context("the download broke off; run it again")?;
             pb.inc(chunk.len() as u64);
