@@ -10,7 +10,8 @@ times, for each format:
   - import:  qemu-img convert -f FMT -O raw -t writeback (then sync, as our store is durable)
              against curl POST /v1/images/{id}/import?disk_format=FMT into a fresh server,
              until its import job ends;
-  - export:  qemu-img convert -f raw -O FMT (vmdk: streamOptimized) of the raw disk (then sync)
+  - export:  qemu-img convert -f raw -O FMT (vmdk: streamOptimized) of the raw disk (then sync;
+             the raw file and Kagami's packs are read into the page cache first)
              against `kagami image download ID --format FMT -o FILE --no-verify` (GET
              /v1/images/{id}/file?format=FMT written to a file; then sync).
 Prints medians of same-run ratios (qemu-img time / Kagami time: above 1 means Kagami is faster),
@@ -28,7 +29,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ingest import ROOT, Server, cpu_seconds, peak_rss_mib, run, timed, warm  # noqa: E402
+from ingest import ROOT, Server, cpu_seconds, peak_rss_mib, run, timed, warm, warm_tree  # noqa: E402
 
 FORMATS = [("qcow2", "qcow2", []), ("vmdk", "vmdk", []), ("vhd", "vpc", [])]
 EXPORT_OPTS = {"vmdk": ["-o", "subformat=streamOptimized"], "vpc": ["-o", "subformat=dynamic"]}
@@ -145,7 +146,12 @@ def main():
                     results.setdefault(f"baseline import {name}", []).append((q, b, bcpu, k, cpu))
                     run(["sync", "-f", old_data])
                 opts = " ".join(EXPORT_OPTS.get(qfmt, []))
+                # Both sides read from memory: qemu-img the raw file, Kagami its packs (written
+                # with O_DIRECT, so not in the page cache until something reads them).
                 warm(raw)
+                warm_tree(os.path.join(data, "packs"))
+                if old:
+                    warm_tree(os.path.join(old_data, "packs"))
                 q = timed(["sh", "-c", f"qemu-img convert -q -f raw -O {qfmt} {opts} {raw} {out} && sync -f {out}"])
                 qsize = os.path.getsize(out)
                 os.remove(out)

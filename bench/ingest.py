@@ -59,6 +59,13 @@ def warm(path):
             pass
 
 
+def warm_tree(path):
+    """Reads every file under `path` into the page cache (a data directory's packs)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            warm(os.path.join(root, name))
+
+
 def make_image(path, data_path, size):
     """Alternating 64 MiB stretches of random data and zeros; data_path gets only the data."""
     if os.path.exists(path) and os.path.getsize(path) == size and os.path.exists(data_path):

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from agent import prepare  # noqa: E402
-from ingest import Server, cpu_seconds, run, warm  # noqa: E402
+from ingest import Server, cpu_seconds, run, warm, warm_tree  # noqa: E402
 
 
 def free_port():
@@ -61,12 +61,6 @@ def copy(url, dest, server_pid):
     if status != 0:
         raise SystemExit(f"nbdcopy {url} {dest} failed with status {status}")
     return secs, cpu_seconds(server_pid) - before, usage.ru_utime + usage.ru_stime
-
-
-def warm_tree(path):
-    for root, _, files in os.walk(path):
-        for name in files:
-            warm(os.path.join(root, name))
 
 
 def main():
