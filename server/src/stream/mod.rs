@@ -78,7 +78,11 @@ pub struct Reader {
     pub verify: bool,
 }
 
-static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+/// A segment of zeroes that is never written, for holes: allocated zeroed (a fresh mapping),
+/// its pages are all the kernel's one zero page, so reading it costs no memory traffic (and no
+/// 4 MiB in the binary, as a static array would).
+static ZERO_SEGMENT: std::sync::LazyLock<Bytes> =
+    std::sync::LazyLock::new(|| Bytes::from(vec![0u8; SEGMENT_SIZE]));
 
 /// A block to read: its id, where it is stored, and the buffer it goes into (at the front).
 type Slot<'a> = (BlockId, Location, &'a mut [u8]);
@@ -167,12 +171,6 @@ pub fn body(
         rx.recv().await.map(|item| (item, rx))
     })
 }
-
-/// A segment of zeroes that is never written: allocated zeroed (a fresh mapping), its pages are
-/// all the kernel's one zero page, so reading it costs no memory traffic (and no 4 MiB in the
-/// binary, as a static array would).
-static ZERO_SEGMENT: std::sync::LazyLock<Bytes> =
-    std::sync::LazyLock::new(|| Bytes::from(vec![0u8; SEGMENT_SIZE]));
 
 /// Segment buffers of [`logical`] kept for reuse: those in the channel, the one being filled,
 /// the one being hashed and stored.
@@ -507,7 +505,7 @@ impl Reader {
                 };
                 for b in slots {
                     let bytes = if b.id.is_hole() {
-                        Bytes::from_static(&ZEROS[..b.len])
+                        ZERO_SEGMENT.slice(..b.len)
                     } else {
                         Bytes::from(data.next().unwrap_or_default())
                     };
