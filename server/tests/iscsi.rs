@@ -10,10 +10,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BLOCK, Server, sparse_file};
+use common::{BLOCK, Server, ok, qemu_img_copy, run, sparse_file};
 
 const SEGMENT: u64 = 64 * BLOCK as u64;
 const IQN: &str = "iqn.2026-11.io.kagami:";
@@ -47,22 +47,6 @@ fn with_image() -> (Server, u16, String, PathBuf) {
     let image = s.import(&disk, "iscsi");
     let id = image["id"].as_str().expect("id").to_string();
     (s, port, id, disk)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// What `kagami image export-iscsi` printed: (URL, CHAP name, CHAP secret, libiscsi URL).
@@ -220,16 +204,7 @@ fn credentials_are_checked_and_public_images_need_none() {
     let anonymous = ok(Command::new("iscsi-ls").arg(format!("iscsi://127.0.0.1:{port}")));
     assert!(anonymous.contains(&format!("{IQN}{id}")), "{anonymous}");
     let copy = s.dir.path().join("anon.raw");
-    ok(Command::new("qemu-img")
-        .args([
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &format!("iscsi://{target}"),
-        ])
-        .arg(&copy));
+    qemu_img_copy(&format!("iscsi://{target}"), &copy);
     assert!(std::fs::read(&copy).expect("copy") == padded(&disk));
     // CHAP still works for it.
     ok(Command::new("iscsi-inq").arg(&chap_url));
@@ -461,32 +436,14 @@ fn writes_are_refused_and_broken_sessions_end_cleanly() {
 
     // Still serving, correctly.
     let copy = s.dir.path().join("after.raw");
-    ok(Command::new("qemu-img")
-        .args([
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &format!("iscsi://127.0.0.1:{port}/{target}/0"),
-        ])
-        .arg(&copy));
+    qemu_img_copy(&format!("iscsi://127.0.0.1:{port}/{target}/0"), &copy);
     assert!(std::fs::read(&copy).expect("copy") == padded(&disk));
     assert!(!s.log_text().contains("panicked"), "{}", s.log_text());
 }
 
 #[test]
 fn the_cli_says_when_iscsi_is_off() {
-    let s = Server::start();
-    let disk = sparse_file(s.dir.path(), "x.raw", 1 << 20, &[(0, 4096)], 1);
-    let image = s.import(&disk, "x");
-    let out = s.cli_as(
-        &s.token.clone(),
-        &["image", "export-iscsi", image["id"].as_str().expect("id")],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--iscsi-listen"), "{err}");
+    common::cli_says_when_off("export-iscsi", "--iscsi-listen");
 }
 
 #[test]
@@ -694,9 +651,7 @@ fn silent_sessions_are_pinged_and_closed_when_they_do_not_answer() {
     );
     // And a whole copy with qemu-img is unaffected.
     let copy = s.dir.path().join("pinged.raw");
-    ok(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", &url])
-        .arg(&copy));
+    qemu_img_copy(&url, &copy);
     assert!(std::fs::read(&copy).expect("copy") == padded(&disk));
 }
 

@@ -11,9 +11,9 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{Response, Server, noise, sparse_file};
+use common::{Response, Server, noise, qemu_img_copy, run, sparse_file};
 use serde_json::{Value, json};
 
 const MAC: &str = "52:54:00:4b:49:01";
@@ -340,11 +340,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
 /// The value of `set NAME …` in a script.
 fn setting(script: &str, name: &str) -> String {
     let prefix = format!("set {name} ");
@@ -416,17 +411,7 @@ fn an_iscsi_iso_boot_logs_in_with_chap_credentials_for_that_image_only() {
 
     // The ISO reads back byte for byte; the raw image does not open.
     let copy = s.dir.path().join("iso-copy.raw");
-    let out = run(Command::new("qemu-img")
-        .args([
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &format!("{portal}/{target}/0"),
-        ])
-        .arg(&copy));
-    assert!(out.status.success(), "{out:?}");
+    qemu_img_copy(&format!("{portal}/{target}/0"), &copy);
     assert!(
         std::fs::read(&copy).expect("copy") == bytes,
         "the copy differs"

@@ -8,10 +8,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{BLOCK, Server, same_bytes, sparse_file};
+use common::{BLOCK, Server, ok, qemu_img_copy, run, same_bytes, sparse_file};
 
 const SEGMENT: u64 = 64 * BLOCK as u64;
 
@@ -46,21 +46,6 @@ fn with_image() -> (Server, u16, String, std::path::PathBuf) {
     let image = s.import(&disk, "nbd");
     let id = image["id"].as_str().expect("id").to_string();
     (s, port, id, disk)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// The file's allocation at 64 KiB granularity as nbdinfo prints it: (offset, length, type).
@@ -113,9 +98,7 @@ fn clients_read_the_image_and_its_holes() {
     assert!(same_bytes(&disk, &copy), "nbdcopy's copy differs");
 
     let converted = s.dir.path().join("qemu.raw");
-    ok(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", &url])
-        .arg(&converted));
+    qemu_img_copy(&url, &converted);
     assert!(same_bytes(&disk, &converted), "qemu-img's copy differs");
 
     // Several clients at once, each with several connections (multi-conn).
@@ -366,16 +349,7 @@ fn garbage_and_broken_sessions_end_cleanly_and_the_server_keeps_serving() {
 
 #[test]
 fn the_cli_says_when_nbd_is_off() {
-    let s = Server::start();
-    let disk = sparse_file(s.dir.path(), "x.raw", 1 << 20, &[(0, 4096)], 1);
-    let image = s.import(&disk, "x");
-    let out = s.cli_as(
-        &s.token.clone(),
-        &["image", "export-nbd", image["id"].as_str().expect("id")],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--nbd-listen"), "{err}");
+    common::cli_says_when_off("export-nbd", "--nbd-listen");
 }
 
 #[test]

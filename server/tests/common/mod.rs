@@ -373,6 +373,46 @@ impl Response {
 pub const BLOCK: usize = 65536;
 
 /// Deterministic pseudo-random bytes (xorshift), so images differ in content but tests repeat.
+/// Runs `cmd` to its end; panics only if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs `cmd`, which must succeed; its standard output.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// A whole copy of the disk at `url` (nbd:// or iscsi://) into `dest` with qemu-img, which must
+/// succeed.
+pub fn qemu_img_copy(url: &str, dest: &Path) {
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", url])
+        .arg(dest));
+}
+
+/// `kagami image <command> ID` fails, naming `flag`, on a server whose listener for it is off.
+pub fn cli_says_when_off(command: &str, flag: &str) {
+    let s = Server::start();
+    let disk = sparse_file(s.dir.path(), "x.raw", 1 << 20, &[(0, 4096)], 1);
+    let image = s.import(&disk, "x");
+    let out = s.cli_as(
+        &s.token.clone(),
+        &["image", command, image["id"].as_str().expect("id")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(flag), "{err}");
+}
+
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
