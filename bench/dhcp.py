@@ -226,7 +226,7 @@ def main():
         ratios = [a / b for a, b in zip(k, d) if b]
         print(f"{metric}: kagami median {statistics.median(k):.4f}, dnsmasq median "
               f"{statistics.median(d):.4f}, same-run ratio kagami/dnsmasq median "
-              f"{statistics.median(ratios) if ratios else float("nan"):.4g}")
+              f"{statistics.median(ratios) if ratios else float('nan'):.4g}")
     return 0
 
 

@@ -80,23 +80,35 @@ def make_image(path, data_path, size):
                 data.write(chunk)
 
 
+def free_port():
+    """A loopback TCP port nothing listens on right now."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port):
+    """Waits up to 10 s for something to listen on loopback `port`."""
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port}")
+
+
 class Server:
     def __init__(self, binary, data_dir, host="127.0.0.1", args=(), env=None):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
+        self.port = free_port()
         env = dict(os.environ, KAGAMI__GC__INTERVAL_SECS="0", KAGAMI_LOG="warn", **(env or {}))
         self.proc = subprocess.Popen(
             [binary, "serve", "--listen", f"{host}:{self.port}", "--data-dir", data_dir, *args],
             env=env, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_port(self.port)
         with open(os.path.join(data_dir, "admin.token")) as f:
             self.token = f.read().strip()
 

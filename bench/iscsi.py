@@ -30,8 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from agent import prepare  # noqa: E402
-from ingest import Server, cpu_seconds, run, warm  # noqa: E402
-from nbd import free_port, wait_port, warm_tree  # noqa: E402
+from ingest import Server, cpu_seconds, free_port, run, wait_port, warm, warm_tree  # noqa: E402
 
 TGT_IQN = "iqn.2026-11.io.kagami.bench:os"
 

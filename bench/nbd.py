@@ -20,7 +20,6 @@ the median of same-run ratios nbdkit time / Kagami time (above 1: Kagami is fast
 blocks on read (what the verification costs; nbdkit checks nothing).
 """
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,25 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from agent import prepare  # noqa: E402
-from ingest import Server, cpu_seconds, run, warm, warm_tree  # noqa: E402
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port):
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port}")
+from ingest import Server, cpu_seconds, free_port, run, wait_port, warm, warm_tree  # noqa: E402
 
 
 def copy(url, dest, server_pid):

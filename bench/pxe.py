@@ -28,7 +28,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ingest import ROOT, Server, run  # noqa: E402
+from ingest import ROOT, Server, free_port, run  # noqa: E402
 
 MAC = "52:54:00:4b:47:02"
 ADDR = "10.79.0.1"
@@ -86,14 +85,6 @@ def newc(entries):
         out += data
         out += bytes((4 - len(out) % 4) % 4)
     return bytes(out)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Machine:
