@@ -228,6 +228,38 @@ fn import_iso(lab: &Lab, iso: &Path, name: &str) -> serde_json::Value {
     ])
 }
 
+/// The machine's own disk, which prints a marker of its own (returned with its path): seeing
+/// the ISO's marker instead proves the ISO booted.
+fn own_disk(lab: &Lab) -> (PathBuf, String) {
+    let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
+    let disk = lab.dir.path().join("disk.raw");
+    marker_disk(lab.dir.path(), &disk, &disk_marker, 6);
+    (disk, disk_marker)
+}
+
+/// Powers on a BIOS machine (`name`) with `disk` until the ISO's GRUB prints `marker`: its
+/// console must show the script, iPXE's SAN boot and the marker in order, and neither the
+/// disk's own marker nor a failed boot.
+fn bios_sanboot(lab: &Lab, disk: &Path, disk_marker: &str, name: &str, marker: &str) {
+    let mut vm = lab.machine(Firmware::Bios, disk, MAC, name);
+    let booted = vm.wait_for(marker, LIMIT);
+    let console = vm.console();
+    drop(vm);
+    eprintln!("BIOS: power-on to the ISO's GRUB, {name}: {booted:?}");
+    in_order(
+        &console,
+        &[
+            "/boot/ipxe",
+            // (the console wraps the script's line at 80 columns)
+            &format!("host {MAC} boots ISO image"),
+            "Booting from SAN device",
+            marker,
+        ],
+    );
+    assert!(!console.contains(disk_marker), "{console}");
+    assert!(!console.contains("did not boot"), "{console}");
+}
+
 fn state(lab: &Lab) -> serde_json::Value {
     lab.server().cli_json(&["host", "show", "iso1"])
 }
@@ -250,26 +282,8 @@ fn a_bios_machine_sanboots_an_iso_over_http_until_released_then_boots_its_disk()
     let h = s.cli_json(&["host", "boot-iso", "iso1", "--image", &id]);
     assert_eq!(h["state"], "iso", "{h}");
 
-    // The machine's own disk prints another marker: seeing the ISO's proves the ISO booted.
-    let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
-    let disk = lab.dir.path().join("disk.raw");
-    marker_disk(lab.dir.path(), &disk, &disk_marker, 6);
-    let mut vm = lab.machine(Firmware::Bios, &disk, MAC, "iso-boot");
-    let booted = vm.wait_for(&marker, LIMIT);
-    let console = vm.console();
-    drop(vm);
-    eprintln!("BIOS: power-on to the ISO's GRUB {booted:?}");
-    in_order(
-        &console,
-        &[
-            "/boot/ipxe",
-            // (the console wraps the script's line at 80 columns)
-            &format!("host {MAC} boots ISO image"),
-            "Booting from SAN device",
-            &marker,
-        ],
-    );
-    assert!(!console.contains(&disk_marker), "{console}");
+    let (disk, disk_marker) = own_disk(&lab);
+    bios_sanboot(&lab, &disk, &disk_marker, "iso-boot", &marker);
 
     // iPXE read the ISO in ranges through the ISO boot's token; the log names no token.
     let log = s.log_text();
@@ -340,24 +354,8 @@ fn a_bios_machine_sanboots_an_iso_over_iscsi_with_the_boots_chap_credentials() {
         "{h}"
     );
 
-    let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
-    let disk = lab.dir.path().join("disk.raw");
-    marker_disk(lab.dir.path(), &disk, &disk_marker, 6);
-    let mut vm = lab.machine(Firmware::Bios, &disk, MAC, "iso-iscsi");
-    let booted = vm.wait_for(&marker, LIMIT);
-    let console = vm.console();
-    drop(vm);
-    eprintln!("BIOS: power-on to the ISO's GRUB over iSCSI {booted:?}");
-    in_order(
-        &console,
-        &[
-            "/boot/ipxe",
-            &format!("host {MAC} boots ISO image"),
-            &marker,
-        ],
-    );
-    assert!(!console.contains(&disk_marker), "{console}");
-    assert!(!console.contains("did not boot"), "{console}");
+    let (disk, disk_marker) = own_disk(&lab);
+    bios_sanboot(&lab, &disk, &disk_marker, "iso-iscsi", &marker);
 
     // iPXE logged in as this boot (not as a project's token) to the ISO's target.
     let log = s.log_text();
@@ -425,9 +423,7 @@ fn a_bios_machine_sanboots_a_non_hybrid_el_torito_iso_over_http_and_iscsi() {
     let image = import_iso(&lab, &iso, "eltorito");
     let id = image["id"].as_str().expect("id").to_string();
     s.cli(&["host", "add", MAC, "--name", "iso1"]);
-    let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
-    let disk = lab.dir.path().join("disk.raw");
-    marker_disk(lab.dir.path(), &disk, &disk_marker, 6);
+    let (disk, disk_marker) = own_disk(&lab);
 
     for via in ["http", "iscsi"] {
         let h = s.cli_json(&[
@@ -442,22 +438,13 @@ fn a_bios_machine_sanboots_a_non_hybrid_el_torito_iso_over_http_and_iscsi() {
             "next-boot",
         ]);
         assert_eq!(h["iso_boot"]["via"], via, "{h}");
-        let mut vm = lab.machine(Firmware::Bios, &disk, MAC, &format!("eltorito-{via}"));
-        let booted = vm.wait_for(&marker, LIMIT);
-        let console = vm.console();
-        drop(vm);
-        eprintln!("BIOS: power-on to the non-hybrid ISO's GRUB over {via} {booted:?}");
-        in_order(
-            &console,
-            &[
-                "/boot/ipxe",
-                &format!("host {MAC} boots ISO image"),
-                "Booting from SAN device",
-                &marker,
-            ],
+        bios_sanboot(
+            &lab,
+            &disk,
+            &disk_marker,
+            &format!("eltorito-{via}"),
+            &marker,
         );
-        assert!(!console.contains(&disk_marker), "{console}");
-        assert!(!console.contains("did not boot"), "{console}");
         assert_eq!(state(&lab)["state"], "discovered", "back after one boot");
     }
 
@@ -519,9 +506,7 @@ fn a_uefi_machine_sanboots_isos_over_http_until_released_then_over_iscsi_once() 
         .expect("id")
         .to_string();
     s.cli(&["host", "add", MAC, "--name", "iso1"]);
-    let disk_marker = format!("KAGAMI-DISK-{}", std::process::id());
-    let disk = lab.dir.path().join("disk.raw");
-    marker_disk(lab.dir.path(), &disk, &disk_marker, 6);
+    let (disk, disk_marker) = own_disk(&lab);
     let uefi_boot = |name: &str, marker: &str| {
         let mut vm = lab.machine(Firmware::Uefi, &disk, MAC, name);
         let booted = vm.wait_for(marker, UEFI_LIMIT);
