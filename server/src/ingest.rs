@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
 
@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::catalog::tenancy::Caller;
 use crate::catalog::{Catalog, blocks, images, now_ms};
 use crate::error::ApiError;
-use crate::store::PackStore;
+use crate::store::{Location, PackStore, WriteGate};
 
 /// What an ingest wrote.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -45,30 +45,105 @@ pub fn store_blocks(
     store: &PackStore,
     blocks: &[(BlockId, &[u8])],
 ) -> Result<StoreStats, ApiError> {
-    let ids: Vec<BlockId> = blocks.iter().map(|(id, _)| *id).collect();
-    let _writing = store.shared();
-    let now = now_ms();
-    let missing: HashSet<BlockId> = catalog
-        .run_blocking(|c| blocks::find_missing(c, &ids, now))?
-        .into_iter()
-        .collect();
-    if missing.is_empty() {
-        return Ok(StoreStats::default());
-    }
-    let mut seen = HashSet::new();
-    let to_write: Vec<(BlockId, &[u8])> = blocks
-        .iter()
-        .filter(|(id, _)| missing.contains(id) && seen.insert(*id))
-        .map(|(id, d)| (*id, *d))
-        .collect();
-    let locations = store.append(&to_write)?;
-    let rows: Vec<_> = to_write.iter().map(|(id, _)| *id).zip(locations).collect();
-    catalog.run_blocking(|c| blocks::insert(c, &rows, now))?;
-    Ok(StoreStats {
-        new_blocks: to_write.len() as u64,
-        new_bytes: to_write.iter().map(|(_, d)| d.len() as u64).sum(),
-    })
+    let mut group = Unindexed::default();
+    group.write(catalog, store, blocks)?;
+    group.commit(catalog, store)?;
+    Ok(group.committed)
 }
+
+/// New blocks one ingest wrote to the store and has not yet made durable and indexed: written
+/// segment after segment without waiting for the disk, then one fsync and one catalog
+/// transaction for the lot ([`Unindexed::commit`]). Per segment, the fsync and the transaction
+/// (whose WAL pages, for random ids, are mostly new) cost as much as writing the data. It holds
+/// the store's write gate from its first write to its commit, so GC never judges a pack holding
+/// blocks it has written but not indexed; dropped uncommitted (a failed ingest), its blocks are
+/// dead space GC reclaims, as after a crash.
+#[derive(Default)]
+struct Unindexed {
+    rows: Vec<(BlockId, Location)>,
+    ids: HashSet<BlockId>,
+    bytes: u64,
+    opened: Option<Instant>,
+    gate: Option<WriteGate>,
+    /// What this group's commits have made durable so far.
+    committed: StoreStats,
+}
+
+impl Unindexed {
+    /// Writes the blocks of `blocks` that neither the index nor this group has (each once); they
+    /// are not durable until [`Unindexed::commit`].
+    fn write(
+        &mut self,
+        catalog: &Catalog,
+        store: &PackStore,
+        blocks: &[(BlockId, &[u8])],
+    ) -> Result<(), ApiError> {
+        let mut asked = HashSet::new();
+        let ids: Vec<BlockId> = blocks
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !id.is_hole() && !self.ids.contains(id) && asked.insert(*id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        // Before the lookup: find_missing touches the unreferenced blocks it finds, and GC must
+        // not drop them between that and our commit.
+        if self.gate.is_none() {
+            self.gate = Some(store.writing());
+            self.opened = Some(Instant::now());
+        }
+        let now = now_ms();
+        let missing: HashSet<BlockId> = catalog
+            .run_blocking(|c| blocks::find_missing(c, &ids, now))?
+            .into_iter()
+            .collect();
+        let to_write: Vec<(BlockId, &[u8])> = blocks
+            .iter()
+            .filter(|(id, _)| missing.contains(id) && self.ids.insert(*id))
+            .map(|(id, d)| (*id, *d))
+            .collect();
+        if to_write.is_empty() {
+            return Ok(());
+        }
+        let locations = store.append_unsynced(&to_write)?;
+        self.bytes += to_write.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        self.rows
+            .extend(to_write.iter().map(|(id, _)| *id).zip(locations));
+        Ok(())
+    }
+
+    /// Whether the group should commit now: it holds [`GROUP_BYTES`], or has been open for
+    /// [`GROUP_AGE`].
+    fn full(&self) -> bool {
+        self.bytes >= GROUP_BYTES || self.opened.is_some_and(|t| t.elapsed() >= GROUP_AGE)
+    }
+
+    /// Makes the written blocks durable (fsync) and indexes them, then lets GC in again.
+    fn commit(&mut self, catalog: &Catalog, store: &PackStore) -> Result<(), ApiError> {
+        if !self.rows.is_empty() {
+            store.sync()?;
+            let now = now_ms();
+            let rows = &self.rows;
+            catalog.run_blocking(|c| blocks::insert(c, rows, now))?;
+        }
+        self.committed.new_blocks += self.rows.len() as u64;
+        self.committed.new_bytes += self.bytes;
+        self.rows.clear();
+        self.ids.clear();
+        self.bytes = 0;
+        self.opened = None;
+        self.gate = None;
+        Ok(())
+    }
+}
+
+/// Bytes of new blocks an ingest writes between two commits of its [`Unindexed`] group.
+const GROUP_BYTES: u64 = 64 << 20;
+/// The longest a group stays open while its ingest writes (GC waits for it)...
+const GROUP_AGE: Duration = Duration::from_secs(1);
+/// ...and the pause in a stream after which the written blocks are committed at once.
+const GROUP_PAUSE: Duration = Duration::from_millis(100);
 
 /// Cuts a byte stream into segments and stores their new blocks; returns the manifest (not yet
 /// committed) and what was written. Fails if the stream errors (a truncated upload), stalls for
@@ -88,37 +163,37 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut builder = ManifestBuilder::new();
-    let mut stats = StoreStats::default();
-    // Segment N is hashed and stored on the blocking pool while segment N+1 arrives; at most one
-    // is in flight, which bounds memory and gives back-pressure to the sender. No thread is held
-    // between segments, so slow uploads cannot starve the pool.
-    let mut in_flight: Option<SegmentTask> = None;
+    let mut pipeline = Pipeline::new(catalog, store);
     let mut ends = Ends::default();
     let mut pending = BytesMut::with_capacity(SEGMENT_SIZE);
-    // The buffer of the segment before last, handed back for reuse: no fresh 4 MiB (and its
-    // page faults) per segment.
-    let mut spare: Option<BytesMut> = None;
     let mut total: u64 = 0;
     loop {
-        let chunk = match tokio::time::timeout(limits.idle, body.next()).await {
+        // A pause in the stream: commit what is written, so GC never waits on a slow sender.
+        let chunk = match tokio::time::timeout(GROUP_PAUSE.min(limits.idle), body.next()).await {
+            Ok(next) => next,
             Err(_) => {
-                return Err(ApiError::bad(
-                    "upload_stalled",
-                    format!(
-                        "no data for {} s after {total} bytes; upload again",
-                        limits.idle.as_secs()
-                    ),
-                ));
+                pipeline.settle().await?;
+                let rest = limits.idle.saturating_sub(GROUP_PAUSE);
+                tokio::time::timeout(rest, body.next()).await.map_err(|_| {
+                    ApiError::bad(
+                        "upload_stalled",
+                        format!(
+                            "no data for {} s after {total} bytes; upload again",
+                            limits.idle.as_secs()
+                        ),
+                    )
+                })?
             }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
+        };
+        let chunk = match chunk {
+            None => break,
+            Some(Err(e)) => {
                 return Err(ApiError::bad(
                     "upload_interrupted",
                     format!("the upload stream broke after {total} bytes: {e}"),
                 ));
             }
-            Ok(Some(Ok(chunk))) => chunk,
+            Some(Ok(chunk)) => chunk,
         };
         ends.push(&chunk);
         total += chunk.len() as u64;
@@ -133,35 +208,23 @@ where
             // A whole segment arriving at a segment boundary (a format reader's output) is
             // hashed and stored where it is, without a copy into `pending`.
             if pending.is_empty() && chunk.len() >= SEGMENT_SIZE {
-                let full = chunk.split_to(SEGMENT_SIZE);
-                if let Some(task) = in_flight.take() {
-                    spare = spare.or(task.finish(&mut builder, &mut stats).await?);
-                }
-                in_flight = Some(SegmentTask::start(&catalog, &store, full));
+                pipeline.push(chunk.split_to(SEGMENT_SIZE)).await?;
                 continue;
             }
             let take = chunk.len().min(SEGMENT_SIZE - pending.len());
             pending.extend_from_slice(&chunk.split_to(take));
             if pending.len() == SEGMENT_SIZE {
-                let next = spare
-                    .take()
-                    .unwrap_or_else(|| BytesMut::with_capacity(SEGMENT_SIZE));
-                let full = std::mem::replace(&mut pending, next);
-                if let Some(task) = in_flight.take() {
-                    spare = task.finish(&mut builder, &mut stats).await?;
-                }
-                in_flight = Some(SegmentTask::start(&catalog, &store, full.freeze()));
+                let next = pipeline.spare();
+                pipeline
+                    .push(std::mem::replace(&mut pending, next).freeze())
+                    .await?;
             }
         }
     }
-    if let Some(task) = in_flight.take() {
-        task.finish(&mut builder, &mut stats).await?;
-    }
     if !pending.is_empty() {
-        SegmentTask::start(&catalog, &store, pending.freeze())
-            .finish(&mut builder, &mut stats)
-            .await?;
+        pipeline.push(pending.freeze()).await?;
     }
+    let (builder, stats) = pipeline.finish().await?;
     if builder.size() == 0 {
         return Err(ApiError::bad(
             "empty_image",
@@ -234,53 +297,136 @@ pub struct ReceiveLimits {
     pub idle: Duration,
 }
 
-/// A stored segment: its block ids, what was written, and its buffer (returned for reuse).
-type SegmentDone = (Vec<BlockId>, StoreStats, Bytes);
-
-/// One segment being hashed and stored on the blocking pool.
-struct SegmentTask {
-    len: usize,
-    handle: tokio::task::JoinHandle<Result<SegmentDone, ApiError>>,
+/// Segments on their way into the store, through two stages on the blocking pool: each is
+/// hashed on every core, then its new blocks are written (into the ingest's [`Unindexed`]
+/// group). Segment N+1 is hashed while N is written and N+2 arrives; one segment in each stage
+/// bounds memory and gives back-pressure to the sender, and no thread is held between segments,
+/// so slow uploads cannot starve the pool. Holes the reader already knows (the shared zero
+/// segment) skip both stages.
+struct Pipeline {
+    catalog: Catalog,
+    store: Arc<PackStore>,
+    builder: ManifestBuilder,
+    hashing: Option<tokio::task::JoinHandle<(Vec<BlockId>, Bytes)>>,
+    storing: Option<tokio::task::JoinHandle<Result<(Unindexed, Bytes), ApiError>>>,
+    /// The group, while no store task has it.
+    group: Option<Unindexed>,
+    /// A stored segment's buffer, for the next segment (no fresh 4 MiB and its page faults).
+    spare: Option<BytesMut>,
 }
 
-impl SegmentTask {
-    fn start(catalog: &Catalog, store: &Arc<PackStore>, data: Bytes) -> SegmentTask {
-        let (catalog, store) = (catalog.clone(), store.clone());
-        let len = data.len();
-        let handle = tokio::task::spawn_blocking(move || {
-            let ids = hash_blocks(&data);
-            let pairs: Vec<(BlockId, &[u8])> = ids
-                .iter()
-                .zip(data.chunks(BLOCK_SIZE))
-                .filter(|(id, _)| !id.is_hole())
-                .map(|(id, d)| (*id, d))
-                .collect();
-            let written = store_blocks(&catalog, &store, &pairs)?;
-            drop(pairs);
-            Ok((ids, written, data))
-        });
-        SegmentTask { len, handle }
+impl Pipeline {
+    fn new(catalog: Catalog, store: Arc<PackStore>) -> Pipeline {
+        Pipeline {
+            catalog,
+            store,
+            builder: ManifestBuilder::new(),
+            hashing: None,
+            storing: None,
+            group: Some(Unindexed::default()),
+            spare: None,
+        }
     }
 
-    /// Waits for the segment, records it, and hands back its buffer for reuse.
-    async fn finish(
-        self,
-        builder: &mut ManifestBuilder,
-        stats: &mut StoreStats,
-    ) -> Result<Option<BytesMut>, ApiError> {
-        let (ids, written, data) = self
-            .handle
+    /// An empty segment buffer.
+    fn spare(&mut self) -> BytesMut {
+        self.spare
+            .take()
+            .unwrap_or_else(|| BytesMut::with_capacity(SEGMENT_SIZE))
+    }
+
+    /// Takes the next segment (in disk order).
+    async fn push(&mut self, data: Bytes) -> Result<(), ApiError> {
+        self.hashed().await?;
+        if crate::stream::is_zero_segment(&data) {
+            return self.record(
+                data.len(),
+                vec![BlockId::HOLE; data.len().div_ceil(BLOCK_SIZE)],
+            );
+        }
+        self.hashing = Some(tokio::task::spawn_blocking(move || {
+            (hash_blocks(&data), data)
+        }));
+        Ok(())
+    }
+
+    fn record(&mut self, len: usize, ids: Vec<BlockId>) -> Result<(), ApiError> {
+        self.builder
+            .push_ids(len, ids)
+            .map(drop)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    /// Waits for the segment being hashed, records its ids and hands it to the store stage.
+    async fn hashed(&mut self) -> Result<(), ApiError> {
+        let Some(task) = self.hashing.take() else {
+            return Ok(());
+        };
+        let (ids, data) = task
+            .await
+            .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))?;
+        self.record(data.len(), ids.clone())?;
+        if ids.iter().all(BlockId::is_hole) {
+            self.recycle(data);
+            return Ok(());
+        }
+        let mut group = self.stored().await?;
+        let (catalog, store) = (self.catalog.clone(), self.store.clone());
+        self.storing = Some(tokio::task::spawn_blocking(move || {
+            let pairs: Vec<(BlockId, &[u8])> =
+                ids.into_iter().zip(data.chunks(BLOCK_SIZE)).collect();
+            group.write(&catalog, &store, &pairs)?;
+            if group.full() {
+                group.commit(&catalog, &store)?;
+            }
+            drop(pairs);
+            Ok((group, data))
+        }));
+        Ok(())
+    }
+
+    /// Waits for the segment being stored, if any; returns the group.
+    async fn stored(&mut self) -> Result<Unindexed, ApiError> {
+        let Some(task) = self.storing.take() else {
+            return Ok(self.group.take().unwrap_or_default());
+        };
+        let (group, data) = task
             .await
             .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))??;
-        builder
-            .push_ids(self.len, ids)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        stats.new_blocks += written.new_blocks;
-        stats.new_bytes += written.new_bytes;
-        Ok(data.try_into_mut().ok().map(|mut buf| {
+        self.recycle(data);
+        Ok(group)
+    }
+
+    fn recycle(&mut self, data: Bytes) {
+        if let Ok(mut buf) = data.try_into_mut()
+            && buf.capacity() >= SEGMENT_SIZE
+        {
             buf.clear();
-            buf
-        }))
+            self.spare = Some(buf);
+        }
+    }
+
+    /// Waits for both stages and commits the group: everything pushed so far is stored,
+    /// durable and indexed.
+    async fn settle(&mut self) -> Result<(), ApiError> {
+        self.hashed().await?;
+        let mut group = self.stored().await?;
+        if group.gate.is_some() {
+            let (catalog, store) = (self.catalog.clone(), self.store.clone());
+            group =
+                tokio::task::spawn_blocking(move || group.commit(&catalog, &store).map(|()| group))
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))??;
+        }
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// Settles and returns the manifest's builder and what was written.
+    async fn finish(mut self) -> Result<(ManifestBuilder, StoreStats), ApiError> {
+        self.settle().await?;
+        let committed = self.group.map(|g| g.committed).unwrap_or_default();
+        Ok((self.builder, committed))
     }
 }
 
@@ -433,4 +579,89 @@ pub async fn convert_file(
     let (manifest, _) =
         receive(catalog.clone(), store.clone(), Box::pin(body), limits, disk).await?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segments_are_stored_in_groups_committed_when_the_stream_pauses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let catalog = Catalog::open(&dir.path().join("c.db")).expect("catalog");
+        let store = Arc::new(PackStore::open(&dir.path().join("packs"), 16 << 20).expect("store"));
+        let a = Bytes::from(noise(1, SEGMENT_SIZE));
+        let tail = Bytes::from(noise(2, 100 << 10));
+        let a_ids = hash_blocks(&a);
+        // a twice (the second time its blocks are in the open group, not yet indexed), a
+        // pause, a known hole (the shared zero segment), a short last segment.
+        let (c, s) = (catalog.clone(), store.clone());
+        let items = vec![
+            a.clone(),
+            a.clone(),
+            Bytes::new(),
+            crate::stream::ZERO_SEGMENT.clone(),
+            tail.clone(),
+        ];
+        let body = futures_util::stream::iter(items).then(move |item| {
+            let (c, s, a_ids) = (c.clone(), s.clone(), a_ids.clone());
+            async move {
+                if item.is_empty() {
+                    // The pause: by now what came before is durable and indexed, and GC could
+                    // run.
+                    tokio::time::sleep(GROUP_PAUSE * 4).await;
+                    let missing = c
+                        .run(move |c| blocks::find_missing(c, &a_ids, now_ms()))
+                        .await
+                        .expect("lookup");
+                    assert!(
+                        missing.is_empty(),
+                        "{} blocks of a not indexed",
+                        missing.len()
+                    );
+                    assert!(s.gc_could_run(), "the group still holds the store");
+                }
+                Ok::<_, std::io::Error>(item)
+            }
+        });
+        let limits = ReceiveLimits {
+            max_bytes: 1 << 30,
+            idle: Duration::from_secs(5),
+        };
+        let (manifest, stats) = receive(
+            catalog.clone(),
+            store.clone(),
+            Box::pin(body),
+            limits,
+            DiskFormat::Raw,
+        )
+        .await
+        .expect("receive");
+        // Every distinct block written once: a's 64, the tail's 2.
+        assert_eq!(stats.new_blocks, 64 + 2);
+        assert_eq!(stats.new_bytes, SEGMENT_SIZE as u64 + (100 << 10));
+        let whole = [&a[..], &a[..], &vec![0u8; SEGMENT_SIZE], &tail[..]].concat();
+        let expected: Vec<BlockId> = whole.chunks(SEGMENT_SIZE).flat_map(hash_blocks).collect();
+        let got: Vec<BlockId> = manifest.blocks().map(|b| b.id).collect();
+        assert_eq!(got, expected);
+        assert_eq!(manifest.virtual_size(), whole.len() as u64);
+        let missing = catalog
+            .run(move |c| blocks::find_missing(c, &got, now_ms()))
+            .await
+            .expect("lookup");
+        assert!(missing.is_empty(), "every block is indexed at the end");
+        assert!(store.gc_could_run());
+    }
 }

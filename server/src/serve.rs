@@ -79,7 +79,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         PackStore::open(&dir.join("packs"), config.store.pack_bytes)
             .context("cannot open the block store")?,
     );
-    if let Some((pack, good, size)) = store.torn_tail()? {
+    for (pack, good, size) in store.torn_tails()? {
         tracing::warn!(
             pack = format!("{pack:016x}"),
             good,

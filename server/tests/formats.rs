@@ -375,12 +375,13 @@ fn an_export_stops_at_a_corrupt_block_and_says_so() {
     std::fs::write(d.join("disk.raw"), &disk).expect("write");
     let image = s.import(&d.join("disk.raw"), "to-corrupt");
     let id = image["id"].as_str().expect("id");
-    // One byte flipped in the middle of the only pack: inside some block's stored bytes.
+    // One byte flipped in the middle of a pack (the run was split between the store's two
+    // lanes, a pack each): inside some block's stored bytes.
     let packs: Vec<_> = std::fs::read_dir(s.data_dir().join("packs"))
         .expect("packs")
         .map(|e| e.expect("entry").path())
         .collect();
-    assert_eq!(packs.len(), 1, "{packs:?}");
+    assert_eq!(packs.len(), 2, "{packs:?}");
     let mut bytes = std::fs::read(&packs[0]).expect("pack");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;

@@ -218,7 +218,8 @@ fn protected_images_resist_delete_and_gc_keeps_shared_blocks() {
     assert_eq!(s.store_stats()["unreferenced_blocks"], 10 * 16);
     let report = s.gc_now();
     assert_eq!(report["dropped_blocks"], 10 * 16);
-    assert_eq!(report["packs_rewritten"], 1);
+    // One pack per store lane, both mostly dead now.
+    assert_eq!(report["packs_rewritten"], 2);
     let after = s.store_stats();
     assert_eq!(
         after["blocks"],

@@ -81,8 +81,14 @@ pub struct Reader {
 /// A segment of zeroes that is never written, for holes: allocated zeroed (a fresh mapping),
 /// its pages are all the kernel's one zero page, so reading it costs no memory traffic (and no
 /// 4 MiB in the binary, as a static array would).
-static ZERO_SEGMENT: std::sync::LazyLock<Bytes> =
+pub(crate) static ZERO_SEGMENT: std::sync::LazyLock<Bytes> =
     std::sync::LazyLock::new(|| Bytes::from(vec![0u8; SEGMENT_SIZE]));
+
+/// Whether `data` is (a slice of the front of) the shared zero segment: a hole its producer
+/// already knew, which needs no hashing or storing.
+pub fn is_zero_segment(data: &Bytes) -> bool {
+    std::ptr::eq(data.as_ptr(), ZERO_SEGMENT.as_ptr())
+}
 
 /// A block to read: its id, where it is stored, and the buffer it goes into (at the front).
 type Slot<'a> = (BlockId, Location, &'a mut [u8]);
