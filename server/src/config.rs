@@ -82,6 +82,19 @@ pub struct ImportConfig {
     /// disk once (the blocks), not twice. A crash inside the window fails the job ("upload
     /// again"). 0: fsync at once.
     pub durable_after_secs: u64,
+    /// Uploads converted at once, each while its file arrives; more wait for a slot (their
+    /// files still staged meanwhile). 0: one per core.
+    pub upload_conversions: usize,
+}
+
+impl ImportConfig {
+    /// [`ImportConfig::upload_conversions`], with 0 resolved.
+    pub fn upload_slots(&self) -> usize {
+        match self.upload_conversions {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for ImportConfig {
@@ -89,6 +102,7 @@ impl Default for ImportConfig {
         ImportConfig {
             ca_file: PathBuf::new(),
             durable_after_secs: 10,
+            upload_conversions: 0,
         }
     }
 }

@@ -448,12 +448,14 @@ pub async fn staged_file(
 }
 
 /// Writes a request body to `out`, bounded by `max` bytes and `idle` seconds between chunks;
-/// returns its length. A body that breaks (the client went away) is an error.
+/// returns its length. A body that breaks (the client went away) is an error. `wrote` hears how
+/// many bytes are in the file (not in a buffer) as they land.
 pub async fn write_body(
     body: axum::body::Body,
     out: &mut tokio::fs::File,
     idle: Duration,
     max: u64,
+    wrote: impl Fn(u64),
 ) -> Result<u64, ApiError> {
     use tokio::io::AsyncWriteExt;
     let mut stream = body.into_data_stream();
@@ -475,15 +477,19 @@ pub async fn write_body(
             }
             Ok(Some(Ok(c))) => c,
         };
-        total += chunk.len() as u64;
-        if total > max {
+        if total + chunk.len() as u64 > max {
             return Err(ApiError::TooLarge(format!(
                 "the file is larger than limits.max_image_bytes ({max} bytes)"
             )));
         }
+        // `write_all` returns once this chunk is buffered and its write started, which is once
+        // the previous chunks' writes are done: they are in the file.
         out.write_all(&chunk).await?;
+        wrote(total);
+        total += chunk.len() as u64;
     }
     out.flush().await?;
+    wrote(total);
     Ok(total)
 }
 
@@ -534,29 +540,16 @@ pub fn check_kind(image: &Image, claimed: DiskFormat) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Imports an image file (any accepted format) already on local disk: inspects it as
-/// `claimed` (refused with the inspector's reason otherwise), reads it as its logical disk and
-/// feeds that through [`receive`] — which checks the converted disk is raw (or an ISO) too.
-pub async fn convert_file(
+/// Reads `reader` (an inspected image file opened as its logical disk) into blocks through
+/// [`receive`] — which checks the converted disk is raw (or an ISO) too.
+pub async fn convert(
     catalog: &Catalog,
     store: &Arc<PackStore>,
     config: &crate::config::Limits,
     image: &Image,
-    claimed: DiskFormat,
-    file: std::fs::File,
+    reader: Box<dyn format::read::Logical>,
     progress: &Arc<Progress>,
 ) -> Result<Manifest, ApiError> {
-    let limits = format::Limits {
-        max_virtual_size: config.max_image_bytes,
-        ..Default::default()
-    };
-    let reader = tokio::task::spawn_blocking(move || {
-        let info = format::inspect(&file, claimed, &limits)?;
-        format::read::open(file, &info, &limits)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
-    .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
     progress
         .total
         .store(reader.virtual_size(), Ordering::Relaxed);
@@ -574,7 +567,9 @@ pub async fn convert_file(
     };
     let limits = ReceiveLimits {
         max_bytes: config.max_image_bytes,
-        idle: Duration::from_secs(config.upload_idle_secs),
+        // The reader never stalls on its own: its reads wait only for an upload still arriving,
+        // whose request gives up after `upload_idle_secs` without data (and fails the reads).
+        idle: Duration::from_secs(24 * 3600),
     };
     let (manifest, _) =
         receive(catalog.clone(), store.clone(), Box::pin(body), limits, disk).await?;

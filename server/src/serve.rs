@@ -100,6 +100,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         reader,
         job_queued: Arc::default(),
         sessions: Sessions::default(),
+        upload_slots: Arc::new(tokio::sync::Semaphore::new(config.import.upload_slots())),
     };
 
     tokio::spawn(crate::jobs::import::worker(state.clone()));

@@ -488,7 +488,8 @@ fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
     assert_eq!(image["status"], "active");
     assert_eq!(image["digest"], raw["digest"]);
 
-    // An upload cut off half way: the image fails with the reason; no job, no file.
+    // An upload cut off half way: the image and its job (queued as the upload began, so an idle
+    // worker converts while it arrives) fail with the reason; no file is left.
     let img = s.cli_json(&["image", "create", "--name", "cut"]);
     let id = img["id"].as_str().expect("id");
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
@@ -519,37 +520,122 @@ fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
             .contains("upload broke"),
         "{image}"
     );
-    let jobs = s.admin("GET", "/v1/jobs", &[]).json();
-    assert!(
-        !jobs
-            .as_array()
-            .expect("jobs")
-            .iter()
-            .any(|j| j["image_id"] == id),
-        "{jobs}"
-    );
+    let job = job_of_image(&s, id, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error_code"], "upload_interrupted", "{job}");
+    assert_eq!(job["error"], image["status_reason"], "{job}");
     assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
 }
 
-/// Uploads an 8 GiB qcow2 (data only at both ends) while the job queue is busy with a slow URL
-/// import (`slow`, served ~16 MiB at 2 MiB/s by `web`), so the upload's job is caught queued —
-/// a conversion of mostly unallocated clusters is over too fast to catch running. Returns the
-/// image id, the upload job's id, the raw disk and its size.
-fn upload_behind_a_slow_job(
+/// The image's one job, once `until` holds for it.
+fn job_of_image(s: &common::Server, image: &str, until: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = s.admin("GET", "/v1/jobs", &[]).json();
+        let job = jobs
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .find(|j| j["image_id"] == image)
+            .cloned()
+            .unwrap_or(Value::Null);
+        if !job.is_null() && until(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "the job never got there: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_upload_converts_while_it_arrives_and_nothing_is_kept_if_its_end_is_refused() {
+    let s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    let disk = common::noise(41, 32 << 20);
+    qcow2_of(files.path(), "disk.qcow2", &disk);
+    let qcow2 = std::fs::read(files.path().join("disk.qcow2")).expect("read");
+    let raw = s.import(&files.path().join("disk.qcow2.raw"), "raw");
+    // The same qcow2 with a VHD footer's cookie glued to its end: two formats at once, which
+    // only the file's last bytes show.
+    let mut footer = vec![0u8; 512];
+    footer[..8].copy_from_slice(b"conectix");
+    for (name, tail) in [("whole", Vec::new()), ("ambiguous", footer)] {
+        let img = s.cli_json(&["image", "create", "--name", name]);
+        let id = img["id"].as_str().expect("id");
+        let body = [qcow2.clone(), tail.clone()].concat();
+        let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+        let head = format!(
+            "POST /v1/images/{id}/import?disk_format=qcow2 HTTP/1.1\r\nHost: kagami\r\n\
+             Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n",
+            s.token,
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).expect("head");
+        let half = body.len() * 3 / 4;
+        conn.write_all(&body[..half]).expect("body");
+        // Before the body ends, its job is converting what arrived.
+        let job = job_of_image(&s, id, |j| j["bytes_done"].as_u64().unwrap_or(0) > 0);
+        assert_eq!(job["state"], "running", "{name}: {job}");
+        conn.write_all(&body[half..]).expect("body");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut answer).expect("answer");
+        let job = job_of_image(&s, id, |j| {
+            j["state"] != "running" && j["state"] != "queued"
+        });
+        let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+        if tail.is_empty() {
+            assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+            assert_eq!(job["state"], "succeeded", "{job}");
+            assert_eq!(image["status"], "active", "{image}");
+            assert_eq!(image["digest"], raw["digest"], "the disk, exactly");
+        } else {
+            // Refused by the whole file's inspection, after most of it was converted: the
+            // answer, the job and the image all say why, and nothing is committed.
+            assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+            assert!(answer.contains("format_ambiguous"), "{answer}");
+            assert_eq!(job["state"], "failed", "{job}");
+            assert_eq!(job["error_code"], "format_ambiguous", "{job}");
+            assert_eq!(image["status"], "failed", "{image}");
+            assert!(
+                image["status_reason"]
+                    .as_str()
+                    .expect("reason")
+                    .contains("several formats"),
+                "{image}"
+            );
+        }
+        assert!(job_folders(&s).is_empty(), "{name}: {:?}", job_folders(&s));
+    }
+}
+
+/// Takes the server's one upload-conversion slot (`import.upload_conversions = 1`) with an
+/// upload sent half way, whose conversion waits for the rest; then uploads an 8 GiB qcow2 (data
+/// only at both ends), whose job is caught waiting for the slot — a conversion of mostly
+/// unallocated clusters is over too fast to catch running. Returns the image id, the upload
+/// job's id, the raw disk, its size, and the half upload's connection (its slot is held while
+/// it is open; a restart fails its job, whose file never arrived whole).
+fn upload_waiting_for_a_slot(
     s: &common::Server,
     files: &Path,
-    web: &FileServer,
-) -> (String, String, std::path::PathBuf, u64) {
-    let slow = s.cli_json(&["image", "create", "--name", "slow"]);
-    let body = json!({"source_url": web.url("slow.qcow2"), "disk_format": "qcow2"}).to_string();
-    let r = s.admin(
-        "POST",
-        &format!("/v1/images/{}/import", slow["id"].as_str().expect("id")),
-        &["-H", "content-type: application/json", "-d", &body],
+) -> (String, String, std::path::PathBuf, u64, TcpStream) {
+    qcow2_of(files, "holder.qcow2", &common::noise(9, 16 << 20));
+    let holder = std::fs::read(files.join("holder.qcow2")).expect("read");
+    let img = s.cli_json(&["image", "create", "--name", "holder"]);
+    let holder_id = img["id"].as_str().expect("id");
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    let head = format!(
+        "POST /v1/images/{holder_id}/import?disk_format=qcow2 HTTP/1.1\r\nHost: kagami\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        s.token,
+        holder.len()
     );
-    assert_eq!(r.status, 202, "{}", r.text());
-    let slow_job = r.json()["id"].as_str().expect("job").to_string();
-    wait_job(s, &slow_job, |j| j["state"] == "running");
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&holder[..holder.len() / 2]).expect("body");
+    job_of_image(s, holder_id, |j| j["phase"] == "converting");
     let size: u64 = 8 << 30;
     let raw = common::sparse_file(
         files,
@@ -576,14 +662,10 @@ fn upload_behind_a_slow_job(
     assert_eq!(r.status, 202, "{}", r.text());
     let job_id = r.json()["id"].as_str().expect("job").to_string();
     let job = s.admin("GET", &format!("/v1/jobs/{job_id}"), &[]).json();
-    assert_eq!(job["state"], "queued", "behind the slow import: {job}");
-    (id, job_id, raw, size)
-}
-
-/// The slow source of [`upload_behind_a_slow_job`] (in `files`) and its server.
-fn slow_source(files: &Path) -> FileServer {
-    qcow2_of(files, "slow.qcow2", &common::noise(9, 16 << 20));
-    FileServer::start(files, 256 << 10, 0.125)
+    assert_eq!(job["state"], "running", "{job}");
+    assert_eq!(job["phase"], "waiting for a conversion slot", "{job}");
+    assert_eq!(job["bytes_done"], 0, "{job}");
+    (id, job_id, raw, size, conn)
 }
 
 /// Waits for the marker that says the file staged for `job` (fsynced in the background, after
@@ -603,19 +685,21 @@ fn wait_durable(s: &common::Server, job: &str) {
 
 #[test]
 fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
-    let mut s = common::Server::start_with(&[("KAGAMI__IMPORT__DURABLE_AFTER_SECS", "1")]);
+    let mut s = common::Server::start_with(&[
+        ("KAGAMI__IMPORT__DURABLE_AFTER_SECS", "1"),
+        ("KAGAMI__IMPORT__UPLOAD_CONVERSIONS", "1"),
+    ]);
     let files = tempfile::tempdir().expect("tmp");
-    let web = slow_source(files.path());
-    let (id, job_id, raw, size) = upload_behind_a_slow_job(&s, files.path(), &web);
-    // Queued for longer than import.durable_after_secs: the file is made durable meanwhile.
+    let (id, job_id, raw, size, _holder) = upload_waiting_for_a_slot(&s, files.path());
+    // Waiting for longer than import.durable_after_secs: the file is made durable meanwhile.
     wait_durable(&s, &job_id);
     s.kill();
-    // The slow import fails fast after the restart (its source is gone); the upload's job runs.
-    drop(web);
-    assert_eq!(
-        job_folders(&s),
-        vec![job_id.clone()],
-        "the staged file survives"
+    // After the restart the half upload's job fails (its file never arrived whole) and the
+    // worker runs the upload's job from its staged file.
+    assert!(
+        job_folders(&s).contains(&job_id),
+        "the staged file survives: {:?}",
+        job_folders(&s)
     );
     s.restart();
     assert_eq!(
@@ -626,8 +710,9 @@ fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
         j["state"] == "succeeded" || j["state"] == "failed"
     });
     assert_eq!(job["state"], "succeeded", "{job}");
-    // It never ran before the restart: the staged file on disk is what it ran from.
-    assert_eq!(job["attempts"], 1, "{job}");
+    // Started by its request, where it never got a slot, then run by the worker after the
+    // restart: the staged file on disk is what it ran from.
+    assert_eq!(job["attempts"], 2, "{job}");
     let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
     assert_eq!(image["status"], "active");
     assert_eq!(image["virtual_size"], size);
@@ -651,13 +736,14 @@ fn an_upload_job_interrupted_by_a_restart_converts_its_staged_file_again() {
 
 #[test]
 fn an_upload_job_whose_file_never_reached_the_disk_fails_after_a_restart() {
-    let mut s = common::Server::start_with(&[("KAGAMI__IMPORT__DURABLE_AFTER_SECS", "1")]);
+    let mut s = common::Server::start_with(&[
+        ("KAGAMI__IMPORT__DURABLE_AFTER_SECS", "1"),
+        ("KAGAMI__IMPORT__UPLOAD_CONVERSIONS", "1"),
+    ]);
     let files = tempfile::tempdir().expect("tmp");
-    let web = slow_source(files.path());
-    let (id, job_id, _, _) = upload_behind_a_slow_job(&s, files.path(), &web);
+    let (id, job_id, _, _, _holder) = upload_waiting_for_a_slot(&s, files.path());
     wait_durable(&s, &job_id);
     s.kill();
-    drop(web);
     // As if the power went before the background fsync ended: the file may be torn.
     let folder = s.data_dir().join("jobs").join(&job_id);
     std::fs::remove_file(folder.join("durable")).expect("remove the marker");
@@ -678,11 +764,12 @@ fn an_upload_job_whose_file_never_reached_the_disk_fails_after_a_restart() {
         "{image}"
     );
     assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
-    // It stays that way: the worker never picks the job up again, nothing turns active.
+    // It stays that way: the worker never picks the job up again (its one attempt was its
+    // request's), nothing turns active.
     std::thread::sleep(Duration::from_secs(2));
     let job = s.admin("GET", &format!("/v1/jobs/{job_id}"), &[]).json();
     assert_eq!(job["state"], "failed", "{job}");
-    assert_eq!(job["attempts"], 0, "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
     let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
     assert_eq!(image["status"], "failed", "{image}");
     // The image takes a new upload.

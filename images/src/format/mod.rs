@@ -410,22 +410,23 @@ pub(crate) fn check_metadata(
     Ok(())
 }
 
+/// Each format's signature probe (raw has none).
+type Probe = fn(&dyn ReadAt) -> Result<bool, FormatError>;
+const PROBES: [(DiskFormat, Probe); 7] = [
+    (DiskFormat::Qcow2, qcow2::probe),
+    (DiskFormat::Vmdk, vmdk::probe),
+    (DiskFormat::Vhd, vhd::probe),
+    (DiskFormat::Vhdx, vhdx::probe),
+    (DiskFormat::Vdi, vdi::probe),
+    (DiskFormat::Qed, qed::probe),
+    (DiskFormat::Iso, iso::probe),
+];
+
 /// Which formats' signatures the file carries (cheap, bounded reads). A plain ISO's system
 /// area is allowed to carry an MBR/GPT (hybrid ISOs); that is not another format here.
 pub fn detect(r: &dyn ReadAt) -> Result<Vec<DiskFormat>, FormatError> {
     let mut found = Vec::new();
-    for (format, probe) in [
-        (
-            DiskFormat::Qcow2,
-            qcow2::probe as fn(&dyn ReadAt) -> Result<bool, FormatError>,
-        ),
-        (DiskFormat::Vmdk, vmdk::probe),
-        (DiskFormat::Vhd, vhd::probe),
-        (DiskFormat::Vhdx, vhdx::probe),
-        (DiskFormat::Vdi, vdi::probe),
-        (DiskFormat::Qed, qed::probe),
-        (DiskFormat::Iso, iso::probe),
-    ] {
+    for (format, probe) in PROBES {
         if probe(r)? {
             found.push(format);
         }
@@ -463,6 +464,38 @@ pub fn inspect(
             return Err(FormatError::Ambiguous(names.join(", ")));
         }
     }
+    claimed_checks(r, claimed, limits, file_size)
+}
+
+/// [`inspect`] without the search for other formats' signatures (some sit at the end of a
+/// file): the claimed format's own signature and checks. An import may start reading a file
+/// that is still arriving on this verdict — Kagami's readers read nothing but the file itself —
+/// but keeps nothing unless the whole file then passes [`inspect`], which refuses whatever this
+/// refuses.
+pub fn inspect_claimed(
+    r: &dyn ReadAt,
+    claimed: DiskFormat,
+    limits: &Limits,
+) -> Result<DiskInfo, FormatError> {
+    let file_size = r.size()?;
+    if let Some((_, probe)) = PROBES.iter().find(|(format, _)| *format == claimed)
+        && !probe(r)?
+    {
+        return Err(FormatError::Mismatch {
+            claimed,
+            detected: DiskFormat::Raw,
+        });
+    }
+    claimed_checks(r, claimed, limits, file_size)
+}
+
+/// The claimed format's own checks (its signature already found).
+fn claimed_checks(
+    r: &dyn ReadAt,
+    claimed: DiskFormat,
+    limits: &Limits,
+    file_size: u64,
+) -> Result<DiskInfo, FormatError> {
     let (virtual_size, findings) = match claimed {
         DiskFormat::Raw => (file_size, Vec::new()),
         DiskFormat::Qcow2 => qcow2::inspect(r, limits)?,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::read::{Logical, open};
-use super::{DiskFormat, DiskInfo, FormatError, Limits, inspect};
+use super::{DiskFormat, DiskInfo, FormatError, Limits, ReadAt, inspect, inspect_claimed};
 
 /// A named change to an image.
 pub type Patch = Box<dyn Fn(&mut [u8])>;
@@ -130,15 +130,28 @@ pub fn corrupt_everywhere(image: &[u8], claimed: DiskFormat, span: usize) {
         max_metadata_bytes: 1 << 20,
     };
     for cut in 0..span.min(image.len()) {
-        let _ = inspect(&&image[..cut], claimed, &limits);
+        inspect_both(&&image[..cut], claimed, &limits);
     }
     let mut copy = image.to_vec();
     for at in 0..span.min(image.len()) {
         for flip in [0x01u8, 0x80, 0xff] {
             copy[at] ^= flip;
-            let _ = inspect(&&copy[..], claimed, &limits);
+            inspect_both(&&copy[..], claimed, &limits);
             copy[at] ^= flip;
         }
+    }
+}
+
+/// Inspects `r` both ways and checks they agree as imports rely on: what [`inspect_claimed`]
+/// refuses (an upload still arriving is converted on it), [`inspect`] refuses too, and what
+/// `inspect` accepts, `inspect_claimed` accepts with the same findings.
+pub fn inspect_both(r: &dyn ReadAt, claimed: DiskFormat, limits: &Limits) {
+    let whole = inspect(r, claimed, limits);
+    let own = inspect_claimed(r, claimed, limits);
+    match (&whole, &own) {
+        (Ok(w), Ok(o)) => assert_eq!(w, o, "{claimed}"),
+        (Ok(_), Err(_)) => panic!("{claimed}: accepted whole, refused on its own checks: {own:?}"),
+        (Err(_), _) => {}
     }
 }
 
@@ -157,7 +170,7 @@ pub fn flips_never_panic(
 ) {
     let limits = Limits::default();
     for cut in cuts {
-        let _ = inspect(&&data[..cut], claimed, &limits);
+        inspect_both(&&data[..cut], claimed, &limits);
     }
     let mut seed = seed;
     let mut next = move || {
@@ -173,7 +186,7 @@ pub fn flips_never_panic(
             bad[pick(r)] ^= 1 << (next() % 8);
         }
         fix(i, &mut bad);
-        let _ = inspect(&bad, claimed, &limits);
+        inspect_both(&bad.as_slice(), claimed, &limits);
     }
 }
 

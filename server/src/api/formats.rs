@@ -53,6 +53,13 @@ async fn inspect(
 async fn stage(app: &AppState, body: Body) -> Result<tempfile::NamedTempFile, ApiError> {
     let (staged, mut out) = crate::ingest::staged_file(&app.config.server.data_dir).await?;
     let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
-    crate::ingest::write_body(body, &mut out, idle, app.config.limits.max_image_bytes).await?;
+    crate::ingest::write_body(
+        body,
+        &mut out,
+        idle,
+        app.config.limits.max_image_bytes,
+        |_| {},
+    )
+    .await?;
     Ok(staged)
 }

@@ -235,8 +235,12 @@ async fn import(
             "say what the file is: ?disk_format=qcow2 (or send JSON with a source_url)",
         )
     })?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let job = run_to_end(async move {
-        crate::jobs::import::accept_upload(&app, caller, id, claimed, body).await
+        crate::jobs::import::accept_upload(&app, caller, id, claimed, declared, body).await
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())

@@ -47,6 +47,8 @@ pub struct AppState {
     pub job_queued: Arc<tokio::sync::Notify>,
     /// The NBD and iSCSI sessions open now (`GET /v1/exports`).
     pub sessions: Sessions,
+    /// Slots for uploads converted as they arrive (`import.upload_conversions`).
+    pub upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: AppState) -> Router {

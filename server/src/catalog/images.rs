@@ -761,17 +761,6 @@ pub fn check_uploadable(conn: &Connection, caller: &Caller, id: Uuid) -> Result<
     Ok(image)
 }
 
-/// queued | failed → failed, with the reason: an upload that broke before its image started
-/// saving (a staged import). An image another upload is saving is left alone.
-pub fn refuse_upload(conn: &Connection, id: Uuid, reason: &str) -> Result<(), ApiError> {
-    conn.execute(
-        "UPDATE images SET status = 'failed', status_reason = ?2, updated_at = ?3
-         WHERE id = ?1 AND status IN ('queued', 'failed')",
-        params![id.to_string(), reason, now_ms()],
-    )?;
-    Ok(())
-}
-
 /// saving → failed, with the reason shown to the operator.
 pub fn fail_upload(conn: &Connection, id: Uuid, reason: &str) -> Result<(), ApiError> {
     conn.execute(

@@ -92,16 +92,25 @@ pub fn enqueue_import(
     )
 }
 
-/// Puts the image in `saving` and enqueues the import of the upload staged for job `id` (see
-/// `jobs::import::job_dir`), in one transaction.
-pub fn enqueue_upload(
+/// Puts the image in `saving` and starts the import of the upload arriving for job `id` (see
+/// `jobs::import::accept_upload`), claimed by the request that receives it, in one transaction.
+pub fn start_upload(
     conn: &mut Connection,
     caller: &Caller,
     id: Uuid,
     image: Uuid,
     disk_format: &str,
 ) -> Result<Job, ApiError> {
-    enqueue(conn, caller, id, image, None, disk_format)
+    let tx = conn.transaction()?;
+    let started = images::begin_upload(&tx, caller, image)?;
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO jobs (id, kind, image_id, owner, source_url, disk_format, state, attempts, created_at, updated_at)
+         VALUES (?1, 'import', ?2, ?3, NULL, ?4, 'running', 1, ?5, ?5)",
+        params![id.to_string(), image.to_string(), started.owner, disk_format, now],
+    )?;
+    tx.commit()?;
+    get(conn, caller, id)
 }
 
 fn enqueue(

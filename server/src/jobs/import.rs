@@ -1,15 +1,15 @@
-//! The import worker: claims queued import jobs and converts their file through
-//! [`ingest::convert_file`]. The file is either downloaded from the job's source URL (http or
-//! https) into the staging folder, resuming with `Range` after a broken connection, or was
-//! uploaded with the request and staged for the job by [`accept_upload`].
+//! Import jobs: an image file inspected, opened as its logical disk and converted through
+//! [`ingest::convert`]. The file is either downloaded from the job's source URL (http or https)
+//! into the staging folder by the worker, which runs queued jobs one at a time, resuming with
+//! `Range` after a broken connection; or uploaded with the request, whose job
+//! ([`accept_upload`]) converts while the file arrives (see [`super::arriving`]).
 //!
 //! An uploaded file lives in `<data_dir>/jobs/<job id>/`, not in the staging folder start-up
 //! clears, and goes when its job ends (start-up removes any folder whose job is not queued or
-//! running). It is not fsynced on the request's path: the job is queued as soon as the file is
-//! written and inspected, and a background task fsyncs the file and its folders, then writes the
-//! folder's `durable` marker (fsynced too). The job may convert before that, from the page cache:
-//! its blocks are made durable by the store, and the image turns `active` only when the
-//! conversion ends. A job interrupted by a restart is queued again and starts over — a download
+//! running). It is not fsynced on the request's path: once the file is whole and inspected, a
+//! background task fsyncs it and its folders, then writes the folder's `durable` marker
+//! (fsynced too). The job converts before that, from the page cache: its blocks are made
+//! durable by the store, and the image turns `active` only when the conversion ends. A job interrupted by a restart is queued again and starts over — a download
 //! from the first byte, an upload from its staged file if the marker says it reached the disk;
 //! its image stays `saving` until the job ends. An upload job without the marker fails at
 //! start-up ([`fail_unsynced`]): its file may be torn.
@@ -22,7 +22,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use kagami_images::format::DiskFormat;
+use kagami_images::format::{self, DiskFormat};
 use kagami_images::model::ImageStatus;
 use reqwest::StatusCode;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
@@ -36,6 +36,7 @@ use crate::catalog::{Catalog, images};
 use crate::config::ImportConfig;
 use crate::error::ApiError;
 use crate::ingest;
+use crate::jobs::arriving::{Arriving, ArrivingFile, Refusal};
 
 /// Attempts at fetching a source before the job fails.
 const FETCH_ATTEMPTS: u32 = 4;
@@ -54,35 +55,13 @@ pub const NOT_DURABLE: &str =
 static SYNCING: LazyLock<Mutex<HashMap<Uuid, (oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>> =
     LazyLock::new(Mutex::default);
 
-/// Runs forever: one job at a time (imports are disk- and CPU-bound already).
+/// Runs forever: the queued jobs (imports from a source URL, and uploads a restart queued
+/// again), one at a time (imports are disk- and CPU-bound already). A fresh upload's job is
+/// run by its request instead ([`accept_upload`]), so a slow uploader never holds this queue.
 pub async fn worker(app: AppState) {
     loop {
         match app.catalog.run(jobs::claim).await {
-            Ok(Some(job)) => {
-                let id = job.id;
-                tracing::info!(job = %id, image = %job.image_id, source = ?job.source_url, "import started");
-                let error = run(&app, job).await.err();
-                match &error {
-                    None => tracing::info!(job = %id, "import done"),
-                    Some(e) => tracing::warn!(job = %id, "import failed: {e}"),
-                }
-                if let Err(e) = app
-                    .catalog
-                    .run(move |c| jobs::finish(c, id, error.as_ref()))
-                    .await
-                {
-                    tracing::error!(job = %id, "cannot record the job's end: {e}");
-                }
-                // An uploaded file goes with its job (start-up removes any left by a crash),
-                // once its fsync, if still running, is over: nothing writes in the folder then.
-                end_syncing(id).await;
-                let dir = job_dir(&app.config.server.data_dir, id);
-                if let Err(e) = tokio::fs::remove_dir_all(&dir).await
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::error!(job = %id, "cannot remove {}: {e}", dir.display());
-                }
-            }
+            Ok(Some(job)) => run_to_end(&app, job).await,
             Ok(None) => {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), app.job_queued.notified()).await;
@@ -93,6 +72,29 @@ pub async fn worker(app: AppState) {
             }
         }
     }
+}
+
+/// Runs a claimed job, records its end, and removes its folder.
+async fn run_to_end(app: &AppState, job: Job) {
+    let id = job.id;
+    tracing::info!(job = %id, image = %job.image_id, source = ?job.source_url, "import started");
+    let error = run(app, job).await.err();
+    match &error {
+        None => tracing::info!(job = %id, "import done"),
+        Some(e) => tracing::warn!(job = %id, "import failed: {e}"),
+    }
+    if let Err(e) = app
+        .catalog
+        .run(move |c| jobs::finish(c, id, error.as_ref()))
+        .await
+    {
+        tracing::error!(job = %id, "cannot record the job's end: {e}");
+    }
+    // An uploaded file goes with its job (start-up removes any left by a crash), once its
+    // fsync, if still running, is over: nothing writes in the folder then.
+    end_syncing(id).await;
+    Arriving::forget(id);
+    remove_job_dir(&job_dir(&app.config.server.data_dir, id), id).await;
 }
 
 async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
@@ -121,20 +123,44 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
             .map_err(|e: String| ApiError::bad("invalid_format", e))?;
         ingest::check_kind(&image, claimed)?;
         let id = job.id;
-        let file =
-            match app.catalog.run(move |c| jobs::source(c, id)).await? {
-                Some(url) => {
-                    let (staged, _) = fetch(app, &job, &url).await?;
-                    // Unlinked now; the open handle keeps the bytes until the conversion ends.
-                    let file = staged.reopen()?;
-                    drop(staged);
-                    file
-                }
-                None => std::fs::File::open(upload_path(&app.config.server.data_dir, id)).map_err(
-                    |e| ApiError::Internal(format!("the file staged for job {id} is gone: {e}")),
-                )?,
-            };
-        convert(app, &job, &image, claimed, file).await
+        let limits = format::Limits {
+            max_virtual_size: app.config.limits.max_image_bytes,
+            ..Default::default()
+        };
+        match app.catalog.run(move |c| jobs::source(c, id)).await? {
+            Some(url) => {
+                let (staged, _) = fetch(app, &job, &url).await?;
+                // Unlinked now; the open handle keeps the bytes until the conversion ends.
+                let file = staged.reopen()?;
+                drop(staged);
+                let disk = open(file, claimed, limits, format::inspect).await?;
+                convert(app, &job, &image, disk).await
+            }
+            // The upload is still arriving (or arrived while the job was queued): convert as
+            // it comes, and keep the result only if the request's verdict on the whole file
+            // accepts it — a refusal's reason is the one to report.
+            None if let Some(arriving) = Arriving::of(id) => {
+                let file = ArrivingFile(arriving.clone());
+                let converted = match open(file, claimed, limits, format::inspect_claimed).await {
+                    Ok(disk) => convert(app, &job, &image, disk).await,
+                    Err(e) => Err(e),
+                };
+                let verdict = tokio::task::spawn_blocking(move || arriving.verdict())
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("upload verdict lost: {e}")))?;
+                verdict.map_err(ApiError::from)?;
+                converted
+            }
+            // After a restart: the staged file, whole (and durable).
+            None => {
+                let path = upload_path(&app.config.server.data_dir, id);
+                let file = std::fs::File::open(path).map_err(|e| {
+                    ApiError::Internal(format!("the file staged for job {id} is gone: {e}"))
+                })?;
+                let disk = open(file, claimed, limits, format::inspect).await?;
+                convert(app, &job, &image, disk).await
+            }
+        }
     }
     .await;
     // Every outcome goes through here, so the image never stays `saving` after its job ends.
@@ -143,13 +169,37 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
         .map(|_| ())
 }
 
-/// Converts `file`, reporting how far it got into the job every half second.
+/// How a file is inspected before it is read: [`format::inspect`], or — for an upload still
+/// arriving — [`format::inspect_claimed`].
+type Inspect = fn(
+    &dyn format::ReadAt,
+    DiskFormat,
+    &format::Limits,
+) -> Result<format::DiskInfo, format::FormatError>;
+
+/// Inspects `file` as `claimed` with `inspect` (refused with the inspector's reason) and opens
+/// it as its logical disk.
+async fn open(
+    file: impl format::ReadAt + Send + 'static,
+    claimed: DiskFormat,
+    limits: format::Limits,
+    inspect: Inspect,
+) -> Result<Box<dyn format::read::Logical>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let info = inspect(&file, claimed, &limits)?;
+        format::read::open(file, &info, &limits)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
+    .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))
+}
+
+/// Converts `disk`, reporting how far it got into the job every half second.
 async fn convert(
     app: &AppState,
     job: &Job,
     image: &kagami_images::model::Image,
-    claimed: DiskFormat,
-    file: std::fs::File,
+    disk: Box<dyn format::read::Logical>,
 ) -> Result<kagami_images::Manifest, ApiError> {
     let progress = Arc::new(ingest::Progress::default());
     let report = |progress: &ingest::Progress| {
@@ -160,13 +210,12 @@ async fn convert(
             .run(move |c| jobs::progress(c, id, "converting", done, total))
     };
     report(&progress).await?;
-    let work = ingest::convert_file(
+    let work = ingest::convert(
         &app.catalog,
         &app.store,
         &app.config.limits,
         image,
-        claimed,
-        file,
+        disk,
         &progress,
     );
     tokio::pin!(work);
@@ -203,19 +252,23 @@ fn jobs_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("jobs")
 }
 
-/// `POST /v1/images/{id}/import?disk_format=F` with a file: the body is staged in a new job's
-/// folder and inspected as `claimed`; then, in one transaction, the image turns `saving` and the
-/// job is queued, and a background task makes the staged file durable (see [`make_durable`]).
-/// Refusals come now, with the inspector's reason (`400`); the long part, reading the file as
-/// its logical disk into blocks, is the job's.
+/// `POST /v1/images/{id}/import?disk_format=F` with a file: in one transaction the image turns
+/// `saving` and a job starts, claimed by this request, which converts (up to one upload per
+/// core at once; the others wait for a slot) while the body is staged in the job's folder (see
+/// [`Arriving`]). When the body ends the whole file is inspected as `claimed`:
+/// a refusal is answered `400` with the inspector's reason and fails the image and the job; an
+/// accepted file is answered `202`, and a background task makes it durable (see
+/// [`make_durable`]) so a restart can run the job again.
 ///
 /// Any failure once the body is being received (a broken or stalled upload, a refused file)
-/// turns the image `failed` with the reason and leaves nothing: no job, no file.
+/// turns the image and its job `failed` with the reason and leaves no file; the blocks a
+/// conversion wrote before it are unreferenced, for GC.
 pub async fn accept_upload(
     app: &AppState,
     caller: Caller,
     image_id: Uuid,
     claimed: DiskFormat,
+    declared: Option<u64>,
     body: axum::body::Body,
 ) -> Result<Job, ApiError> {
     let who = caller.clone();
@@ -227,83 +280,114 @@ pub async fn accept_upload(
     let id = Uuid::new_v4();
     let data_dir = &app.config.server.data_dir;
     let dir = job_dir(data_dir, id);
-    let accepted: Result<Job, ApiError> = async {
-        stage_upload(app, &dir, body).await?;
+    let opened: Result<_, ApiError> = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        let out = tokio::fs::File::create(upload_path(data_dir, id)).await?;
+        let reader = std::fs::File::open(upload_path(data_dir, id))?;
+        let arriving = Arriving::register(id, reader, declared);
+        let job = app
+            .catalog
+            .run(move |c| jobs::start_upload(c, &caller, id, image_id, claimed.as_str()))
+            .await?;
+        Ok((out, job, arriving))
+    }
+    .await;
+    let (mut out, job, arriving) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            Arriving::forget(id);
+            remove_job_dir(&dir, id).await;
+            return Err(e);
+        }
+    };
+    let task = {
+        let (app, job) = (app.clone(), job.clone());
+        async move {
+            // Slow uploads each hold a slot while they trail their sender; the others wait here,
+            // saying so, while their files are staged.
+            let _slot = match app.upload_slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    let report = app.catalog.run(move |c| {
+                        jobs::progress(c, id, "waiting for a conversion slot", 0, None)
+                    });
+                    if let Err(e) = report.await {
+                        tracing::warn!(job = %id, "cannot report the job's wait: {e}");
+                    }
+                    // Never closed; were it, the job would run without a slot.
+                    app.upload_slots.clone().acquire_owned().await.ok()
+                }
+            };
+            run_to_end(&app, job).await;
+        }
+    };
+    tokio::spawn(task);
+    let accepted: Result<(), ApiError> = async {
+        let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
+        let max = app.config.limits.max_image_bytes;
+        let len = ingest::write_body(body, &mut out, idle, max, |n| arriving.wrote(n)).await?;
+        arriving.ended(len);
         let file = std::fs::File::open(upload_path(data_dir, id))?;
-        let limits = kagami_images::format::Limits {
+        let limits = format::Limits {
             max_virtual_size: app.config.limits.max_image_bytes,
             ..Default::default()
         };
-        tokio::task::spawn_blocking(move || {
-            kagami_images::format::inspect(&file, claimed, &limits)
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
-        .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
-        // Off the request's path, and only if the job has not ended by then. A job that ends within `import.durable_after_secs` (most do: it converts from the page
-        // cache right away) deletes a file that never needed the disk — writing it would double
-        // an import's disk writes; a queued or long job's file is made durable after that, so a
-        // restart can run it again. A crash inside the window fails the job with
-        // [`NOT_DURABLE`] ("upload again"), as one before its fsync ended always did.
-        let root = data_dir.clone();
-        let wait = Duration::from_secs(app.config.import.durable_after_secs);
-        let (ended, job_ended) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            tokio::select! {
-                _ = job_ended => return,
-                () = tokio::time::sleep(wait) => {}
-            }
-            let synced = tokio::task::spawn_blocking(move || make_durable(&root, id)).await;
-            match synced.map_err(std::io::Error::other).and_then(|r| r) {
-                Ok(()) => tracing::debug!(job = %id, "the staged upload is on disk"),
-                // The job ended and took its folder first: nothing is left to make durable.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                // The job still runs from the page cache; a restart before its end fails it.
-                Err(e) => tracing::error!(job = %id, "cannot make the staged upload durable: {e}"),
-            }
-        });
-        // Registered before the job is queued, so a job that ends at once finds it.
-        SYNCING
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(id, (ended, task));
-        let queued = app
-            .catalog
-            .run(move |c| jobs::enqueue_upload(c, &caller, id, image_id, claimed.as_str()))
-            .await;
-        let job = match queued {
-            Ok(job) => job,
-            Err(e) => {
-                end_syncing(id).await;
-                return Err(e);
-            }
-        };
-        app.job_queued.notify_one();
-        Ok(job)
+        tokio::task::spawn_blocking(move || format::inspect(&file, claimed, &limits))
+            .await
+            .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
+            .map_err(|e| ApiError::bad(e.code(), format!("the image was refused: {e}")))?;
+        Ok(())
     }
     .await;
-    if let Err(e) = &accepted {
-        if let Err(rm) = tokio::fs::remove_dir_all(&dir).await
-            && rm.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::error!(job = %id, "cannot remove {}: {rm}", dir.display());
-        }
+    if let Err(e) = accepted {
+        // The job's reads fail from now on, and it ends with this reason (and removes the
+        // folder); the image says it at once.
+        arriving.refuse(Refusal::from(&e));
         let reason = e.to_string();
         app.catalog
-            .run(move |c| images::refuse_upload(c, image_id, &reason))
+            .run(move |c| images::fail_upload(c, image_id, &reason))
             .await?;
+        return Err(e);
     }
-    accepted
+    // Made durable off the request's path, and only if the job has not ended by then. A job
+    // that ends within `import.durable_after_secs` (most do: it converts as the file arrives)
+    // deletes a file that never needed the disk — writing it would double an import's disk
+    // writes; a queued or long job's file is made durable after that, so a restart can run it
+    // again. A crash inside the window fails the job with [`NOT_DURABLE`] ("upload again"), as
+    // one before its fsync ended always did.
+    let root = data_dir.clone();
+    let wait = Duration::from_secs(app.config.import.durable_after_secs);
+    let (ended, job_ended) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            _ = job_ended => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let synced = tokio::task::spawn_blocking(move || make_durable(&root, id)).await;
+        match synced.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(()) => tracing::debug!(job = %id, "the staged upload is on disk"),
+            // The job ended and took its folder first: nothing is left to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // The job still runs; a restart before its end fails it.
+            Err(e) => tracing::error!(job = %id, "cannot make the staged upload durable: {e}"),
+        }
+    });
+    // Registered before the verdict lets the job commit, so a job that ends at once finds it.
+    SYNCING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(id, (ended, task));
+    arriving.accept();
+    Ok(job)
 }
 
-/// Writes the body to `<dir>/upload` (not fsynced: [`make_durable`] does that once the job is
-/// queued).
-async fn stage_upload(app: &AppState, dir: &Path, body: axum::body::Body) -> Result<(), ApiError> {
-    tokio::fs::create_dir_all(dir).await?;
-    let mut out = tokio::fs::File::create(dir.join("upload")).await?;
-    let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
-    ingest::write_body(body, &mut out, idle, app.config.limits.max_image_bytes).await?;
-    Ok(())
+/// Removes job `id`'s folder, if any (logged, not returned: the caller is already failing).
+async fn remove_job_dir(dir: &Path, id: Uuid) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::error!(job = %id, "cannot remove {}: {e}", dir.display());
+    }
 }
 
 /// Tells job `id`'s durability task (if any) that the job ended and waits for it — an fsync

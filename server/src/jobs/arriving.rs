@@ -1,0 +1,238 @@
+//! An uploaded file still arriving, as its import job reads it: the job converts while the
+//! request stages the body, instead of after (the two take about as long, so an import of a
+//! file uploaded at disk speed takes about half the time).
+//!
+//! The request writes the body to the staged file and says how far it got ([`Arriving::wrote`]);
+//! a read waits until its bytes are in the file. When the body ends, the request inspects the
+//! whole file and gives its verdict ([`Arriving::accept`] or [`Arriving::refuse`]); a broken
+//! body is refused too, with its reason. The job starts on the claimed format's own
+//! checks ([`kagami_images::format::inspect_claimed`]: the search for other formats'
+//! signatures needs the file's end) and commits nothing before the verdict accepts: a refused
+//! or broken upload fails its job with the request's reason, and the blocks it wrote are
+//! unreferenced, for GC.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
+
+use kagami_images::format::ReadAt;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// The uploads still arriving or awaiting their job, by job id.
+static ARRIVING: LazyLock<Mutex<HashMap<Uuid, Arc<Arriving>>>> = LazyLock::new(Mutex::default);
+
+/// One upload's staged file and how far it got.
+#[derive(Debug)]
+pub struct Arriving {
+    file: std::fs::File,
+    /// The length the request declared (Content-Length), if it did.
+    declared: Option<u64>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    written: u64,
+    /// The whole body is in the file.
+    ended: bool,
+    /// Set once the whole file was inspected (accepted, or why not), or the upload failed.
+    verdict: Option<Result<(), Refusal>>,
+}
+
+/// Why an upload was not accepted: the error the request answered, for its job to report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<&ApiError> for Refusal {
+    fn from(e: &ApiError) -> Refusal {
+        Refusal {
+            code: e.code_and_status().0,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        ApiError::bad(r.code, r.message)
+    }
+}
+
+impl Arriving {
+    /// Registers job `id`'s upload, staged in `file` (opened for reading).
+    pub fn register(id: Uuid, file: std::fs::File, declared: Option<u64>) -> Arc<Arriving> {
+        let arriving = Arc::new(Arriving {
+            file,
+            declared,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        });
+        registry().insert(id, arriving.clone());
+        arriving
+    }
+
+    /// Job `id`'s upload, if it is still arriving or its job has not run yet (not after a
+    /// restart: the job then reads its staged file, whole).
+    pub fn of(id: Uuid) -> Option<Arc<Arriving>> {
+        registry().get(&id).cloned()
+    }
+
+    /// Forgets job `id`'s upload (its job ended).
+    pub fn forget(id: Uuid) {
+        registry().remove(&id);
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.state());
+        self.changed.notify_all();
+    }
+
+    /// The first `written` bytes are in the file.
+    pub fn wrote(&self, written: u64) {
+        self.update(|s| s.written = written);
+    }
+
+    /// The whole body, `len` bytes, is in the file.
+    pub fn ended(&self, len: u64) {
+        self.update(|s| {
+            s.written = len;
+            s.ended = true;
+        });
+    }
+
+    /// The whole file passed the inspector.
+    pub fn accept(&self) {
+        self.update(|s| s.verdict = Some(Ok(())));
+    }
+
+    /// The upload broke or the whole file was refused: reads fail from now on, and the job
+    /// reports `why`.
+    pub fn refuse(&self, why: Refusal) {
+        self.update(|s| s.verdict = Some(Err(why)));
+    }
+
+    /// Waits for the request's verdict on the whole file. Blocking.
+    pub fn verdict(&self) -> Result<(), Refusal> {
+        let mut s = self.state();
+        loop {
+            if let Some(v) = &s.verdict {
+                return v.clone();
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits until the first `end` bytes are in the file (or the body ended, or was refused).
+    fn wait_for(&self, end: u64) -> io::Result<()> {
+        let mut s = self.state();
+        loop {
+            if let Some(Err(why)) = &s.verdict {
+                return Err(io::Error::other(why.message.clone()));
+            }
+            if s.ended || s.written >= end {
+                return Ok(());
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn registry() -> MutexGuard<'static, HashMap<Uuid, Arc<Arriving>>> {
+    ARRIVING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What an import job reads while its upload arrives. Blocking reads.
+pub struct ArrivingFile(pub Arc<Arriving>);
+
+impl ReadAt for ArrivingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let end = offset.saturating_add(buf.len() as u64);
+        // Never past the declared end: a read there waits for the body's end, then is short.
+        let end = self.0.declared.map_or(end, |d| end.min(d));
+        self.0.wait_for(end)?;
+        self.0.file.read_at(buf, offset)
+    }
+
+    /// The declared length, or the length once the body ended.
+    fn size(&self) -> io::Result<u64> {
+        if let Some(len) = self.0.declared {
+            return Ok(len);
+        }
+        self.0.wait_for(u64::MAX)?;
+        self.0.file.size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    #[test]
+    fn reads_wait_for_their_bytes_and_fail_with_the_upload() {
+        let mut staged = tempfile::NamedTempFile::new().expect("temp");
+        let id = Uuid::new_v4();
+        let arriving = Arriving::register(id, staged.reopen().expect("reopen"), Some(8));
+        let reader = ArrivingFile(arriving.clone());
+        assert_eq!(reader.size().expect("size"), 8);
+        let waiting = std::thread::spawn(move || {
+            let mut buf = [0u8; 4];
+            let n = reader.read_at(&mut buf, 2).expect("read");
+            (n, buf)
+        });
+        staged.write_all(b"abc").expect("write");
+        arriving.wrote(3);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting.is_finished(), "bytes 2..6 are not all there yet");
+        staged.write_all(b"defgh").expect("write");
+        arriving.wrote(8);
+        assert_eq!(waiting.join().expect("reader"), (4, *b"cdef"));
+        assert!(Arriving::of(id).is_some());
+
+        // A refusal fails every read and is the verdict.
+        arriving.ended(8);
+        let why = Refusal {
+            code: "backing_file",
+            message: "refused: backing file".into(),
+        };
+        arriving.refuse(why.clone());
+        let reader = ArrivingFile(Arriving::of(id).expect("registered"));
+        let err = reader.read_at(&mut [0u8; 1], 0).expect_err("refused");
+        assert!(err.to_string().contains("backing file"), "{err}");
+        assert_eq!(arriving.verdict(), Err(why));
+        Arriving::forget(id);
+        assert!(Arriving::of(id).is_none());
+    }
+
+    #[test]
+    fn a_broken_upload_wakes_its_readers_with_the_reason() {
+        let staged = tempfile::NamedTempFile::new().expect("temp");
+        let arriving = Arriving::register(Uuid::new_v4(), staged.reopen().expect("reopen"), None);
+        let reader = ArrivingFile(arriving.clone());
+        let waiting = std::thread::spawn(move || reader.size());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiting.is_finished(),
+            "no declared size: the size waits for the end"
+        );
+        let why = Refusal::from(&ApiError::bad(
+            "upload_interrupted",
+            "the upload broke after 3 bytes",
+        ));
+        arriving.refuse(why.clone());
+        let err = waiting.join().expect("reader").expect_err("broken");
+        assert!(err.to_string().contains("broke after 3 bytes"), "{err}");
+        assert_eq!(arriving.verdict(), Err(why));
+    }
+}
