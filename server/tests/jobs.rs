@@ -102,14 +102,23 @@ fn qcow2_of(dir: &Path, name: &str, disk: &[u8]) {
 }
 
 fn wait_job(s: &common::Server, id: &str, until: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    poll(
+        60,
+        || s.admin("GET", &format!("/v1/jobs/{id}"), &[]).json(),
+        until,
+    )
+}
+
+/// `get()` once `until` holds for it, asked every 50 ms for up to `secs` seconds.
+fn poll(secs: u64, get: impl Fn() -> Value, until: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let job = s.admin("GET", &format!("/v1/jobs/{id}"), &[]).json();
-        if until(&job) {
-            return job;
+        let got = get();
+        if until(&got) {
+            return got;
         }
-        assert!(Instant::now() < deadline, "job never got there: {job}");
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(Instant::now() < deadline, "never got there: {got}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -531,22 +540,16 @@ fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
 
 /// The image's one job, once `until` holds for it.
 fn job_of_image(s: &common::Server, image: &str, until: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let find = || {
         let jobs = s.admin("GET", "/v1/jobs", &[]).json();
-        let job = jobs
+        let mine = jobs
             .as_array()
             .expect("jobs")
             .iter()
-            .find(|j| j["image_id"] == image)
-            .cloned()
-            .unwrap_or(Value::Null);
-        if !job.is_null() && until(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "the job never got there: {job}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .find(|j| j["image_id"] == image);
+        mine.cloned().unwrap_or(Value::Null)
+    };
+    poll(30, find, |j| !j.is_null() && until(j))
 }
 
 #[test]

@@ -147,6 +147,24 @@ impl Arriving {
     }
 }
 
+/// Held by the request while it owes its upload a verdict: if it ends without giving one (a
+/// panic), the upload is refused, so its job never waits forever.
+pub struct VerdictDue(pub Arc<Arriving>);
+
+impl Drop for VerdictDue {
+    fn drop(&mut self) {
+        let mut s = self.0.state();
+        if s.verdict.is_none() {
+            s.verdict = Some(Err(Refusal {
+                code: "internal",
+                message: "the upload's request ended without a verdict; upload again".into(),
+            }));
+            drop(s);
+            self.0.changed.notify_all();
+        }
+    }
+}
+
 fn registry() -> MutexGuard<'static, HashMap<Uuid, Arc<Arriving>>> {
     ARRIVING.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -213,6 +231,20 @@ mod tests {
         assert_eq!(arriving.verdict(), Err(why));
         Arriving::forget(id);
         assert!(Arriving::of(id).is_none());
+    }
+
+    #[test]
+    fn a_request_that_ends_without_a_verdict_refuses_its_upload() {
+        let staged = tempfile::NamedTempFile::new().expect("temp");
+        let arriving = Arriving::register(Uuid::new_v4(), staged.reopen().expect("reopen"), None);
+        drop(VerdictDue(arriving.clone()));
+        assert_eq!(arriving.verdict().expect_err("refused").code, "internal");
+        // Given, a verdict stands.
+        let given = Arriving::register(Uuid::new_v4(), staged.reopen().expect("reopen"), None);
+        let due = VerdictDue(given.clone());
+        given.accept();
+        drop(due);
+        assert_eq!(given.verdict(), Ok(()));
     }
 
     #[test]

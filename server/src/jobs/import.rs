@@ -36,7 +36,7 @@ use crate::catalog::{Catalog, images};
 use crate::config::ImportConfig;
 use crate::error::ApiError;
 use crate::ingest;
-use crate::jobs::arriving::{Arriving, ArrivingFile, Refusal};
+use crate::jobs::arriving::{Arriving, ArrivingFile, Refusal, VerdictDue};
 
 /// Attempts at fetching a source before the job fails.
 const FETCH_ATTEMPTS: u32 = 4;
@@ -300,6 +300,7 @@ pub async fn accept_upload(
             return Err(e);
         }
     };
+    let _due = VerdictDue(arriving.clone());
     let task = {
         let (app, job) = (app.clone(), job.clone());
         async move {
