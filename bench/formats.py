@@ -54,26 +54,28 @@ def make_disk(path, size):
 
 
 def import_file(srv, image_id, fmt, src):
-    """Seconds from the upload's first byte to the end of its import job (the upload is answered
-    202 once staged; the job converts it)."""
+    """Seconds from the upload's first byte to the end of its import job, and to the 202 (the
+    job converts while the file arrives; the request answers once the whole file is staged and
+    inspected)."""
     t = time.monotonic()
     out = run(["curl", "-sfS", "-X", "POST", "-T", src, "-H", f"Authorization: Bearer {srv.token}",
                f"{srv.url}/v1/images/{image_id}/import?disk_format={fmt}"], capture_output=True).stdout
+    answered = time.monotonic() - t
     job = json.loads(out)["id"]
     req = urllib.request.Request(f"{srv.url}/v1/jobs/{job}", headers={"Authorization": f"Bearer {srv.token}"})
     while True:
         with urllib.request.urlopen(req) as r:
             state = json.load(r)
         if state["state"] == "succeeded":
-            return time.monotonic() - t
+            return time.monotonic() - t, answered
         if state["state"] == "failed":
             raise SystemExit(f"import of {src} failed: {state['error']}")
         time.sleep(0.02)
 
 
 def import_fresh(binary, work, fmt, src):
-    """Imports `src` into a new server with an empty store: seconds, server CPU seconds, peak
-    server RSS in MiB."""
+    """Imports `src` into a new server with an empty store: seconds to the job's end and to the
+    202, server CPU seconds, peak server RSS in MiB."""
     data = os.path.join(work, "import-data")
     subprocess.run(["rm", "-rf", data])
     os.makedirs(data)
@@ -82,7 +84,7 @@ def import_fresh(binary, work, fmt, src):
         img = srv.api("POST", "/v1/images", "-H", "content-type: application/json", "-d", f'{{"name":"{fmt}"}}')
         warm(src)
         cpu0 = cpu_seconds(srv.proc.pid)
-        took = import_file(srv, img["id"], fmt, src)
+        took, answered = import_file(srv, img["id"], fmt, src)
         cpu = cpu_seconds(srv.proc.pid) - cpu0
         rss = peak_rss_mib(srv.proc.pid)
         # Untimed: the staged upload's background fsync may still be writing; it must not land
@@ -91,7 +93,7 @@ def import_fresh(binary, work, fmt, src):
     finally:
         srv.stop()
     subprocess.run(["rm", "-rf", data])
-    return took, cpu, rss
+    return took, answered, cpu, rss
 
 
 def download(binary, srv, image_id, fmt, out):
@@ -154,11 +156,12 @@ def main():
                 os.remove(out)
                 # Each import into an empty store: the exported base holds the same blocks, and
                 # an import that finds them stored writes nothing (a flattering, unfair run).
-                k, cpu, rss = import_fresh(binary, args.dir, name, src)
+                k, answered, cpu, rss = import_fresh(binary, args.dir, name, src)
                 results.setdefault(f"import {name}", []).append((q, k, cpu))
+                results.setdefault("answered", {}).setdefault(name, []).append((answered, k))
                 results.setdefault("rss", []).append(rss)
                 if old:
-                    b, bcpu, _ = import_fresh(args.baseline, args.dir, name, src)
+                    b, _, bcpu, _ = import_fresh(args.baseline, args.dir, name, src)
                     results.setdefault(f"baseline import {name}", []).append((q, b, bcpu, k, cpu))
                 opts = " ".join(EXPORT_OPTS.get(qfmt, []))
                 # Both sides read from memory: qemu-img the raw file, Kagami its packs (written
@@ -194,7 +197,7 @@ def main():
     print("| operation | qemu-img s | Kagami s | qemu-img / Kagami | Kagami server CPU-s | output MiB qemu / Kagami |")
     print("|---|---|---|---|---|---|")
     for key, rows in results.items():
-        if key == "rss" or key.startswith("baseline"):
+        if key in ("rss", "answered") or key.startswith("baseline"):
             continue
         q = statistics.median(r[0] for r in rows)
         k = statistics.median(r[1] for r in rows)
@@ -203,6 +206,11 @@ def main():
         sizes = f"{rows[0][3] / 2**20:.0f} / {rows[0][4] / 2**20:.0f}" if len(rows[0]) > 3 else ""
         print(f"| {key} | {q:.2f} | {k:.2f} | **{ratio:.2f}x** | {cpu:.2f} | {sizes} |")
     print(f"\nserver peak RSS: {max(results['rss']):.0f} MiB")
+    print("\nImports: the upload's 202 (the whole file staged and inspected) and the job's end, medians:\n")
+    print("| import | 202 after s | job ended s |")
+    print("|---|---|---|")
+    for name, rows in results["answered"].items():
+        print(f"| {name} | {statistics.median(r[0] for r in rows):.2f} | {statistics.median(r[1] for r in rows):.2f} |")
     if args.baseline:
         print(f"\nbaseline {args.baseline}: imports and exports in the same runs, each right after this build's.\n")
         print("| operation | qemu-img s | baseline s | this build s | qemu-img / baseline | qemu-img / this build "

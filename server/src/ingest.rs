@@ -63,7 +63,6 @@ struct Unindexed {
     rows: Vec<(BlockId, Location)>,
     ids: HashSet<BlockId>,
     bytes: u64,
-    opened: Option<Instant>,
     gate: Option<WriteGate>,
     /// What this group's commits have made durable so far.
     committed: StoreStats,
@@ -91,7 +90,6 @@ impl Unindexed {
         // not drop them between that and our commit.
         if self.gate.is_none() {
             self.gate = Some(store.writing());
-            self.opened = Some(Instant::now());
         }
         let now = now_ms();
         let missing: HashSet<BlockId> = catalog
@@ -113,10 +111,9 @@ impl Unindexed {
         Ok(())
     }
 
-    /// Whether the group should commit now: it holds [`GROUP_BYTES`], or has been open for
-    /// [`GROUP_AGE`].
+    /// Whether the group should commit now: it holds [`GROUP_BYTES`].
     fn full(&self) -> bool {
-        self.bytes >= GROUP_BYTES || self.opened.is_some_and(|t| t.elapsed() >= GROUP_AGE)
+        self.bytes >= GROUP_BYTES
     }
 
     /// Makes the written blocks durable (fsync) and indexes them, then lets GC in again.
@@ -132,7 +129,6 @@ impl Unindexed {
         self.rows.clear();
         self.ids.clear();
         self.bytes = 0;
-        self.opened = None;
         self.gate = None;
         Ok(())
     }
@@ -140,7 +136,7 @@ impl Unindexed {
 
 /// Bytes of new blocks an ingest writes between two commits of its [`Unindexed`] group.
 const GROUP_BYTES: u64 = 64 << 20;
-/// The longest a group stays open while its ingest writes (GC waits for it)...
+/// The longest a group stays open (GC waits for it), however slowly its stream trickles...
 const GROUP_AGE: Duration = Duration::from_secs(1);
 /// ...and the pause in a stream after which the written blocks are committed at once.
 const GROUP_PAUSE: Duration = Duration::from_millis(100);
@@ -168,23 +164,29 @@ where
     let mut pending = BytesMut::with_capacity(SEGMENT_SIZE);
     let mut total: u64 = 0;
     loop {
-        // A pause in the stream: commit what is written, so GC never waits on a slow sender.
-        let chunk = match tokio::time::timeout(GROUP_PAUSE.min(limits.idle), body.next()).await {
-            Ok(next) => next,
-            Err(_) => {
-                pipeline.settle().await?;
-                let rest = limits.idle.saturating_sub(GROUP_PAUSE);
-                tokio::time::timeout(rest, body.next()).await.map_err(|_| {
-                    ApiError::bad(
-                        "upload_stalled",
-                        format!(
-                            "no data for {} s after {total} bytes; upload again",
-                            limits.idle.as_secs()
-                        ),
-                    )
-                })?
-            }
-        };
+        // A pause in the stream, or a group open for GROUP_AGE: commit what is written, so GC
+        // never waits on a slow sender.
+        if pipeline.due() {
+            pipeline.settle().await?;
+        }
+        let waiting = Instant::now();
+        let chunk =
+            match tokio::time::timeout(pipeline.patience().min(limits.idle), body.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    pipeline.settle().await?;
+                    let rest = limits.idle.saturating_sub(waiting.elapsed());
+                    tokio::time::timeout(rest, body.next()).await.map_err(|_| {
+                        ApiError::bad(
+                            "upload_stalled",
+                            format!(
+                                "no data for {} s after {total} bytes; upload again",
+                                limits.idle.as_secs()
+                            ),
+                        )
+                    })?
+                }
+            };
         let chunk = match chunk {
             None => break,
             Some(Err(e)) => {
@@ -311,6 +313,8 @@ struct Pipeline {
     storing: Option<tokio::task::JoinHandle<Result<(Unindexed, Bytes), ApiError>>>,
     /// The group, while no store task has it.
     group: Option<Unindexed>,
+    /// When the first segment since the last [`Pipeline::settle`] was taken.
+    open_since: Option<Instant>,
     /// A stored segment's buffer, for the next segment (no fresh 4 MiB and its page faults).
     spare: Option<BytesMut>,
 }
@@ -324,8 +328,22 @@ impl Pipeline {
             hashing: None,
             storing: None,
             group: Some(Unindexed::default()),
+            open_since: None,
             spare: None,
         }
+    }
+
+    /// Whether what was written has waited [`GROUP_AGE`] for its commit.
+    fn due(&self) -> bool {
+        self.open_since.is_some_and(|t| t.elapsed() >= GROUP_AGE)
+    }
+
+    /// How long to wait for the stream before committing what was written: [`GROUP_PAUSE`], or
+    /// less when the group is due sooner.
+    fn patience(&self) -> Duration {
+        self.open_since
+            .map_or(GROUP_PAUSE, |t| GROUP_AGE.saturating_sub(t.elapsed()))
+            .min(GROUP_PAUSE)
     }
 
     /// An empty segment buffer.
@@ -344,6 +362,8 @@ impl Pipeline {
                 vec![BlockId::HOLE; data.len().div_ceil(BLOCK_SIZE)],
             );
         }
+        // From here the segment waits to be stored: within GROUP_AGE, however slow the stream.
+        self.open_since.get_or_insert_with(Instant::now);
         self.hashing = Some(tokio::task::spawn_blocking(move || {
             (hash_blocks(&data), data)
         }));
@@ -419,6 +439,7 @@ impl Pipeline {
                     .map_err(|e| ApiError::Internal(format!("ingest task failed: {e}")))??;
         }
         self.group = Some(group);
+        self.open_since = None;
         Ok(())
     }
 
@@ -475,6 +496,8 @@ pub async fn write_body(
                     format!("the upload broke after {total} bytes: {e}"),
                 ));
             }
+            // An empty chunk would return from `write_all` before the previous write ends.
+            Ok(Some(Ok(c))) if c.is_empty() => continue,
             Ok(Some(Ok(c))) => c,
         };
         if total + chunk.len() as u64 > max {
@@ -590,6 +613,46 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trickling_stream_commits_what_it_wrote_within_a_second() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let catalog = Catalog::open(&dir.path().join("c.db")).expect("catalog");
+        let store = Arc::new(PackStore::open(&dir.path().join("packs"), 16 << 20).expect("store"));
+        let a = Bytes::from(noise(3, SEGMENT_SIZE));
+        let a_ids = hash_blocks(&a);
+        // A segment, then 1 KiB every 30 ms: never the 100 ms pause that commits at once.
+        let mut items = vec![a.clone()];
+        items.extend((0..60).map(|i| Bytes::from(noise(100 + i, 1024))));
+        let (c, s) = (catalog.clone(), store.clone());
+        let body =
+            futures_util::stream::iter(items.into_iter().enumerate()).then(move |(i, item)| {
+                let (c, s, a_ids) = (c.clone(), s.clone(), a_ids.clone());
+                async move {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                    }
+                    if i == 50 {
+                        // ~1.5 s after the segment: its group is committed, GC could run.
+                        let missing = c
+                            .run(move |c| blocks::find_missing(c, &a_ids, now_ms()))
+                            .await
+                            .expect("lookup");
+                        assert!(missing.is_empty(), "{} blocks not indexed", missing.len());
+                        assert!(s.gc_could_run(), "a trickling stream still holds the store");
+                    }
+                    Ok::<_, std::io::Error>(item)
+                }
+            });
+        let limits = ReceiveLimits {
+            max_bytes: 1 << 30,
+            idle: Duration::from_secs(5),
+        };
+        let (manifest, _) = receive(catalog, store, Box::pin(body), limits, DiskFormat::Raw)
+            .await
+            .expect("receive");
+        assert_eq!(manifest.virtual_size(), SEGMENT_SIZE as u64 + 60 * 1024);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

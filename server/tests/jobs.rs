@@ -560,11 +560,12 @@ fn an_upload_converts_while_it_arrives_and_nothing_is_kept_if_its_end_is_refused
     qcow2_of(files.path(), "disk.qcow2", &disk);
     let qcow2 = std::fs::read(files.path().join("disk.qcow2")).expect("read");
     let raw = s.import(&files.path().join("disk.qcow2.raw"), "raw");
-    // The same qcow2 with a VHD footer's cookie glued to its end: two formats at once, which
-    // only the file's last bytes show.
-    let mut footer = vec![0u8; 512];
-    footer[..8].copy_from_slice(b"conectix");
-    for (name, tail) in [("whole", Vec::new()), ("ambiguous", footer)] {
+    // The same qcow2 with a VHD footer's cookie at the end of the file: two formats at once,
+    // which only the file's last bytes show. (4 MiB of padding before it, so the job's reads,
+    // some of which run past the qcow2's last byte, never need the footer.)
+    let mut tail = vec![0u8; (4 << 20) + 512];
+    tail[4 << 20..(4 << 20) + 8].copy_from_slice(b"conectix");
+    for (name, tail) in [("whole", Vec::new()), ("ambiguous", tail)] {
         let img = s.cli_json(&["image", "create", "--name", name]);
         let id = img["id"].as_str().expect("id");
         let body = [qcow2.clone(), tail.clone()].concat();
@@ -577,12 +578,27 @@ fn an_upload_converts_while_it_arrives_and_nothing_is_kept_if_its_end_is_refused
             body.len()
         );
         conn.write_all(head.as_bytes()).expect("head");
-        let half = body.len() * 3 / 4;
-        conn.write_all(&body[..half]).expect("body");
-        // Before the body ends, its job is converting what arrived.
-        let job = job_of_image(&s, id, |j| j["bytes_done"].as_u64().unwrap_or(0) > 0);
+        let referenced = || {
+            let stats = s.store_stats();
+            stats["blocks"].as_u64().expect("n") - stats["unreferenced_blocks"].as_u64().expect("n")
+        };
+        let before = referenced();
+        // Before the body ends, its job converts what arrived: three quarters of the file; or,
+        // with the footer still to come, the whole disk — the job then waits for the verdict.
+        let (sent, converted): (usize, fn(&Value) -> bool) = if tail.is_empty() {
+            (body.len() * 3 / 4, |j| {
+                j["bytes_done"].as_u64().unwrap_or(0) > 0
+            })
+        } else {
+            (body.len() - 512, |j| {
+                j["bytes_total"].as_u64().is_some_and(|t| t > 0)
+                    && j["bytes_done"] == j["bytes_total"]
+            })
+        };
+        conn.write_all(&body[..sent]).expect("body");
+        let job = job_of_image(&s, id, converted);
         assert_eq!(job["state"], "running", "{name}: {job}");
-        conn.write_all(&body[half..]).expect("body");
+        conn.write_all(&body[sent..]).expect("body");
         let mut answer = String::new();
         std::io::Read::read_to_string(&mut conn, &mut answer).expect("answer");
         let job = job_of_image(&s, id, |j| {
@@ -602,6 +618,7 @@ fn an_upload_converts_while_it_arrives_and_nothing_is_kept_if_its_end_is_refused
             assert_eq!(job["state"], "failed", "{job}");
             assert_eq!(job["error_code"], "format_ambiguous", "{job}");
             assert_eq!(image["status"], "failed", "{image}");
+            assert_eq!(referenced(), before, "no block of it is referenced");
             assert!(
                 image["status_reason"]
                     .as_str()
@@ -624,21 +641,7 @@ fn upload_waiting_for_a_slot(
     s: &common::Server,
     files: &Path,
 ) -> (String, String, std::path::PathBuf, u64, TcpStream) {
-    qcow2_of(files, "holder.qcow2", &common::noise(9, 16 << 20));
-    let holder = std::fs::read(files.join("holder.qcow2")).expect("read");
-    let img = s.cli_json(&["image", "create", "--name", "holder"]);
-    let holder_id = img["id"].as_str().expect("id");
-    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
-    let head = format!(
-        "POST /v1/images/{holder_id}/import?disk_format=qcow2 HTTP/1.1\r\nHost: kagami\r\n\
-         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
-         Content-Length: {}\r\n\r\n",
-        s.token,
-        holder.len()
-    );
-    conn.write_all(head.as_bytes()).expect("head");
-    conn.write_all(&holder[..holder.len() / 2]).expect("body");
-    job_of_image(s, holder_id, |j| j["phase"] == "converting");
+    let conn = hold_the_slot(s, files);
     let size: u64 = 8 << 30;
     let raw = common::sparse_file(
         files,
@@ -669,6 +672,70 @@ fn upload_waiting_for_a_slot(
     assert_eq!(job["phase"], "waiting for a conversion slot", "{job}");
     assert_eq!(job["bytes_done"], 0, "{job}");
     (id, job_id, raw, size, conn)
+}
+
+/// Takes the server's one upload-conversion slot with a qcow2 upload sent half way, whose
+/// conversion waits for the rest; the slot is held while the returned connection is open.
+fn hold_the_slot(s: &common::Server, files: &Path) -> TcpStream {
+    qcow2_of(files, "holder.qcow2", &common::noise(9, 16 << 20));
+    let holder = std::fs::read(files.join("holder.qcow2")).expect("read");
+    let img = s.cli_json(&["image", "create", "--name", "holder"]);
+    let holder_id = img["id"].as_str().expect("id");
+    let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    let head = format!(
+        "POST /v1/images/{holder_id}/import?disk_format=qcow2 HTTP/1.1\r\nHost: kagami\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        s.token,
+        holder.len()
+    );
+    conn.write_all(head.as_bytes()).expect("head");
+    conn.write_all(&holder[..holder.len() / 2]).expect("body");
+    job_of_image(s, holder_id, |j| j["phase"] == "converting");
+    conn
+}
+
+#[test]
+fn a_refused_upload_waiting_for_a_slot_never_touches_its_image_again() {
+    let s = common::Server::start_with(&[("KAGAMI__IMPORT__UPLOAD_CONVERSIONS", "1")]);
+    let files = tempfile::tempdir().expect("tmp");
+    let holder = hold_the_slot(&s, files.path());
+    let img = s.cli_json(&["image", "create", "--name", "retried"]);
+    let id = img["id"].as_str().expect("id");
+    // A qcow2 with a VHD cookie at its end, refused while its job waits for the slot: the
+    // answer, the job and the image fail at once (a restart never runs that job again).
+    let disk = common::noise(51, 8 << 20);
+    qcow2_of(files.path(), "disk.qcow2", &disk);
+    let mut bad = std::fs::read(files.path().join("disk.qcow2")).expect("read");
+    let mut footer = vec![0u8; 512];
+    footer[..8].copy_from_slice(b"conectix");
+    bad.extend_from_slice(&footer);
+    common::write_file(&files.path().join("bad.qcow2"), &bad);
+    let path = format!("/v1/images/{id}/import?disk_format=qcow2");
+    let bad_file = format!("@{}", files.path().join("bad.qcow2").display());
+    let r = s.admin("POST", &path, &["--data-binary", &bad_file]);
+    assert_eq!((r.status, r.code()), (400, "format_ambiguous".to_string()));
+    let refused = job_of_image(&s, id, |_| true);
+    assert_eq!(refused["state"], "failed", "{refused}");
+    assert_eq!(refused["error_code"], "format_ambiguous", "{refused}");
+    // The retry, waiting behind the refused job for the slot.
+    let good_file = format!("@{}", files.path().join("disk.qcow2").display());
+    let r = s.admin("POST", &path, &["--data-binary", &good_file]);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let retry = r.json()["id"].as_str().expect("job").to_string();
+    // The holder goes; the refused job gets the slot first and must leave the image alone.
+    drop(holder);
+    let job = wait_job(&s, &retry, |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["status"], "active", "{image}");
+    let raw = s.import(&files.path().join("disk.qcow2.raw"), "raw");
+    assert_eq!(image["digest"], raw["digest"]);
+    let refused = wait_job(&s, refused["id"].as_str().expect("id"), |_| true);
+    assert_eq!(refused["state"], "failed", "{refused}");
+    assert_eq!(refused["error_code"], "format_ambiguous", "{refused}");
 }
 
 /// Waits for the marker that says the file staged for `job` (fsynced in the background, after

@@ -121,6 +121,11 @@ impl Arriving {
         self.update(|s| s.verdict = Some(Err(why)));
     }
 
+    /// The request's verdict, if given yet.
+    pub fn verdict_now(&self) -> Option<Result<(), Refusal>> {
+        self.state().verdict.clone()
+    }
+
     /// Waits for the request's verdict on the whole file. Blocking.
     pub fn verdict(&self) -> Result<(), Refusal> {
         let mut s = self.state();

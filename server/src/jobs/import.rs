@@ -26,7 +26,7 @@ use kagami_images::format::{self, DiskFormat};
 use kagami_images::model::ImageStatus;
 use reqwest::StatusCode;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use uuid::Uuid;
 
 use crate::api::AppState;
@@ -61,7 +61,7 @@ static SYNCING: LazyLock<Mutex<HashMap<Uuid, (oneshot::Sender<()>, tokio::task::
 pub async fn worker(app: AppState) {
     loop {
         match app.catalog.run(jobs::claim).await {
-            Ok(Some(job)) => run_to_end(&app, job).await,
+            Ok(Some(job)) => run_to_end(&app, job, None).await,
             Ok(None) => {
                 let _ =
                     tokio::time::timeout(Duration::from_secs(1), app.job_queued.notified()).await;
@@ -74,11 +74,11 @@ pub async fn worker(app: AppState) {
     }
 }
 
-/// Runs a claimed job, records its end, and removes its folder.
-async fn run_to_end(app: &AppState, job: Job) {
+/// Runs a claimed job (see [`run`] for `slot`), records its end, and removes its folder.
+async fn run_to_end(app: &AppState, job: Job, slot: Option<OwnedSemaphorePermit>) {
     let id = job.id;
     tracing::info!(job = %id, image = %job.image_id, source = ?job.source_url, "import started");
-    let error = run(app, job).await.err();
+    let error = run(app, job, slot).await.err();
     match &error {
         None => tracing::info!(job = %id, "import done"),
         Some(e) => tracing::warn!(job = %id, "import failed: {e}"),
@@ -97,7 +97,15 @@ async fn run_to_end(app: &AppState, job: Job) {
     remove_job_dir(&job_dir(&app.config.server.data_dir, id), id).await;
 }
 
-async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
+/// Runs one job. `slot` (an upload conversion's) is let go once the conversion ends, before
+/// the job waits for its upload's verdict.
+async fn run(app: &AppState, job: Job, slot: Option<OwnedSemaphorePermit>) -> Result<(), ApiError> {
+    // An upload the request refused (a broken body, a refused file) before its job got here:
+    // the request failed the image and the job; the image may be another upload's by now.
+    let arriving = Arriving::of(job.id);
+    if let Some(Err(why)) = arriving.as_ref().and_then(|a| a.verdict_now()) {
+        return Err(why.into());
+    }
     // The job acts for the project that asked for it.
     let caller = Caller {
         project: job.owner.clone(),
@@ -139,12 +147,13 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
             // The upload is still arriving (or arrived while the job was queued): convert as
             // it comes, and keep the result only if the request's verdict on the whole file
             // accepts it — a refusal's reason is the one to report.
-            None if let Some(arriving) = Arriving::of(id) => {
+            None if let Some(arriving) = arriving.clone() => {
                 let file = ArrivingFile(arriving.clone());
                 let converted = match open(file, claimed, limits, format::inspect_claimed).await {
                     Ok(disk) => convert(app, &job, &image, disk).await,
                     Err(e) => Err(e),
                 };
+                drop(slot);
                 let verdict = tokio::task::spawn_blocking(move || arriving.verdict())
                     .await
                     .map_err(|e| ApiError::Internal(format!("upload verdict lost: {e}")))?;
@@ -163,6 +172,10 @@ async fn run(app: &AppState, job: Job) -> Result<(), ApiError> {
         }
     }
     .await;
+    // Refused while this job converted: as above, the image is not this job's to touch.
+    if let Some(Err(why)) = arriving.and_then(|a| a.verdict_now()) {
+        return Err(why.into());
+    }
     // Every outcome goes through here, so the image never stays `saving` after its job ends.
     ingest::commit_or_fail(&app.catalog, caller, image_id, received)
         .await
@@ -306,7 +319,7 @@ pub async fn accept_upload(
         async move {
             // Slow uploads each hold a slot while they trail their sender; the others wait here,
             // saying so, while their files are staged.
-            let _slot = match app.upload_slots.clone().try_acquire_owned() {
+            let slot = match app.upload_slots.clone().try_acquire_owned() {
                 Ok(slot) => Some(slot),
                 Err(_) => {
                     let report = app.catalog.run(move |c| {
@@ -319,7 +332,7 @@ pub async fn accept_upload(
                     app.upload_slots.clone().acquire_owned().await.ok()
                 }
             };
-            run_to_end(&app, job).await;
+            run_to_end(&app, job, slot).await;
         }
     };
     tokio::spawn(task);
@@ -327,6 +340,15 @@ pub async fn accept_upload(
         let idle = Duration::from_secs(app.config.limits.upload_idle_secs);
         let max = app.config.limits.max_image_bytes;
         let len = ingest::write_body(body, &mut out, idle, max, |n| arriving.wrote(n)).await?;
+        // The job reads up to the declared length; the request inspects what arrived.
+        if let Some(declared) = declared
+            && declared != len
+        {
+            return Err(ApiError::bad(
+                "upload_interrupted",
+                format!("the upload carried {len} bytes, not the {declared} it declared"),
+            ));
+        }
         arriving.ended(len);
         let file = std::fs::File::open(upload_path(data_dir, id))?;
         let limits = format::Limits {
@@ -341,13 +363,22 @@ pub async fn accept_upload(
     }
     .await;
     if let Err(e) = accepted {
-        // The job's reads fail from now on, and it ends with this reason (and removes the
-        // folder); the image says it at once.
+        // The job's reads fail from now on and it touches nothing more; the image and the job
+        // say why at once, in one transaction (so a restart never runs the job again), and the
+        // file goes (the job's open handles keep what they read).
         arriving.refuse(Refusal::from(&e));
         let reason = e.to_string();
+        let why = ApiError::from(Refusal::from(&e));
         app.catalog
-            .run(move |c| images::fail_upload(c, image_id, &reason))
+            .run(move |c| {
+                let tx = c.transaction()?;
+                images::fail_upload(&tx, image_id, &reason)?;
+                jobs::finish(&tx, id, Some(&why))?;
+                tx.commit()?;
+                Ok(())
+            })
             .await?;
+        remove_job_dir(&dir, id).await;
         return Err(e);
     }
     // Made durable off the request's path, and only if the job has not ended by then. A job

@@ -434,7 +434,7 @@ mod tests {
         // each): two packs per lane, none over the limit, every block 4 KiB-aligned.
         let packs = store.packs().expect("list");
         assert_eq!(packs.len(), 4);
-        assert_eq!(locs[0].pack, 1);
+        // (Which lane starts its pack first, and so gets the lower id, is a race.)
         assert_ne!(locs[20].pack, locs[0].pack);
         assert!(packs.iter().all(|(_, size)| *size <= 1 << 20));
         assert!(locs.iter().all(|l| l.offset % ALIGN == 0));
