@@ -497,6 +497,28 @@ fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
     assert_eq!(image["status"], "active");
     assert_eq!(image["digest"], raw["digest"]);
 
+    // A body without a length (chunked): the job learns the file's size only at its end, and
+    // converts it then.
+    let img = s.cli_json(&["image", "create", "--name", "chunked"]);
+    let id = img["id"].as_str().expect("id");
+    let r = s.admin(
+        "POST",
+        &format!("/v1/images/{id}/import?disk_format=qcow2"),
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", qcow2.display()),
+        ],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = wait_job(&s, r.json()["id"].as_str().expect("job id"), |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    assert_eq!(image["digest"], raw["digest"]);
+
     // An upload cut off half way: the image and its job (started with the upload, converting
     // while it arrives) fail with the reason; no file is left.
     let img = s.cli_json(&["image", "create", "--name", "cut"]);
