@@ -761,6 +761,24 @@ pub fn check_uploadable(conn: &Connection, caller: &Caller, id: Uuid) -> Result<
     Ok(image)
 }
 
+/// saving → failed, with the reason, only while import job `job` is still running: the image
+/// is then that job's. Once the job has ended (failed with its image, in one transaction) the
+/// image may be a retry's, and is left alone.
+pub fn fail_upload_of_job(
+    conn: &Connection,
+    id: Uuid,
+    job: Uuid,
+    reason: &str,
+) -> Result<(), ApiError> {
+    conn.execute(
+        "UPDATE images SET status = 'failed', status_reason = ?3, upload_started_at = NULL, updated_at = ?4
+         WHERE id = ?1 AND status = 'saving'
+           AND EXISTS (SELECT 1 FROM jobs WHERE id = ?2 AND state = 'running')",
+        params![id.to_string(), job.to_string(), reason, now_ms()],
+    )?;
+    Ok(())
+}
+
 /// saving → failed, with the reason shown to the operator.
 pub fn fail_upload(conn: &Connection, id: Uuid, reason: &str) -> Result<(), ApiError> {
     conn.execute(

@@ -257,3 +257,43 @@ pub fn requeue_running(conn: &Connection) -> Result<usize, ApiError> {
         [now_ms()],
     )?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::tenancy::Role;
+    use kagami_images::model::ImageStatus;
+
+    #[test]
+    fn a_refused_upload_fails_its_image_only_while_its_job_runs() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let catalog = crate::catalog::Catalog::open(&dir.path().join("c.db")).expect("catalog");
+        let admin = Caller {
+            project: "admin".into(),
+            role: Role::Admin,
+        };
+        catalog
+            .run_blocking(|c| {
+                crate::catalog::tenancy::bootstrap(c, dir.path())?;
+                let new = serde_json::from_value(serde_json::json!({"name": "x"})).expect("new");
+                let image = images::create(c, &admin, "local", new)?.id;
+                let status = |c: &Connection| images::get(c, &admin, image).map(|i| i.status);
+                let first = Uuid::new_v4();
+                start_upload(c, &admin, first, image, "qcow2")?;
+                // The first job runs: its refusal fails the image; the job ends.
+                images::fail_upload_of_job(c, image, first, "refused")?;
+                assert_eq!(status(c)?, ImageStatus::Failed);
+                finish(
+                    c,
+                    first,
+                    Some(&ApiError::bad("format_ambiguous", "refused")),
+                )?;
+                // A retry owns the image now; the first job's late failure leaves it alone.
+                start_upload(c, &admin, Uuid::new_v4(), image, "qcow2")?;
+                images::fail_upload_of_job(c, image, first, "late")?;
+                assert_eq!(status(c)?, ImageStatus::Saving);
+                Ok(())
+            })
+            .expect("catalog");
+    }
+}

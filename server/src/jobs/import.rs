@@ -101,10 +101,11 @@ async fn run_to_end(app: &AppState, job: Job, slot: Option<OwnedSemaphorePermit>
 /// the job waits for its upload's verdict.
 async fn run(app: &AppState, job: Job, slot: Option<OwnedSemaphorePermit>) -> Result<(), ApiError> {
     // An upload the request refused (a broken body, a refused file) before its job got here:
-    // the request failed the image and the job; the image may be another upload's by now.
+    // the request normally failed the image and the job already, and the image may be another
+    // upload's by now; see `refused`.
     let arriving = Arriving::of(job.id);
     if let Some(Err(why)) = arriving.as_ref().and_then(|a| a.verdict_now()) {
-        return Err(why.into());
+        return refused(app, &job, why).await;
     }
     // The job acts for the project that asked for it.
     let caller = Caller {
@@ -172,14 +173,25 @@ async fn run(app: &AppState, job: Job, slot: Option<OwnedSemaphorePermit>) -> Re
         }
     }
     .await;
-    // Refused while this job converted: as above, the image is not this job's to touch.
+    // Refused while this job converted: as above.
     if let Some(Err(why)) = arriving.and_then(|a| a.verdict_now()) {
-        return Err(why.into());
+        return refused(app, &job, why).await;
     }
     // Every outcome goes through here, so the image never stays `saving` after its job ends.
     ingest::commit_or_fail(&app.catalog, caller, image_id, received)
         .await
         .map(|_| ())
+}
+
+/// Ends a job whose upload was refused: the image fails only if the job is still running —
+/// that is, the request could not fail them together (it panicked, or its transaction failed);
+/// otherwise both ended already and the image may be a retry's.
+async fn refused(app: &AppState, job: &Job, why: Refusal) -> Result<(), ApiError> {
+    let (image, id, reason) = (job.image_id, job.id, why.message.clone());
+    app.catalog
+        .run(move |c| images::fail_upload_of_job(c, image, id, &reason))
+        .await?;
+    Err(why.into())
 }
 
 /// How a file is inspected before it is read: [`format::inspect`], or — for an upload still
@@ -372,7 +384,7 @@ pub async fn accept_upload(
         app.catalog
             .run(move |c| {
                 let tx = c.transaction()?;
-                images::fail_upload(&tx, image_id, &reason)?;
+                images::fail_upload_of_job(&tx, image_id, id, &reason)?;
                 jobs::finish(&tx, id, Some(&why))?;
                 tx.commit()?;
                 Ok(())
