@@ -615,11 +615,32 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_trickling_stream_commits_what_it_wrote_within_a_second() {
+    const LIMITS: ReceiveLimits = ReceiveLimits {
+        max_bytes: 1 << 30,
+        idle: Duration::from_secs(5),
+    };
+
+    /// A catalog and a block store in a new folder (removed when the first value drops).
+    fn fresh_store() -> (tempfile::TempDir, Catalog, Arc<PackStore>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let catalog = Catalog::open(&dir.path().join("c.db")).expect("catalog");
         let store = Arc::new(PackStore::open(&dir.path().join("packs"), 16 << 20).expect("store"));
+        (dir, catalog, store)
+    }
+
+    /// Every one of `ids` is durable and indexed, and no ingest holds the store from GC.
+    async fn assert_committed(catalog: &Catalog, store: &PackStore, ids: Vec<BlockId>) {
+        let missing = catalog
+            .run(move |c| blocks::find_missing(c, &ids, now_ms()))
+            .await
+            .expect("lookup");
+        assert!(missing.is_empty(), "{} blocks not indexed", missing.len());
+        assert!(store.gc_could_run(), "an ingest still holds the store");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trickling_stream_commits_what_it_wrote_within_a_second() {
+        let (_dir, catalog, store) = fresh_store();
         let a = Bytes::from(noise(3, SEGMENT_SIZE));
         let a_ids = hash_blocks(&a);
         // A segment, then 1 KiB every 30 ms: never the 100 ms pause that commits at once.
@@ -635,21 +656,12 @@ mod tests {
                     }
                     if i == 50 {
                         // ~1.5 s after the segment: its group is committed, GC could run.
-                        let missing = c
-                            .run(move |c| blocks::find_missing(c, &a_ids, now_ms()))
-                            .await
-                            .expect("lookup");
-                        assert!(missing.is_empty(), "{} blocks not indexed", missing.len());
-                        assert!(s.gc_could_run(), "a trickling stream still holds the store");
+                        assert_committed(&c, &s, a_ids).await;
                     }
                     Ok::<_, std::io::Error>(item)
                 }
             });
-        let limits = ReceiveLimits {
-            max_bytes: 1 << 30,
-            idle: Duration::from_secs(5),
-        };
-        let (manifest, _) = receive(catalog, store, Box::pin(body), limits, DiskFormat::Raw)
+        let (manifest, _) = receive(catalog, store, Box::pin(body), LIMITS, DiskFormat::Raw)
             .await
             .expect("receive");
         assert_eq!(manifest.virtual_size(), SEGMENT_SIZE as u64 + 60 * 1024);
@@ -657,9 +669,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn segments_are_stored_in_groups_committed_when_the_stream_pauses() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let catalog = Catalog::open(&dir.path().join("c.db")).expect("catalog");
-        let store = Arc::new(PackStore::open(&dir.path().join("packs"), 16 << 20).expect("store"));
+        let (_dir, catalog, store) = fresh_store();
         let a = Bytes::from(noise(1, SEGMENT_SIZE));
         let tail = Bytes::from(noise(2, 100 << 10));
         let a_ids = hash_blocks(&a);
@@ -680,29 +690,16 @@ mod tests {
                     // The pause: by now what came before is durable and indexed, and GC could
                     // run.
                     tokio::time::sleep(GROUP_PAUSE * 4).await;
-                    let missing = c
-                        .run(move |c| blocks::find_missing(c, &a_ids, now_ms()))
-                        .await
-                        .expect("lookup");
-                    assert!(
-                        missing.is_empty(),
-                        "{} blocks of a not indexed",
-                        missing.len()
-                    );
-                    assert!(s.gc_could_run(), "the group still holds the store");
+                    assert_committed(&c, &s, a_ids).await;
                 }
                 Ok::<_, std::io::Error>(item)
             }
         });
-        let limits = ReceiveLimits {
-            max_bytes: 1 << 30,
-            idle: Duration::from_secs(5),
-        };
         let (manifest, stats) = receive(
             catalog.clone(),
             store.clone(),
             Box::pin(body),
-            limits,
+            LIMITS,
             DiskFormat::Raw,
         )
         .await
@@ -715,11 +712,7 @@ mod tests {
         let got: Vec<BlockId> = manifest.blocks().map(|b| b.id).collect();
         assert_eq!(got, expected);
         assert_eq!(manifest.virtual_size(), whole.len() as u64);
-        let missing = catalog
-            .run(move |c| blocks::find_missing(c, &got, now_ms()))
-            .await
-            .expect("lookup");
-        assert!(missing.is_empty(), "every block is indexed at the end");
-        assert!(store.gc_could_run());
+        // Every block is indexed at the end.
+        assert_committed(&catalog, &store, got).await;
     }
 }
