@@ -421,6 +421,16 @@ impl Default for ServerConfig {
     }
 }
 
+impl Limits {
+    /// What the format inspector and readers may accept under these limits.
+    pub fn formats(&self) -> kagami_images::format::Limits {
+        kagami_images::format::Limits {
+            max_virtual_size: self.max_image_bytes,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -36,10 +36,7 @@ async fn inspect(
     body: Body,
 ) -> Result<Json<Verdict>, ApiError> {
     let staged = stage(&app, body).await?;
-    let limits = format::Limits {
-        max_virtual_size: app.config.limits.max_image_bytes,
-        ..Default::default()
-    };
+    let limits = app.config.limits.formats();
     let verdict = tokio::task::spawn_blocking(move || {
         format::verdict(staged.as_file(), q.disk_format, &limits)
     })

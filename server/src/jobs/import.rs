@@ -132,10 +132,7 @@ async fn run(app: &AppState, job: Job, slot: Option<OwnedSemaphorePermit>) -> Re
             .map_err(|e: String| ApiError::bad("invalid_format", e))?;
         ingest::check_kind(&image, claimed)?;
         let id = job.id;
-        let limits = format::Limits {
-            max_virtual_size: app.config.limits.max_image_bytes,
-            ..Default::default()
-        };
+        let limits = app.config.limits.formats();
         match app.catalog.run(move |c| jobs::source(c, id)).await? {
             Some(url) => {
                 let (staged, _) = fetch(app, &job, &url).await?;
@@ -363,10 +360,7 @@ pub async fn accept_upload(
         }
         arriving.ended(len);
         let file = std::fs::File::open(upload_path(data_dir, id))?;
-        let limits = format::Limits {
-            max_virtual_size: app.config.limits.max_image_bytes,
-            ..Default::default()
-        };
+        let limits = app.config.limits.formats();
         tokio::task::spawn_blocking(move || format::inspect(&file, claimed, &limits))
             .await
             .map_err(|e| ApiError::Internal(format!("inspection failed: {e}")))?
@@ -378,9 +372,10 @@ pub async fn accept_upload(
         // The job's reads fail from now on and it touches nothing more; the image and the job
         // say why at once, in one transaction (so a restart never runs the job again), and the
         // file goes (the job's open handles keep what they read).
-        arriving.refuse(Refusal::from(&e));
+        let refusal = Refusal::from(&e);
+        arriving.refuse(refusal.clone());
         let reason = e.to_string();
-        let why = ApiError::from(Refusal::from(&e));
+        let why = ApiError::from(refusal);
         app.catalog
             .run(move |c| {
                 let tx = c.transaction()?;
@@ -393,13 +388,22 @@ pub async fn accept_upload(
         remove_job_dir(&dir, id).await;
         return Err(e);
     }
+    // Registered before the verdict lets the job commit, so a job that ends at once finds it.
+    schedule_durable(app, id);
+    arriving.accept();
+    Ok(job)
+}
+
+/// Makes job `id`'s staged upload durable off the request's path, and only if the job has not
+/// ended by then (registered in [`SYNCING`]; [`end_syncing`] ends it).
+fn schedule_durable(app: &AppState, id: Uuid) {
     // Made durable off the request's path, and only if the job has not ended by then. A job
     // that ends within `import.durable_after_secs` (most do: it converts as the file arrives)
     // deletes a file that never needed the disk — writing it would double an import's disk
     // writes; a queued or long job's file is made durable after that, so a restart can run it
     // again. A crash inside the window fails the job with [`NOT_DURABLE`] ("upload again"), as
     // one before its fsync ended always did.
-    let root = data_dir.clone();
+    let root = app.config.server.data_dir.clone();
     let wait = Duration::from_secs(app.config.import.durable_after_secs);
     let (ended, job_ended) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -416,13 +420,10 @@ pub async fn accept_upload(
             Err(e) => tracing::error!(job = %id, "cannot make the staged upload durable: {e}"),
         }
     });
-    // Registered before the verdict lets the job commit, so a job that ends at once finds it.
     SYNCING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .insert(id, (ended, task));
-    arriving.accept();
-    Ok(job)
 }
 
 /// Removes job `id`'s folder, if any (logged, not returned: the caller is already failing).
