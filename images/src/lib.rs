@@ -1,8 +1,6 @@
 //! The vocabulary Kagami's server and agent share: the image model that travels over the wire,
-//! and the block manifest that names an image's content.
-//!
-//! Disk-format inspection and readers (`format`) arrive with the formats work; today images enter
-//! as raw bytes.
+//! the block manifest that names an image's content and the splitter that makes one, and the
+//! disk-format inspector, readers and writers (`format`).
 
 pub mod format;
 pub mod fuzzing;

@@ -13,7 +13,7 @@ use crate::manifest::{BLOCK_SIZE, BlockId, Manifest, ManifestError, SEGMENT_SIZE
 /// blocks per core, each run hashed several blocks at once ([`BlockId::of_many`]).
 pub fn hash_blocks(data: &[u8]) -> Vec<BlockId> {
     let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cores();
     let runs: Vec<&[&[u8]]> = blocks.chunks(blocks.len().div_ceil(cores).max(1)).collect();
     parallel_map(&runs, |run| BlockId::of_many(run))
         .into_iter()
@@ -21,12 +21,19 @@ pub fn hash_blocks(data: &[u8]) -> Vec<BlockId> {
         .collect()
 }
 
+/// The cores this process may use, asked once: `available_parallelism` reads the cgroup's CPU
+/// quota files on every call (three opens and reads), and ingest asks per 4 MiB segment.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Maps `items` on all cores: the slice is cut into one run per core, each mapped on a scoped
 /// thread (the caller's thread takes the first). Chosen over a work-stealing pool because these
 /// batches are small and uniform (64 blocks of 64 KiB): idle pool threads spinning between
 /// segments cost more CPU than one thread spawn per run does.
 pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cores();
     if cores < 2 || items.len() < 2 {
         return items.iter().map(&f).collect();
     }

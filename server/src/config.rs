@@ -91,7 +91,7 @@ impl ImportConfig {
     /// [`ImportConfig::upload_conversions`], with 0 resolved.
     pub fn upload_slots(&self) -> usize {
         match self.upload_conversions {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => kagami_images::split::cores(),
             n => n,
         }
     }

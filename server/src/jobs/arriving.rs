@@ -40,6 +40,9 @@ struct State {
     ended: bool,
     /// Set once the whole file was inspected (accepted, or why not), or the upload failed.
     verdict: Option<Result<(), Refusal>>,
+    /// The nearest end a read waits for: [`Arriving::wrote`] wakes readers only once it is
+    /// reached, not for every chunk (a futex wake and a context switch each).
+    awaited: Option<u64>,
 }
 
 /// Why an upload was not accepted: the error the request answered, for its job to report.
@@ -99,7 +102,13 @@ impl Arriving {
 
     /// The first `written` bytes are in the file.
     pub fn wrote(&self, written: u64) {
-        self.update(|s| s.written = written);
+        let mut s = self.state();
+        s.written = written;
+        if s.awaited.is_some_and(|end| written >= end) {
+            s.awaited = None;
+            drop(s);
+            self.changed.notify_all();
+        }
     }
 
     /// The whole body, `len` bytes, is in the file.
@@ -147,6 +156,7 @@ impl Arriving {
             if s.ended || s.written >= end {
                 return Ok(());
             }
+            s.awaited = Some(s.awaited.map_or(end, |other| other.min(end)));
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }

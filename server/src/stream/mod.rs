@@ -293,8 +293,7 @@ impl Reader {
 
     /// [`Reader::read_verified`] with the slots cut into one run per core.
     fn read_verified_all(&self, slots: &mut [Slot]) -> Result<Vec<usize>, ApiError> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = slots.len().div_ceil(cores).max(1);
+        let per = slots.len().div_ceil(kagami_images::split::cores()).max(1);
         std::thread::scope(|scope| {
             let mut runs = slots.chunks_mut(per);
             let first = runs.next().unwrap_or_default();
