@@ -730,6 +730,13 @@ fn a_refused_upload_waiting_for_a_slot_never_touches_its_image_again() {
     let refused = job_of_image(&s, id, |_| true);
     assert_eq!(refused["state"], "failed", "{refused}");
     assert_eq!(refused["error_code"], "format_ambiguous", "{refused}");
+    // Its job ends without waiting for the slot: nothing holds its staged file open.
+    let refused_id = refused["id"].as_str().expect("id").to_string();
+    poll(
+        10,
+        || Value::from(s.open_files(&refused_id)),
+        |open| open.as_array().is_some_and(Vec::is_empty),
+    );
     // The retry, waiting behind the refused job for the slot.
     let good_file = format!("@{}", files.path().join("disk.qcow2").display());
     let r = s.admin("POST", &path, &["--data-binary", &good_file]);

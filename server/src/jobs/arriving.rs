@@ -31,6 +31,8 @@ pub struct Arriving {
     declared: Option<u64>,
     state: Mutex<State>,
     changed: Condvar,
+    /// Told when the verdict is given, for async waiters ([`Arriving::refusal`]).
+    decided: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +77,7 @@ impl Arriving {
             declared,
             state: Mutex::default(),
             changed: Condvar::new(),
+            decided: tokio::sync::Notify::new(),
         });
         registry().insert(id, arriving.clone());
         arriving
@@ -98,6 +101,7 @@ impl Arriving {
     fn update(&self, f: impl FnOnce(&mut State)) {
         f(&mut self.state());
         self.changed.notify_all();
+        self.decided.notify_waiters();
     }
 
     /// The first `written` bytes are in the file.
@@ -133,6 +137,21 @@ impl Arriving {
     /// The request's verdict, if given yet.
     pub fn verdict_now(&self) -> Option<Result<(), Refusal>> {
         self.state().verdict.clone()
+    }
+
+    /// Waits until the upload is refused; never returns if it is accepted.
+    pub async fn refusal(&self) -> Refusal {
+        loop {
+            let decided = self.decided.notified();
+            tokio::pin!(decided);
+            // Registered before the check: a verdict given in between still wakes us.
+            decided.as_mut().enable();
+            match self.verdict_now() {
+                Some(Err(why)) => return why,
+                Some(Ok(())) => std::future::pending::<()>().await,
+                None => decided.await,
+            }
+        }
     }
 
     /// Waits for the request's verdict on the whole file. Blocking.
@@ -176,6 +195,7 @@ impl Drop for VerdictDue {
             }));
             drop(s);
             self.0.changed.notify_all();
+            self.0.decided.notify_waiters();
         }
     }
 }
@@ -246,6 +266,30 @@ mod tests {
         assert_eq!(arriving.verdict(), Err(why));
         Arriving::forget(id);
         assert!(Arriving::of(id).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_wakes_an_async_waiter_and_an_acceptance_never_does() {
+        let staged = tempfile::NamedTempFile::new().expect("temp");
+        let refused = Arriving::register(Uuid::new_v4(), staged.reopen().expect("reopen"), None);
+        let waiter = tokio::spawn({
+            let refused = refused.clone();
+            async move { refused.refusal().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        refused.refuse(Refusal {
+            code: "format_ambiguous",
+            message: "refused".into(),
+        });
+        let why = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(why.code, "format_ambiguous");
+        let accepted = Arriving::register(Uuid::new_v4(), staged.reopen().expect("reopen"), None);
+        accepted.accept();
+        let waited = tokio::time::timeout(Duration::from_millis(100), accepted.refusal()).await;
+        assert!(waited.is_err(), "an accepted upload is never refused");
     }
 
     #[test]

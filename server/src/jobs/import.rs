@@ -324,10 +324,11 @@ pub async fn accept_upload(
     };
     let _due = VerdictDue(arriving.clone());
     let task = {
-        let (app, job) = (app.clone(), job.clone());
+        let (app, job, arriving_job) = (app.clone(), job.clone(), arriving.clone());
         async move {
             // Slow uploads each hold a slot while they trail their sender; the others wait here,
-            // saying so, while their files are staged.
+            // saying so, while their files are staged. One refused meanwhile ends at once (run
+            // sees the refusal first), not when a slot frees: its file goes with it.
             let slot = match app.upload_slots.clone().try_acquire_owned() {
                 Ok(slot) => Some(slot),
                 Err(_) => {
@@ -338,7 +339,10 @@ pub async fn accept_upload(
                         tracing::warn!(job = %id, "cannot report the job's wait: {e}");
                     }
                     // Never closed; were it, the job would run without a slot.
-                    app.upload_slots.clone().acquire_owned().await.ok()
+                    tokio::select! {
+                        slot = app.upload_slots.clone().acquire_owned() => slot.ok(),
+                        _ = arriving_job.refusal() => None,
+                    }
                 }
             };
             run_to_end(&app, job, slot).await;

@@ -102,6 +102,22 @@ impl Server {
         self.dir.path().join("data")
     }
 
+    /// The files the server process holds open whose paths contain `needle` (deleted ones
+    /// still count: their space is not freed while they are open).
+    pub fn open_files(&self, needle: &str) -> Vec<String> {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return Vec::new();
+        };
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .map(|target| target.display().to_string())
+                    .filter(|target| target.contains(needle))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn launch(&mut self) {
         self.port = free_port();
         self.url = format!("http://127.0.0.1:{}", self.port);
