@@ -478,11 +478,22 @@ pub async fn write_body(
     max: u64,
     wrote: impl Fn(u64),
 ) -> Result<u64, ApiError> {
+    use futures_util::FutureExt;
     use tokio::io::AsyncWriteExt;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     loop {
-        let chunk = match tokio::time::timeout(idle, stream.next()).await {
+        let next = match stream.next().now_or_never() {
+            Some(next) => Ok(next),
+            None => {
+                // Nothing more has come yet: let the last chunk land and say so, or a reader
+                // waiting for its bytes would wait for the next chunk too.
+                out.flush().await?;
+                wrote(total);
+                tokio::time::timeout(idle, stream.next()).await
+            }
+        };
+        let chunk = match next {
             Err(_) => {
                 return Err(ApiError::bad(
                     "upload_stalled",

@@ -523,7 +523,7 @@ fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
     // while it arrives) fail with the reason; no file is left.
     let img = s.cli_json(&["image", "create", "--name", "cut"]);
     let id = img["id"].as_str().expect("id");
-    let mut conn = upload_qcow2(&s, id, 20 << 20);
+    let mut conn = upload_conn(&s, id, "qcow2", 20 << 20);
     conn.write_all(&std::fs::read(&qcow2).expect("read")[..1 << 20])
         .expect("body");
     drop(conn);
@@ -552,12 +552,12 @@ fn an_uploaded_file_is_converted_by_a_job_and_a_broken_upload_leaves_nothing() {
     assert!(job_folders(&s).is_empty(), "{:?}", job_folders(&s));
 }
 
-/// Starts a qcow2 upload of `len` bytes into image `id` over a raw connection (the caller sends
-/// the body, or part of it, and reads the answer; the server closes after answering).
-fn upload_qcow2(s: &common::Server, id: &str, len: usize) -> TcpStream {
+/// Starts an upload of `len` bytes in `format` into image `id` over a raw connection (the caller
+/// sends the body, or part of it, and reads the answer; the server closes after answering).
+fn upload_conn(s: &common::Server, id: &str, format: &str, len: usize) -> TcpStream {
     let mut conn = TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
     let head = format!(
-        "POST /v1/images/{id}/import?disk_format=qcow2 HTTP/1.1\r\nHost: kagami\r\n\
+        "POST /v1/images/{id}/import?disk_format={format} HTTP/1.1\r\nHost: kagami\r\n\
          Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
          Connection: close\r\nContent-Length: {len}\r\n\r\n",
         s.token
@@ -597,7 +597,7 @@ fn an_upload_converts_while_it_arrives_and_nothing_is_kept_if_its_end_is_refused
         let img = s.cli_json(&["image", "create", "--name", name]);
         let id = img["id"].as_str().expect("id");
         let body = [qcow2.clone(), tail.clone()].concat();
-        let mut conn = upload_qcow2(&s, id, body.len());
+        let mut conn = upload_conn(&s, id, "qcow2", body.len());
         let referenced = || {
             let stats = s.store_stats();
             stats["blocks"].as_u64().expect("n") - stats["unreferenced_blocks"].as_u64().expect("n")
@@ -651,6 +651,82 @@ fn an_upload_converts_while_it_arrives_and_nothing_is_kept_if_its_end_is_refused
     }
 }
 
+#[test]
+fn a_dynamic_vhd_converts_before_its_footer_arrives_and_the_footer_still_decides() {
+    let s = common::Server::start();
+    let files = tempfile::tempdir().expect("tmp");
+    let disk = common::noise(43, 16 << 20);
+    let raw_path = files.path().join("disk.raw");
+    common::write_file(&raw_path, &disk);
+    let vhd_path = files.path().join("disk.vhd");
+    let out = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=dynamic",
+        ])
+        .args([&raw_path, &vhd_path])
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vhd = std::fs::read(&vhd_path).expect("read");
+    let expected = s.cli_json(&["image", "inspect", vhd_path.to_str().expect("utf-8")]);
+    // The VHD's virtual disk (qemu rounds it up to a CHS geometry: zeroes after the noise).
+    let mut logical = disk.clone();
+    let size = expected["info"]["virtual_size"].as_u64().expect("size");
+    logical.resize(size as usize, 0);
+    common::write_file(&raw_path, &logical);
+    let raw = s.import(&raw_path, "raw");
+    // The footer at the end says the disk is fixed: it disagrees with its copy at the start,
+    // which the job converted by.
+    let mut disagreeing = vhd.clone();
+    let footer = disagreeing.len() - 512;
+    disagreeing[footer + 60..footer + 64].copy_from_slice(&2u32.to_be_bytes());
+    // Its checksum: the complement of the sum of its bytes but the checksum's own.
+    disagreeing[footer + 64..footer + 68].fill(0);
+    let sum = disagreeing[footer..]
+        .iter()
+        .fold(0u32, |s, b| s.wrapping_add(u32::from(*b)));
+    disagreeing[footer + 64..footer + 68].copy_from_slice(&(!sum).to_be_bytes());
+    for (name, body) in [("whole", vhd), ("disagreeing", disagreeing)] {
+        let img = s.cli_json(&["image", "create", "--name", name]);
+        let id = img["id"].as_str().expect("id");
+        let mut conn = upload_conn(&s, id, "vhd", body.len());
+        // All but the footer: the job converts the whole disk, then waits for the verdict.
+        conn.write_all(&body[..body.len() - 512]).expect("body");
+        let job = job_of_image(&s, id, |j| {
+            j["bytes_total"].as_u64().is_some_and(|t| t > 0) && j["bytes_done"] == j["bytes_total"]
+        });
+        assert_eq!(job["state"], "running", "{name}: {job}");
+        conn.write_all(&body[body.len() - 512..]).expect("footer");
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut answer).expect("answer");
+        let job = job_of_image(&s, id, |j| {
+            j["state"] != "running" && j["state"] != "queued"
+        });
+        let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+        if name == "whole" {
+            assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+            assert_eq!(job["state"], "succeeded", "{job}");
+            assert_eq!(image["digest"], raw["digest"], "the disk, exactly");
+        } else {
+            assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+            assert!(answer.contains("disagrees on the disk type"), "{answer}");
+            assert_eq!(job["state"], "failed", "{job}");
+            assert_eq!(image["status"], "failed", "{image}");
+        }
+    }
+}
+
 /// Takes the server's one upload-conversion slot (`import.upload_conversions = 1`) with an
 /// upload sent half way, whose conversion waits for the rest; then uploads an 8 GiB qcow2 (data
 /// only at both ends), whose job is caught waiting for the slot — a conversion of mostly
@@ -701,7 +777,7 @@ fn hold_the_slot(s: &common::Server, files: &Path) -> TcpStream {
     let holder = std::fs::read(files.join("holder.qcow2")).expect("read");
     let img = s.cli_json(&["image", "create", "--name", "holder"]);
     let holder_id = img["id"].as_str().expect("id");
-    let mut conn = upload_qcow2(s, holder_id, holder.len());
+    let mut conn = upload_conn(s, holder_id, "qcow2", holder.len());
     conn.write_all(&holder[..holder.len() / 2]).expect("body");
     job_of_image(s, holder_id, |j| j["phase"] == "converting");
     conn

@@ -464,14 +464,15 @@ pub fn inspect(
             return Err(FormatError::Ambiguous(names.join(", ")));
         }
     }
-    claimed_checks(r, claimed, limits, file_size)
+    claimed_checks(r, claimed, limits, file_size, true)
 }
 
 /// [`inspect`] without the search for other formats' signatures (some sit at the end of a
-/// file): the claimed format's own signature and checks. An import may start reading a file
-/// that is still arriving on this verdict — Kagami's readers read nothing but the file itself —
-/// but keeps nothing unless the whole file then passes [`inspect`], which refuses whatever this
-/// refuses.
+/// file): the claimed format's own signature and checks, reading only the file's start where
+/// the format allows (a dynamic VHD is checked by its footer's copy at offset 0, the footer
+/// itself being last). An import may start reading a file that is still arriving on this
+/// verdict — Kagami's readers read nothing but the file itself — but keeps nothing unless the
+/// whole file then passes [`inspect`], which refuses whatever this refuses.
 pub fn inspect_claimed(
     r: &dyn ReadAt,
     claimed: DiskFormat,
@@ -486,21 +487,23 @@ pub fn inspect_claimed(
             detected: DiskFormat::Raw,
         });
     }
-    claimed_checks(r, claimed, limits, file_size)
+    claimed_checks(r, claimed, limits, file_size, false)
 }
 
-/// The claimed format's own checks (its signature already found).
+/// The claimed format's own checks (its signature already found); `whole`: the file is all
+/// there (see [`inspect_claimed`]).
 fn claimed_checks(
     r: &dyn ReadAt,
     claimed: DiskFormat,
     limits: &Limits,
     file_size: u64,
+    whole: bool,
 ) -> Result<DiskInfo, FormatError> {
     let (virtual_size, findings) = match claimed {
         DiskFormat::Raw => (file_size, Vec::new()),
         DiskFormat::Qcow2 => qcow2::inspect(r, limits)?,
         DiskFormat::Vmdk => vmdk::inspect(r, limits)?,
-        DiskFormat::Vhd => vhd::inspect(r, limits)?,
+        DiskFormat::Vhd => vhd::inspect(r, limits, whole)?,
         DiskFormat::Vhdx => vhdx::inspect(r, limits)?,
         DiskFormat::Vdi => vdi::inspect(r, limits)?,
         DiskFormat::Qed => qed::inspect(r, limits)?,

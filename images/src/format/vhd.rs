@@ -61,7 +61,21 @@ pub(super) fn probe(r: &dyn ReadAt) -> Result<bool, FormatError> {
     Ok(read_some(r, at, COOKIE.len())? == COOKIE)
 }
 
-pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<String>), FormatError> {
+/// Whether `head`, a file's first 512 bytes, is a dynamic disk's copy of its footer: what a
+/// reader goes by ([`crate::format::read`], like qemu), and what the checks of a file still
+/// arriving go by, as the footer itself comes last. [`inspect`] of the whole file insists that
+/// the footer at the end agrees with it on everything a reader uses.
+pub(super) fn leads_with_dynamic_footer(head: &[u8]) -> bool {
+    head.starts_with(COOKIE) && be32(head, F_DISK_TYPE) == DISK_DYNAMIC
+}
+
+/// Checks a VHD. `whole`: the file is all there; without it, a dynamic disk is checked by the
+/// footer copy at its start (the end may not have arrived), a fixed one still by its footer.
+pub(super) fn inspect(
+    r: &dyn ReadAt,
+    limits: &Limits,
+    whole: bool,
+) -> Result<(u64, Vec<String>), FormatError> {
     let file_size = r.size()?;
     // Even the smallest VHD is a whole footer; anything shorter was cut.
     let Some(footer_at) = file_size.checked_sub(FOOTER_LEN as u64) else {
@@ -69,8 +83,12 @@ pub(super) fn inspect(r: &dyn ReadAt, limits: &Limits) -> Result<(u64, Vec<Strin
             "a VHD needs a 512-byte footer, the file has {file_size} bytes"
         )));
     };
-    let footer = read_exact(r, footer_at, FOOTER_LEN, "VHD footer")?;
     let head = read_exact(r, 0, FOOTER_LEN, "VHD footer copy")?;
+    let footer = if !whole && footer_at != 0 && leads_with_dynamic_footer(&head) {
+        head.clone()
+    } else {
+        read_exact(r, footer_at, FOOTER_LEN, "VHD footer")?
+    };
     let head_is_copy = head.starts_with(COOKIE);
     // The footer is written last: a file whose tail lacks it was cut short or never finished.
     if !footer.starts_with(COOKIE) {

@@ -10,7 +10,7 @@
 use super::super::vhd::{
     COOKIE, D_BLOCK_SIZE, D_MAX_ENTRIES, D_TABLE_OFFSET, DISK_DIFFERENCING, DISK_DYNAMIC,
     DISK_FIXED, DYN_COOKIE, DYN_HEADER_LEN, F_CURRENT_SIZE, F_DATA_OFFSET, F_DISK_TYPE, FOOTER_LEN,
-    SECTOR, UNALLOCATED, bitmap_len, check_block_size,
+    SECTOR, UNALLOCATED, bitmap_len, check_block_size, leads_with_dynamic_footer,
 };
 use super::super::{
     DiskFormat, DiskInfo, FormatError, Limits, ReadAt, be32, be64, check_metadata, read_exact,
@@ -28,7 +28,14 @@ pub(super) fn open<R: ReadAt + Send + 'static>(
             "a VHD needs a 512-byte footer, the file has {file_size} bytes"
         ))
     })?;
-    let footer = read_exact(&r, footer_at, FOOTER_LEN, "the VHD footer")?;
+    // A dynamic disk by the footer's copy at its start, as qemu reads it (inspection of the
+    // whole file made sure both copies agree), so a file still arriving converts at once.
+    let head = read_exact(&r, 0, FOOTER_LEN, "the VHD footer copy")?;
+    let footer = if footer_at != 0 && leads_with_dynamic_footer(&head) {
+        head
+    } else {
+        read_exact(&r, footer_at, FOOTER_LEN, "the VHD footer")?
+    };
     if !footer.starts_with(COOKIE) {
         return Err(FormatError::Corrupt(
             "the VHD footer is missing at the end of the file".into(),
@@ -171,7 +178,8 @@ mod tests {
         assert_matches, check_conversions, convert, open_file, qemu_raw, read_all, read_damaged,
         sample_raw, write,
     };
-    use super::super::super::{DiskFormat, FormatError};
+    use super::super::super::{DiskFormat, FormatError, Limits, ReadAt, inspect, inspect_claimed};
+    use super::super::open;
 
     fn be32_at(b: &[u8], at: usize) -> u32 {
         u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -209,6 +217,61 @@ mod tests {
         // force_size keeps the exact size.
         let (info, _) = open_file(&dir.path().join("dynamic-exact.vhd"), DiskFormat::Vhd);
         assert_eq!(info.virtual_size, disk.len() as u64);
+    }
+
+    /// A file whose last 512 bytes (a VHD's footer) have not arrived: reads reaching them fail.
+    struct FooterToCome(Vec<u8>);
+
+    impl ReadAt for FooterToCome {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            if offset + buf.len() as u64 > self.0.len() as u64 - 512 {
+                return Err(std::io::Error::other("the footer has not arrived"));
+            }
+            self.0.read_at(buf, offset)
+        }
+
+        fn size(&self) -> std::io::Result<u64> {
+            Ok(self.0.len() as u64)
+        }
+    }
+
+    /// A dynamic disk is checked and read by the footer's copy at its start, so its upload
+    /// converts before the footer arrives; only the whole file's inspection needs the footer.
+    /// A fixed disk has nothing but its footer to go by.
+    #[test]
+    fn a_dynamic_vhd_converts_before_its_footer_arrives() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (raw, disk) = sample_raw(dir.path());
+        let limits = Limits::default();
+        let dynamic = convert(
+            &raw,
+            dir.path().join("d.vhd"),
+            "vpc",
+            &["-o", "subformat=dynamic"],
+        );
+        let whole = std::fs::read(&dynamic).expect("read");
+        let expected = inspect(&whole, DiskFormat::Vhd, &limits).expect("whole file");
+        let arriving = FooterToCome(whole);
+        let early = inspect_claimed(&arriving, DiskFormat::Vhd, &limits).expect("its start");
+        assert_eq!(early, expected);
+        let err = inspect(&arriving, DiskFormat::Vhd, &limits).expect_err("needs its end");
+        assert!(err.to_string().contains("not arrived"), "{err}");
+        let mut reader = open(arriving, &early, &limits).expect("open");
+        let out = read_all(&mut *reader).expect("read");
+        assert!(
+            out[..disk.len()] == disk[..],
+            "the disk, from its start alone"
+        );
+
+        let fixed = convert(
+            &raw,
+            dir.path().join("f.vhd"),
+            "vpc",
+            &["-o", "subformat=fixed"],
+        );
+        let arriving = FooterToCome(std::fs::read(&fixed).expect("read"));
+        let err = inspect_claimed(&arriving, DiskFormat::Vhd, &limits).expect_err("no copy");
+        assert!(err.to_string().contains("not arrived"), "{err}");
     }
 
     /// Like qemu, a dynamic disk's allocated block reads whole, whatever its sector bitmap
