@@ -1,7 +1,7 @@
 //! qcow2 as its logical disk: L1 → L2 → clusters, compressed (zlib, zstd) and extended-L2.
 
 use super::super::{FormatError, Limits, ReadAt, be32, be64, check_metadata, read_exact};
-use super::{Logical, read_by_unit, units_are_zero};
+use super::{Logical, Units, read_units, units_are_zero};
 
 /// qcow2 L2 entry bits.
 const L2_COMPRESSED: u64 = 1 << 62;
@@ -126,17 +126,6 @@ impl<R: ReadAt + Send> Qcow2<R> {
         Ok(())
     }
 
-    /// Where guest cluster `index`'s data lies in the file, if it is a plain allocated cluster
-    /// (not compressed, not zero, not split into subclusters).
-    fn plain_host(&mut self, index: u64) -> Result<Option<u64>, FormatError> {
-        if self.extended_l2 {
-            return Ok(None);
-        }
-        let (entry, _) = self.l2_entry(index)?;
-        let host = entry & OFFSET_MASK;
-        Ok((entry & (L2_COMPRESSED | L2_ZERO) == 0 && host != 0).then_some(host))
-    }
-
     /// Whether cluster `index` reads as zeroes without data behind it (the same rules as
     /// [`Qcow2::read_cluster`]'s).
     fn cluster_is_zero(&mut self, index: u64) -> Result<bool, FormatError> {
@@ -212,37 +201,37 @@ impl<R: ReadAt + Send> Qcow2<R> {
     }
 }
 
+impl<R: ReadAt + Send> Units for Qcow2<R> {
+    fn unit(&self) -> u64 {
+        self.cluster()
+    }
+
+    fn read_unit(&mut self, index: u64, out: &mut [u8]) -> Result<(), FormatError> {
+        self.read_cluster(index, out)
+    }
+
+    /// A plain allocated cluster's (not compressed, not zero, not split into subclusters).
+    fn stored_at(&mut self, index: u64) -> Result<Option<u64>, FormatError> {
+        if self.extended_l2 {
+            return Ok(None);
+        }
+        let (entry, _) = self.l2_entry(index)?;
+        let host = entry & OFFSET_MASK;
+        Ok((entry & (L2_COMPRESSED | L2_ZERO) == 0 && host != 0).then_some(host))
+    }
+
+    fn read_stored(&self, at: u64, out: &mut [u8]) -> Result<(), FormatError> {
+        self.read_host(at, out)
+    }
+}
+
 impl<R: ReadAt + Send> Logical for Qcow2<R> {
     fn virtual_size(&self) -> u64 {
         self.size
     }
 
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        let cluster = self.cluster();
-        if !offset.is_multiple_of(cluster) || !(buf.len() as u64).is_multiple_of(cluster) {
-            return read_by_unit(buf, offset, cluster, |index, out| {
-                self.read_cluster(index, out)
-            });
-        }
-        // Whole clusters: a run of them whose data lie one after another in the file (as in
-        // any image qemu-img wrote) is one read, not one per cluster.
-        let (first, count) = (offset / cluster, buf.len() as u64 / cluster);
-        let at = |i: u64| (i * cluster) as usize;
-        let mut i = 0;
-        while i < count {
-            let Some(host) = self.plain_host(first + i)? else {
-                self.read_cluster(first + i, &mut buf[at(i)..at(i + 1)])?;
-                i += 1;
-                continue;
-            };
-            let mut end = i + 1;
-            while end < count && self.plain_host(first + end)? == Some(host + (end - i) * cluster) {
-                end += 1;
-            }
-            self.read_host(host, &mut buf[at(i)..at(end)])?;
-            i = end;
-        }
-        Ok(())
+        read_units(self, buf, offset)
     }
 
     fn is_hole(&mut self, offset: u64, len: u64) -> Result<bool, FormatError> {
@@ -255,37 +244,7 @@ impl<R: ReadAt + Send> Logical for Qcow2<R> {
 #[cfg(test)]
 mod tests {
     use super::super::super::DiskFormat;
-    use super::super::super::tests_support::{
-        convert, create, open_file, qemu_raw, read_in_pieces, write,
-    };
-
-    /// Whole-cluster reads join clusters whose data lie one after another in the file, and only
-    /// those: here the data lie in the file in the reverse of their disk order, with a zero
-    /// cluster, an unallocated one and an in-order run among them.
-    #[test]
-    fn whole_cluster_reads_follow_each_cluster_wherever_its_data_lie() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let writes = [
-            "write -P 0x17 448k 64k",
-            "write -P 0x16 384k 64k",
-            "write -P 0x15 320k 64k",
-            "write -z 256k 64k",
-            "write -P 0x13 128k 64k",
-            "write -P 0x12 64k 64k",
-            "write -P 0x11 0 64k",
-            "write -P 0x21 1M 256k",
-        ];
-        let q = create(dir.path(), "a.qcow2", "qcow2", &[], "2M", &writes);
-        let expected = qemu_raw(&q, "qcow2");
-        for pieces in [[2 << 20], [64 << 10], [192 << 10]] {
-            let (_, mut reader) = open_file(&q, DiskFormat::Qcow2);
-            let out = read_in_pieces(&mut *reader, &pieces).expect("reads");
-            assert!(
-                out == expected,
-                "pieces of {pieces:?}: logical content differs"
-            );
-        }
-    }
+    use super::super::super::tests_support::{convert, open_file, read_in_pieces, write};
 
     /// Converts a raw disk to qcow2 with `opts`, reads it back logically, compares.
     #[test]

@@ -3,7 +3,7 @@
 
 use super::super::vmdk::{COMPRESSED, GD_AT_END, SECTOR, parse_header};
 use super::super::{DiskInfo, FormatError, Limits, ReadAt, check_metadata, le32, read_exact};
-use super::{Logical, read_by_unit, units_are_zero};
+use super::{Logical, Units, read_units, units_are_zero};
 
 /// Grain tables kept in memory (512 entries of 4 bytes each, usually).
 const GT_CACHE: usize = 8;
@@ -108,18 +108,7 @@ impl<R: ReadAt + Send> Vmdk<R> {
         }
         let at = sector as u64 * SECTOR;
         if !self.compressed {
-            if at.saturating_add(out.len() as u64) > self.file_size {
-                return Err(FormatError::Corrupt(format!(
-                    "grain {index} lies past the end of the file"
-                )));
-            }
-            let n = self.r.read_at(out, at)?;
-            if n < out.len() {
-                return Err(FormatError::Truncated(format!(
-                    "grain {index} at offset {at} is cut short"
-                )));
-            }
-            return Ok(());
+            return self.read_stored(at, out);
         }
         // A grain marker: LBA (u64), compressed size (u32), then zlib data.
         let marker = read_exact(&self.r, at, 12, "a grain marker")?;
@@ -142,15 +131,48 @@ impl<R: ReadAt + Send> Vmdk<R> {
     }
 }
 
+impl<R: ReadAt + Send> Units for Vmdk<R> {
+    fn unit(&self) -> u64 {
+        self.grain
+    }
+
+    fn read_unit(&mut self, index: u64, out: &mut [u8]) -> Result<(), FormatError> {
+        self.read_grain(index, out)
+    }
+
+    /// An allocated grain's, in a sparse (not streamOptimized) file.
+    fn stored_at(&mut self, index: u64) -> Result<Option<u64>, FormatError> {
+        if self.compressed {
+            return Ok(None);
+        }
+        let sector = self.grain_sector(index)?;
+        Ok((sector > 1).then_some(u64::from(sector) * SECTOR))
+    }
+
+    fn read_stored(&self, at: u64, out: &mut [u8]) -> Result<(), FormatError> {
+        if at.saturating_add(out.len() as u64) > self.file_size {
+            return Err(FormatError::Corrupt(format!(
+                "grain data at offset {at} ({} bytes) lies past the end of the file",
+                out.len()
+            )));
+        }
+        let n = self.r.read_at(out, at)?;
+        if n < out.len() {
+            return Err(FormatError::Truncated(format!(
+                "grain data at offset {at} is cut short"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl<R: ReadAt + Send> Logical for Vmdk<R> {
     fn virtual_size(&self) -> u64 {
         self.size
     }
 
     fn read_logical(&mut self, buf: &mut [u8], offset: u64) -> Result<(), FormatError> {
-        read_by_unit(buf, offset, self.grain, |index, out| {
-            self.read_grain(index, out)
-        })
+        read_units(self, buf, offset)
     }
 
     fn is_hole(&mut self, offset: u64, len: u64) -> Result<bool, FormatError> {
