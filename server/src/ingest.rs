@@ -64,6 +64,8 @@ struct Unindexed {
     ids: HashSet<BlockId>,
     bytes: u64,
     gate: Option<WriteGate>,
+    /// The store's failed fsyncs when this group took the gate ([`PackStore::unchanged_since`]).
+    failures: u64,
     /// What this group's commits have made durable so far.
     committed: StoreStats,
 }
@@ -90,6 +92,7 @@ impl Unindexed {
         // not drop them between that and our commit.
         if self.gate.is_none() {
             self.gate = Some(store.writing());
+            self.failures = store.sync_failures();
         }
         let now = now_ms();
         let missing: HashSet<BlockId> = catalog
@@ -120,6 +123,7 @@ impl Unindexed {
     fn commit(&mut self, catalog: &Catalog, store: &PackStore) -> Result<(), ApiError> {
         if !self.rows.is_empty() {
             store.sync()?;
+            store.unchanged_since(self.failures)?;
             let now = now_ms();
             let rows = &self.rows;
             catalog.run_blocking(|c| blocks::insert(c, rows, now))?;
@@ -647,6 +651,27 @@ mod tests {
             .expect("lookup");
         assert!(missing.is_empty(), "{} blocks not indexed", missing.len());
         assert!(store.gc_could_run(), "an ingest still holds the store");
+    }
+
+    /// Two ingests write; one's fsync fails (the kernel reports it to that fsync only): the
+    /// other's commit fails too, and neither indexes a block.
+    #[test]
+    fn a_failed_fsync_keeps_every_open_group_from_indexing() {
+        let (_dir, catalog, store) = fresh_store();
+        let (a, b) = (noise(5, 65536), noise(6, 65536));
+        let (a_id, b_id) = (BlockId::hash(&a), BlockId::hash(&b));
+        let (mut first, mut second) = (Unindexed::default(), Unindexed::default());
+        first.write(&catalog, &store, &[(a_id, &a)]).expect("write");
+        second
+            .write(&catalog, &store, &[(b_id, &b)])
+            .expect("write");
+        store.fail_next_sync();
+        assert!(first.commit(&catalog, &store).is_err());
+        assert!(second.commit(&catalog, &store).is_err());
+        let missing = catalog
+            .run_blocking(|c| blocks::find_missing(c, &[a_id, b_id], now_ms()))
+            .expect("lookup");
+        assert_eq!(missing.len(), 2, "nothing indexed");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

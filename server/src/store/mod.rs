@@ -8,8 +8,10 @@
 //! bytes that are not on disk: [`PackStore::append`] fsyncs before it returns; an ingest
 //! writing many batches uses [`PackStore::append_unsynced`] and one [`PackStore::sync`] before
 //! it indexes them all (a pack that fills up is fsynced as it is closed, so `sync` of the open
-//! one covers every batch written before it). After a crash the current pack may end in a torn or unindexed
-//! batch; Kagami never appends to a pack it did not create in this run, so such a tail is never
+//! one covers every batch written before it). A failed fsync retires its pack and fails every
+//! writer whose blocks were not yet durable when it happened ([`PackStore::unchanged_since`]):
+//! the kernel reports a write-back error to one fsync only. After a crash the current pack may
+//! end in a torn or unindexed batch; Kagami never appends to a pack it did not create in this run, so such a tail is never
 //! referenced, counts as dead space, and goes when GC rewrites the pack. [`scan_pack`] walks a
 //! pack's batches, verifying every block, and stops at the first torn one.
 //!
@@ -23,6 +25,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use parking_lot::{RawRwLock, RwLock, RwLockWriteGuard};
@@ -72,6 +75,11 @@ pub struct PackStore {
     /// a pack whose new blocks are written but not yet in the index. Task-fair: a waiting GC
     /// holds back new writers.
     phase: Arc<RwLock<()>>,
+    /// fsyncs of packs that failed, ever (see [`PackStore::unchanged_since`]).
+    sync_failures: AtomicU64,
+    /// Makes the next fsync fail, as a disk's write error would.
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 /// A writer's hold on the store between "append" and "indexed" (see [`PackStore::writing`]);
@@ -157,6 +165,9 @@ impl PackStore {
             next_id: Mutex::new(next),
             readers: Mutex::new(HashMap::new()),
             phase: Arc::new(RwLock::new(())),
+            sync_failures: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -182,19 +193,69 @@ impl PackStore {
 
     /// Appends `blocks` and makes them durable (fsync) before returning their locations.
     pub fn append(&self, blocks: &[(BlockId, &[u8])]) -> io::Result<Vec<Location>> {
+        let failures = self.sync_failures();
         let locations = self.append_unsynced(blocks)?;
         self.sync()?;
+        self.unchanged_since(failures)?;
         Ok(locations)
     }
 
-    /// Makes every block appended so far durable: fsyncs the open pack (full ones were fsynced
-    /// when they were closed).
+    /// Makes every block appended so far durable: fsyncs the open packs (full ones were
+    /// fsynced when they were closed). A writer must then check [`PackStore::unchanged_since`]
+    /// before it indexes what it wrote.
     pub fn sync(&self) -> io::Result<()> {
-        let lanes = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        for w in lanes.iter().flatten() {
-            w.file.sync_data()?;
+        let mut lanes = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut result = Ok(());
+        for lane in lanes.iter_mut() {
+            result = result.and(self.sync_lane(lane));
+        }
+        result
+    }
+
+    /// fsyncs a lane's open pack. One that fails is retired (nothing more is written to it)
+    /// and counted: the kernel reports a write-back error to one fsync only, so another
+    /// writer whose blocks sat in the same pack would see its own fsync succeed.
+    fn sync_lane(&self, lane: &mut Option<Writer>) -> io::Result<()> {
+        let Some(w) = lane.as_ref() else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Ordering::Relaxed) {
+            *lane = None;
+            self.sync_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if let Err(e) = w.file.sync_data() {
+            tracing::error!(pack = %w.path.display(), "fsync of a pack failed: {e}");
+            *lane = None;
+            self.sync_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
         }
         Ok(())
+    }
+
+    /// Failed pack fsyncs so far: a writer notes it before its first write.
+    pub fn sync_failures(&self) -> u64 {
+        self.sync_failures.load(Ordering::Relaxed)
+    }
+
+    /// Fails if any pack fsync failed since the writer noted `failures`: its blocks may be
+    /// lost even though its own fsync succeeded (the error went to another), so it must not
+    /// index them. Conservative: a failure in another pack fails it too.
+    pub fn unchanged_since(&self, failures: u64) -> io::Result<()> {
+        if self.sync_failures() != failures {
+            return Err(io::Error::other(
+                "a write to the block store failed while these blocks were on their way to disk; \
+                 nothing of them is kept (check the disk, then try again)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes the next pack fsync fail (a disk's write error, for tests).
+    #[cfg(test)]
+    pub fn fail_next_sync(&self) {
+        self.fail_next_sync.store(true, Ordering::Relaxed);
     }
 
     /// Appends `blocks` without waiting for the disk; they are durable once [`PackStore::sync`]
@@ -247,7 +308,7 @@ impl PackStore {
             }
             if n == 0 {
                 // This pack is full: make it durable and start the next.
-                w.file.sync_data()?;
+                self.sync_lane(lane)?;
                 *lane = None;
                 continue;
             }
@@ -419,6 +480,33 @@ pub fn scan_pack(path: &Path) -> io::Result<(Vec<(BlockId, Location)>, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel tells one fsync of a write-back error; a second writer with blocks in the
+    /// same pack learns of it from the store, never indexes them, and the pack takes no more.
+    #[test]
+    fn a_failed_fsync_fails_every_writer_whose_blocks_were_not_yet_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PackStore::open(dir.path(), 16 << 20).expect("open");
+        let data = [vec![1u8; 65536], vec![2u8; 65536]];
+        let block = |i: usize| [(BlockId::hash(&data[i]), data[i].as_slice())];
+        let (first, second) = (store.sync_failures(), store.sync_failures());
+        let a = store.append_unsynced(&block(0)).expect("first writer");
+        let _ = store.append_unsynced(&block(1)).expect("second writer");
+        store.fail_next_sync();
+        assert!(store.sync().is_err(), "the first writer's fsync fails");
+        assert!(store.unchanged_since(first).is_err());
+        // The second writer's own fsync succeeds, as the kernel's would: the store still says no.
+        store.sync().expect("nothing left to fsync");
+        assert!(store.unchanged_since(second).is_err());
+        // What comes after goes into a new pack and is kept.
+        let after = store.sync_failures();
+        let b = store.append(&block(0)).expect("a new pack");
+        assert_ne!(b[0].pack, a[0].pack);
+        store.unchanged_since(after).expect("no failure since");
+        // `append` checks for itself.
+        store.fail_next_sync();
+        assert!(store.append(&block(1)).is_err());
+    }
 
     #[test]
     fn append_read_roll_over_and_torn_tail() {
