@@ -266,12 +266,12 @@ impl PackStore {
         let [first, second] = &mut *lanes;
         let bytes: usize = blocks.iter().map(|(_, d)| d.len()).sum();
         if bytes < LANE_SPLIT || blocks.len() < 2 {
-            return self.append_to(first, blocks);
+            return self.append_to(0, first, blocks);
         }
         let (front, back) = blocks.split_at(blocks.len() / 2);
         let (mut front, back) = std::thread::scope(|s| {
-            let back = s.spawn(|| self.append_to(second, back));
-            let front = self.append_to(first, front);
+            let back = s.spawn(|| self.append_to(1, second, back));
+            let front = self.append_to(0, first, front);
             (
                 front,
                 back.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
@@ -283,9 +283,10 @@ impl PackStore {
         front
     }
 
-    /// Appends `blocks` to the lane whose open pack is `lane`, starting packs as they fill.
+    /// Appends `blocks` to lane `which`, whose open pack is `lane`, starting packs as they fill.
     fn append_to(
         &self,
+        which: usize,
         lane: &mut Option<Writer>,
         blocks: &[(BlockId, &[u8])],
     ) -> io::Result<Vec<Location>> {
@@ -294,7 +295,7 @@ impl PackStore {
         while next < blocks.len() {
             let w = match lane.as_mut() {
                 Some(w) => w,
-                None => lane.insert(self.start_pack()?),
+                None => lane.insert(self.start_pack(which)?),
             };
             // As many of the next blocks as fit in this pack (at least one in an empty pack).
             let (mut n, mut bytes) = (0, ALIGN);
@@ -318,10 +319,15 @@ impl PackStore {
         Ok(locations)
     }
 
-    fn start_pack(&self) -> io::Result<Writer> {
+    /// A new pack for lane `which`. Each lane's packs have ids of their own residue (`id %
+    /// LANES == which`), so each lane's newest pack — the one a crash may have torn — is known
+    /// by its id alone ([`PackStore::torn_tails`]), however many packs the other lane filled
+    /// since; the ids skipped are never used.
+    fn start_pack(&self, which: usize) -> io::Result<Writer> {
         let mut next = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
-        let id = *next;
-        *next += 1;
+        let lanes = LANES as u64;
+        let id = *next + (which as u64 + lanes - *next % lanes) % lanes;
+        *next = id + 1;
         let path = self.path(id);
         let file = OpenOptions::new()
             .create_new(true)
@@ -380,14 +386,18 @@ impl PackStore {
         list_packs(&self.dir)
     }
 
-    /// Checks the newest packs (one per lane: those a crash could have torn) and returns, for
-    /// each whose tail is torn or corrupt, the pack id, the end of its good prefix and its size.
-    /// Nothing is changed: the tail is never appended to and never indexed, and GC reclaims it
-    /// with the pack.
+    /// Checks each lane's newest pack (those a crash could have torn; see
+    /// [`PackStore::start_pack`]) and returns, for each whose tail is torn or corrupt, the pack
+    /// id, the end of its good prefix and its size. Nothing is changed: the tail is never
+    /// appended to and never indexed, and GC reclaims it with the pack.
     pub fn torn_tails(&self) -> io::Result<Vec<(u64, u64, u64)>> {
         let packs = self.packs()?;
+        let mut newest = [None; LANES];
+        for &(id, size) in &packs {
+            newest[(id % LANES as u64) as usize] = Some((id, size));
+        }
         let mut torn = Vec::new();
-        for &(id, size) in &packs[packs.len().saturating_sub(LANES)..] {
+        for (id, size) in newest.into_iter().flatten() {
             let (_, good) = scan_pack(&self.path(id))?;
             if good < size {
                 torn.push((id, good, size));
@@ -560,6 +570,40 @@ mod tests {
         // A reopened store never appends to an existing pack.
         let again = PackStore::open(dir.path(), 1 << 20).expect("reopen");
         let loc = again.append(&batch[..1]).expect("append");
-        assert_eq!(loc[0].pack, last + 1);
+        assert!(loc[0].pack > last);
+    }
+
+    /// Small writes go to one lane only, which fills pack after pack; the other lane's open
+    /// pack, older than all of them, is still checked for a torn tail.
+    #[test]
+    fn each_lane_newest_pack_is_checked_for_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PackStore::open(dir.path(), 1 << 20).expect("open");
+        let blocks: Vec<Vec<u8>> = (0..60u8).map(|i| vec![i + 1; 65536]).collect();
+        let batch: Vec<(BlockId, &[u8])> = blocks
+            .iter()
+            .map(|b| (BlockId::hash(b), b.as_slice()))
+            .collect();
+        // 1 MiB, split between the lanes: eight blocks each.
+        let split = store.append(&batch[..16]).expect("append");
+        let idle = split[15].pack;
+        assert_ne!(split[0].pack, idle);
+        // One block at a time: lane 0 alone, 44 blocks, 15 to a pack.
+        for one in batch[16..].chunks(1) {
+            store.append(one).expect("append");
+        }
+        let packs = store.packs().expect("list");
+        assert!(packs.iter().filter(|(id, _)| *id > idle).count() >= 3);
+        let (_, size) = *packs
+            .iter()
+            .find(|(id, _)| *id == idle)
+            .expect("lane 1's pack");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(pack_path(dir.path(), idle))
+            .expect("open pack");
+        f.set_len(size - 100).expect("truncate");
+        let torn = store.torn_tails().expect("scan");
+        assert_eq!(torn, [(idle, ALIGN + 7 * 65536, size - 100)]);
     }
 }
