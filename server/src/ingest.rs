@@ -474,7 +474,8 @@ pub async fn staged_file(
 
 /// Writes a request body to `out`, bounded by `max` bytes and `idle` seconds between chunks;
 /// returns its length. A body that breaks (the client went away) is an error. `wrote` hears how
-/// many bytes are in the file (not in a buffer) as they land.
+/// many bytes are in the file (not in a buffer) as they land — at the latest when the body
+/// pauses — for an import job reading the file as it arrives ([`crate::jobs::arriving`]).
 pub async fn write_body(
     body: axum::body::Body,
     out: &mut tokio::fs::File,

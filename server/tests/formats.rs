@@ -8,17 +8,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::qemu_img;
 
 /// qemu's verdict that `image` (of qemu format `fmt`) is the same disk as the raw file.
 fn qemu_compare(raw: &str, fmt: &str, image: &str) {

@@ -92,13 +92,7 @@ impl Drop for FileServer {
 fn qcow2_of(dir: &Path, name: &str, disk: &[u8]) {
     let raw = dir.join(format!("{name}.raw"));
     std::fs::write(&raw, disk).expect("write");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(dir.join(name))
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success());
+    common::convert_raw(&raw, &dir.join(name), "qcow2", &[]);
 }
 
 fn wait_job(s: &common::Server, id: &str, until: impl Fn(&Value) -> bool) -> Value {
@@ -659,25 +653,7 @@ fn a_dynamic_vhd_converts_before_its_footer_arrives_and_the_footer_still_decides
     let raw_path = files.path().join("disk.raw");
     common::write_file(&raw_path, &disk);
     let vhd_path = files.path().join("disk.vhd");
-    let out = Command::new("qemu-img")
-        .args([
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
-            "subformat=dynamic",
-        ])
-        .args([&raw_path, &vhd_path])
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::convert_raw(&raw_path, &vhd_path, "vpc", &["-o", "subformat=dynamic"]);
     let vhd = std::fs::read(&vhd_path).expect("read");
     let expected = s.cli_json(&["image", "inspect", vhd_path.to_str().expect("utf-8")]);
     // The VHD's virtual disk (qemu rounds it up to a CHS geometry: zeroes after the noise).
@@ -747,13 +723,7 @@ fn upload_waiting_for_a_slot(
         41,
     );
     let qcow2 = files.join("big.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&qcow2)
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success());
+    common::convert_raw(&raw, &qcow2, "qcow2", &[]);
     let img = s.cli_json(&["image", "create", "--name", "big"]);
     let id = img["id"].as_str().expect("id").to_string();
     let r = s.admin(

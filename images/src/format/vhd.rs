@@ -107,6 +107,8 @@ pub(super) fn inspect(
             (F_CURRENT_SIZE, 8, "current size"),
             (F_CYLINDERS, 4, "geometry"),
             (F_DISK_TYPE, 4, "disk type"),
+            // Reported in the findings, which must not depend on which copy was read.
+            (F_CREATOR_APP, 4, "creator application"),
         ] {
             if head.get(at..at + len) != footer.get(at..at + len) {
                 return Err(FormatError::Corrupt(format!(

@@ -268,6 +268,26 @@ mod tests {
         assert!(Arriving::of(id).is_none());
     }
 
+    /// Readers waiting for different ends each wake once their own bytes are in, not before.
+    #[test]
+    fn readers_waiting_for_different_ends_each_wake_when_theirs_are_in() {
+        let mut staged = tempfile::NamedTempFile::new().expect("temp");
+        staged.write_all(&[7u8; 300]).expect("write");
+        let arriving = Arriving::register(Uuid::new_v4(), staged.reopen().expect("reopen"), None);
+        let read = |at: u64| {
+            let reader = ArrivingFile(arriving.clone());
+            std::thread::spawn(move || reader.read_at(&mut [0u8; 10], at).expect("read"))
+        };
+        let (near, far) = (read(90), read(190));
+        std::thread::sleep(Duration::from_millis(50));
+        arriving.wrote(150);
+        assert_eq!(near.join().expect("near reader"), 10);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!far.is_finished(), "bytes 190..200 are not in yet");
+        arriving.wrote(250);
+        assert_eq!(far.join().expect("far reader"), 10);
+    }
+
     #[tokio::test]
     async fn a_refusal_wakes_an_async_waiter_and_an_acceptance_never_does() {
         let staged = tempfile::NamedTempFile::new().expect("temp");

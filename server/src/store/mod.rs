@@ -9,8 +9,9 @@
 //! writing many batches uses [`PackStore::append_unsynced`] and one [`PackStore::sync`] before
 //! it indexes them all (a pack that fills up is fsynced as it is closed, so `sync` of the open
 //! one covers every batch written before it). A failed fsync retires its pack and fails every
-//! writer whose blocks were not yet durable when it happened ([`PackStore::unchanged_since`]):
-//! the kernel reports a write-back error to one fsync only. After a crash the current pack may
+//! writer that had written and not yet indexed when it happened — conservatively, those whose
+//! blocks were in the other lane's pack too ([`PackStore::unchanged_since`]): the kernel reports
+//! a write-back error to one fsync only. After a crash the current pack may
 //! end in a torn or unindexed batch; Kagami never appends to a pack it did not create in this run, so such a tail is never
 //! referenced, counts as dead space, and goes when GC rewrites the pack. [`scan_pack`] walks a
 //! pack's batches, verifying every block, and stops at the first torn one.
@@ -389,7 +390,9 @@ impl PackStore {
     /// Checks each lane's newest pack (those a crash could have torn; see
     /// [`PackStore::start_pack`]) and returns, for each whose tail is torn or corrupt, the pack
     /// id, the end of its good prefix and its size. Nothing is changed: the tail is never
-    /// appended to and never indexed, and GC reclaims it with the pack.
+    /// appended to and never indexed, and GC reclaims it with the pack. A diagnostic only: it
+    /// can miss a torn pack in a store written before packs took their lane's ids, or one
+    /// retired after a failed fsync (nothing of which was indexed either).
     pub fn torn_tails(&self) -> io::Result<Vec<(u64, u64, u64)>> {
         let packs = self.packs()?;
         let mut newest = [None; LANES];

@@ -506,3 +506,27 @@ pub fn write_file(path: &Path, data: &[u8]) {
         .write_all(data)
         .expect("write");
 }
+
+/// Runs qemu-img (qemu-utils is on every machine of this project) and insists it works.
+pub fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img convert -q -f raw -O <format> [opts] <raw> <out>`.
+pub fn convert_raw(raw: &Path, out: &Path, format: &str, opts: &[&str]) {
+    let mut args = vec!["convert", "-q", "-f", "raw", "-O", format];
+    args.extend_from_slice(opts);
+    args.extend([
+        raw.to_str().expect("utf-8 path"),
+        out.to_str().expect("utf-8 path"),
+    ]);
+    qemu_img(&args);
+}

@@ -291,10 +291,13 @@ impl<R: ReadAt + Send> Logical for Raw<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::DiskFormat;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::super::tests_support::{
         convert, create, open_file, qemu_raw, read_in_pieces, write,
     };
+    use super::super::{DiskFormat, Limits, ReadAt, inspect};
 
     /// Reads of whole units join units stored one after another in the file, and only those:
     /// here qemu-io wrote the units in the reverse of their disk order (so their data lie in
@@ -330,6 +333,36 @@ mod tests {
                     "{name} in pieces of {pieces:?}: content differs"
                 );
             }
+            // The four units written at 1M lie one after another: one read, once the tables
+            // are in memory.
+            let file = std::fs::File::open(&image).expect("open");
+            let info = inspect(&file, format, &Limits::default()).expect("inspect");
+            let reads = Arc::new(AtomicUsize::new(0));
+            let counted = Counted(file, reads.clone());
+            let mut reader = super::open(counted, &info, &Limits::default()).expect("open");
+            let mut run = vec![0u8; 256 << 10];
+            reader.read_logical(&mut run, 1 << 20).expect("read");
+            let before = reads.load(Ordering::Relaxed);
+            reader.read_logical(&mut run, 1 << 20).expect("read");
+            assert_eq!(reads.load(Ordering::Relaxed) - before, 1, "{name}");
+            assert!(
+                run[..] == expected[1 << 20..(1 << 20) + (256 << 10)],
+                "{name}"
+            );
+        }
+    }
+
+    /// A file that counts the reads reaching it.
+    struct Counted(std::fs::File, Arc<AtomicUsize>);
+
+    impl ReadAt for Counted {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.read_at(buf, offset)
+        }
+
+        fn size(&self) -> std::io::Result<u64> {
+            self.0.size()
         }
     }
 
