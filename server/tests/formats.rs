@@ -394,3 +394,113 @@ fn an_export_stops_at_a_corrupt_block_and_says_so() {
         s.log_text()
     );
 }
+
+/// Hostile images name files outside themselves — a qcow2 backing file and external data
+/// file, VMDK extents — and every way in refuses them with the reason, without ever opening
+/// those files: the CLI's inspection, the API's dry run, an upload to import, a raw upload.
+/// inotify watches the named files for any open, by anyone, while the server and the CLI read
+/// the images.
+#[test]
+fn hostile_images_are_refused_without_opening_the_files_they_name() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+
+    let s = common::Server::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().expect("path").to_string();
+    let canary = p("canary.raw");
+    common::write_file(Path::new(&canary), &common::noise(61, 1 << 20));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &canary,
+        "-F",
+        "raw",
+        &p("backed.qcow2"),
+        "1M",
+    ]);
+    let data_file = format!("data_file={}", p("data.raw"));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &data_file,
+        &p("split.qcow2"),
+        "1M",
+    ]);
+    let flat = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\nRW 2048 FLAT \"{canary}\" 0\n"
+    );
+    std::fs::write(d.join("flat.vmdk"), flat).expect("write");
+    let sparse_extent = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+         createType=\"monolithicSparse\"\n\nRW 2048 SPARSE \"{}\"\n",
+        p("data.raw")
+    );
+    std::fs::write(d.join("sparse.vmdk"), sparse_extent).expect("write");
+
+    // From here, nothing may open the files the images name.
+    let watch = Inotify::init(InitFlags::IN_NONBLOCK).expect("inotify");
+    for named in [&canary, &p("data.raw")] {
+        watch
+            .add_watch(
+                named.as_str(),
+                AddWatchFlags::IN_OPEN | AddWatchFlags::IN_ACCESS,
+            )
+            .expect("watch");
+    }
+    for (name, claimed, code) in [
+        ("backed.qcow2", "qcow2", "backing_file"),
+        ("split.qcow2", "qcow2", "data_file"),
+        ("flat.vmdk", "vmdk", "external_extent"),
+        ("sparse.vmdk", "vmdk", "external_extent"),
+    ] {
+        let file = d.join(name);
+        let (ok, v) = inspect(&file, Some(claimed));
+        assert!(!ok, "{name}: {v}");
+        assert_eq!(v["code"], code, "{name}: {v}");
+        let body = format!("@{}", file.display());
+        let r = s.admin(
+            "POST",
+            &format!("/v1/formats/inspect?disk_format={claimed}"),
+            &["--data-binary", &body],
+        );
+        let v = r.json();
+        assert_eq!(
+            (v["verdict"].as_str(), v["code"].as_str()),
+            (Some("refused"), Some(code))
+        );
+        let image = s.cli_json(&["image", "create", "--name", name]);
+        let id = image["id"].as_str().expect("id");
+        let path = format!("/v1/images/{id}/import?disk_format={claimed}");
+        let r = s.admin("POST", &path, &["--data-binary", &body]);
+        assert_eq!((r.status, r.code()), (400, code.to_string()), "{name}");
+        let image = s.cli_json(&["image", "create", "--name", name]);
+        let id = image["id"].as_str().expect("id");
+        let r = s.admin(
+            "PUT",
+            &format!("/v1/images/{id}/file"),
+            &["--data-binary", &body],
+        );
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "format_mismatch".to_string()),
+            "{name}"
+        );
+    }
+    match watch.read_events() {
+        Ok(events) => assert!(events.is_empty(), "named files were opened: {events:?}"),
+        Err(nix::errno::Errno::EAGAIN) => {}
+        Err(e) => panic!("inotify: {e}"),
+    }
+    // And the watch does see an open.
+    std::fs::read(&canary).expect("read");
+    let seen = watch.read_events().expect("an event");
+    assert!(!seen.is_empty());
+}
