@@ -180,7 +180,9 @@ pub fn body(
 
 /// Segment buffers of [`logical`] kept for reuse: those in the channel, the one being filled,
 /// the one being hashed and stored.
-const LOGICAL_SPARE: usize = 6 * SEGMENT_SIZE;
+const LOGICAL_SPARE: usize = 6 * (SEGMENT_SIZE + ALIGN);
+/// The alignment `O_DIRECT` wants of memory.
+const ALIGN: usize = 4096;
 
 /// Streams an image's logical disk, 4 MiB at a time, from a blocking thread (import: a qcow2
 /// or other format read as the raw disk it describes). A segment the image's tables show
@@ -199,9 +201,12 @@ pub fn logical(
             let item = match disk.is_hole(offset, len as u64) {
                 Ok(true) => Ok(ZERO_SEGMENT.slice(..len)),
                 Ok(false) => {
-                    let mut buf = pool.take(len);
-                    disk.read_logical(&mut buf, offset)
-                        .map(|()| pool.bytes(buf))
+                    // Read to a 4 KiB-aligned address: the store writes its blocks to the
+                    // disk from there (O_DIRECT), without a copy.
+                    let mut buf = pool.take(len + ALIGN);
+                    let at = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+                    disk.read_logical(&mut buf[at..at + len], offset)
+                        .map(|()| pool.bytes(buf).slice(at..at + len))
                 }
                 Err(e) => Err(e),
             }
