@@ -47,18 +47,7 @@ fn inspect_accepts_real_images_and_names_what_it_refuses() {
     let (ok, v) = inspect(&d.join("a.qcow2"), Some("raw"));
     assert!(!ok);
     assert_eq!(v["code"], "format_mismatch");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        &p("backed.qcow2"),
-        "1M",
-    ]);
+    common::backed_qcow2(&p("backed.qcow2"), "/etc/passwd");
     let (ok, v) = inspect(&d.join("backed.qcow2"), Some("qcow2"));
     assert!(!ok);
     assert_eq!(v["code"], "backing_file");
@@ -94,18 +83,7 @@ fn the_api_dry_run_explains_its_verdict_and_keeps_nothing() {
         &p("ok.vmdk"),
         "64M",
     ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        &p("evil.qcow2"),
-        "1M",
-    ]);
+    common::backed_qcow2(&p("evil.qcow2"), "/etc/passwd");
     let r = s.admin(
         "POST",
         "/v1/formats/inspect?disk_format=vmdk",
@@ -213,18 +191,7 @@ fn qcow2_imports_become_the_same_disk_and_hostile_ones_leave_nothing() {
     );
 
     // Hostile and unsupported inputs: refused with the inspector's code, image failed, no blocks kept.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        &p("evil.qcow2"),
-        "1M",
-    ]);
+    common::backed_qcow2(&p("evil.qcow2"), "/etc/passwd");
     qemu_img(&[
         "convert",
         "-q",
@@ -410,18 +377,7 @@ fn hostile_images_are_refused_without_opening_the_files_they_name() {
     let p = |n: &str| d.join(n).to_str().expect("path").to_string();
     let canary = p("canary.raw");
     common::write_file(Path::new(&canary), &common::noise(61, 1 << 20));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &canary,
-        "-F",
-        "raw",
-        &p("backed.qcow2"),
-        "1M",
-    ]);
+    common::backed_qcow2(&p("backed.qcow2"), &canary);
     let data_file = format!("data_file={}", p("data.raw"));
     qemu_img(&[
         "create",

@@ -474,18 +474,7 @@ fn the_raw_path_takes_only_raw_and_iso_images_only_isos() {
     // A qcow2 whose backing file is /etc/passwd, sent as raw bytes: refused, never active.
     let q = dir.join("evil.qcow2");
     let q_path = q.to_str().expect("utf-8 path");
-    common::qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        q_path,
-        "1M",
-    ]);
+    common::backed_qcow2(q_path, "/etc/passwd");
     let image = s.cli_json(&["image", "create", "--name", "evil"]);
     let id = image["id"].as_str().expect("id");
     let r = s.admin(

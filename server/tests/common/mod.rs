@@ -530,3 +530,11 @@ pub fn convert_raw(raw: &Path, out: &Path, format: &str, opts: &[&str]) {
     ]);
     qemu_img(&args);
 }
+
+/// A 1 MiB qcow2 at `path` whose backing file is `backing`: a hostile image (a reader that
+/// follows it reads `backing`).
+pub fn backed_qcow2(path: &str, backing: &str) {
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", path, "1M",
+    ]);
+}
