@@ -15,7 +15,8 @@ times, for each format:
              the raw file and Kagami's packs are read into the page cache first)
              against `kagami image download ID --format FMT -o FILE --no-verify` (GET
              /v1/images/{id}/file?format=FMT written to a file; then sync).
-Prints medians of same-run ratios (qemu-img time / Kagami time: above 1 means Kagami is faster),
+Prints medians of same-run ratios (qemu-img time / Kagami time: above 1 means Kagami is faster)
+and their lowest and highest run,
 server CPU seconds and peak RSS. --binary measures a kagami binary already built (no cargo
 build); --baseline also measures the imports and exports of another kagami binary (an older
 build) in the same runs, each right after this one's, for a same-run before/after ratio.
@@ -194,17 +195,21 @@ def main():
         print(f"run {r + 1} done", file=sys.stderr)
     gib = os.path.getsize(raw) / (1 << 30)
     print(f"\n{args.runs} runs, {gib:g} GiB disk (ext4 of /usr/share), medians of same-run ratios.\n")
-    print("| operation | qemu-img s | Kagami s | qemu-img / Kagami | Kagami server CPU-s | output MiB qemu / Kagami |")
-    print("|---|---|---|---|---|---|")
+    print("| operation | qemu-img s | Kagami s | qemu-img / Kagami | lowest–highest run | Kagami server CPU-s "
+          "| output MiB qemu / Kagami |")
+    print("|---|---|---|---|---|---|---|")
     for key, rows in results.items():
         if key in ("rss", "answered") or key.startswith("baseline"):
             continue
         q = statistics.median(r[0] for r in rows)
         k = statistics.median(r[1] for r in rows)
-        ratio = statistics.median(r[0] / r[1] for r in rows)
+        ratios = [r[0] / r[1] for r in rows]
+        ratio = statistics.median(ratios)
         cpu = statistics.median(r[2] for r in rows)
         sizes = f"{rows[0][3] / 2**20:.0f} / {rows[0][4] / 2**20:.0f}" if len(rows[0]) > 3 else ""
-        print(f"| {key} | {q:.2f} | {k:.2f} | **{ratio:.2f}x** | {cpu:.2f} | {sizes} |")
+        # The spread shows how much one run says on this machine (qemu-img's flush time swings).
+        print(f"| {key} | {q:.2f} | {k:.2f} | **{ratio:.2f}x** | {min(ratios):.2f}–{max(ratios):.2f}x | {cpu:.2f} "
+              f"| {sizes} |")
     print(f"\nserver peak RSS: {max(results['rss']):.0f} MiB")
     print("\nImports: the upload's 202 (the whole file staged and inspected) and the job's end, medians:\n")
     print("| import | 202 after s | job ended s |")
