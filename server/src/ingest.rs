@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::catalog::tenancy::Caller;
 use crate::catalog::{Catalog, blocks, images, now_ms};
 use crate::error::ApiError;
-use crate::store::{Location, PackStore, WriteGate};
+use crate::store::{self, Location, MEMORY_ALIGN, PackStore, WriteGate};
 
 /// What an ingest wrote.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -250,9 +250,9 @@ where
 /// the disk from there (`O_DIRECT`), without copying them into a buffer of its own — a copy
 /// that cost ~15 % of an import's CPU (interleaved qcow2 imports, BENCHMARKS.md).
 fn segment_buffer() -> BytesMut {
-    const ALIGN: usize = 4096;
-    let mut buf = BytesMut::with_capacity(SEGMENT_SIZE + ALIGN);
-    let pad = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+    let mut buf = BytesMut::with_capacity(SEGMENT_SIZE + MEMORY_ALIGN);
+    // Empty, `buf` still points at the start of its capacity.
+    let pad = store::aligned_start(&buf);
     buf.resize(pad, 0);
     bytes::Buf::advance(&mut buf, pad);
     buf

@@ -187,16 +187,14 @@ pub struct VerdictDue(pub Arc<Arriving>);
 
 impl Drop for VerdictDue {
     fn drop(&mut self) {
-        let mut s = self.0.state();
-        if s.verdict.is_none() {
-            s.verdict = Some(Err(Refusal {
-                code: "internal",
-                message: "the upload's request ended without a verdict; upload again".into(),
-            }));
-            drop(s);
-            self.0.changed.notify_all();
-            self.0.decided.notify_waiters();
-        }
+        self.0.update(|s| {
+            s.verdict.get_or_insert_with(|| {
+                Err(Refusal {
+                    code: "internal",
+                    message: "the upload's request ended without a verdict; upload again".into(),
+                })
+            });
+        });
     }
 }
 

@@ -11,9 +11,9 @@
 //! one covers every batch written before it). A failed fsync retires its pack and fails every
 //! writer that had written and not yet indexed when it happened — conservatively, those whose
 //! blocks were in the other lane's pack too ([`PackStore::unchanged_since`]): the kernel reports
-//! a write-back error to one fsync only. After a crash the current pack may
-//! end in a torn or unindexed batch; Kagami never appends to a pack it did not create in this run, so such a tail is never
-//! referenced, counts as dead space, and goes when GC rewrites the pack. [`scan_pack`] walks a
+//! a write-back error to one fsync only. After a crash the current pack may end in a torn or
+//! unindexed batch; Kagami never appends to a pack it did not create in this run, so such a
+//! tail is never referenced, counts as dead space, and goes when GC rewrites the pack. [`scan_pack`] walks a
 //! pack's batches, verifying every block, and stops at the first torn one.
 //!
 //! Where the filesystem refuses `O_DIRECT` (tmpfs), packs are written through the page cache;
@@ -99,10 +99,21 @@ struct Writer {
     buf: Vec<u8>,
 }
 
+/// The alignment of memory an `O_DIRECT` write is made from ([`ALIGN`]). Callers that fill
+/// buffers the store writes (ingest's segments) start them there, so the store writes their
+/// blocks from where they are ([`Writer::write_batch`]).
+pub const MEMORY_ALIGN: usize = ALIGN as usize;
+
+/// Where the first [`MEMORY_ALIGN`]-aligned byte of `buf` is: a buffer that many bytes longer
+/// than what it must hold always has its aligned window there (0 if the platform declines).
+pub fn aligned_start(buf: &[u8]) -> usize {
+    buf.as_ptr().align_offset(MEMORY_ALIGN).min(MEMORY_ALIGN)
+}
+
 /// Whether `data` can go to an `O_DIRECT` write from where it is: aligned in memory and in
 /// length.
 fn in_place(data: &[u8]) -> bool {
-    data.as_ptr().addr().is_multiple_of(ALIGN as usize) && data.len().is_multiple_of(ALIGN as usize)
+    aligned_start(data) == 0 && data.len().is_multiple_of(MEMORY_ALIGN)
 }
 
 /// `pwritev` of all of `slices` at `offset`.
@@ -131,17 +142,12 @@ impl Writer {
         let bytes = ALIGN + batch.iter().map(|(_, d)| padded(d.len())).sum::<u64>();
         let from_place = self.direct && batch.iter().all(|(_, d)| in_place(d));
         let built = if from_place { ALIGN } else { bytes };
-        let need = built as usize + ALIGN as usize;
+        let need = built as usize + MEMORY_ALIGN;
         if self.buf.len() < need {
             self.buf.resize(need, 0);
         }
-        // O_DIRECT wants the memory aligned too; find the aligned window in the buffer (a
-        // Vec<u8> of at least ALIGN spare bytes always has one; 0 if the platform declines).
-        let start = self
-            .buf
-            .as_ptr()
-            .align_offset(ALIGN as usize)
-            .min(ALIGN as usize);
+        // O_DIRECT wants the memory aligned too: the aligned window in the buffer.
+        let start = aligned_start(&self.buf);
         let out = &mut self.buf[start..start + built as usize];
         out[..ALIGN as usize].fill(0);
         out[..4].copy_from_slice(BATCH_MAGIC);
@@ -164,18 +170,12 @@ impl Writer {
             });
             at += slot;
         }
-        let mut slices: Vec<io::IoSlice<'_>> = Vec::new();
+        // What was built (the header, or the whole batch), then the blocks written in place.
+        let mut slices = vec![io::IoSlice::new(out)];
         if from_place {
-            slices.push(io::IoSlice::new(out));
             slices.extend(batch.iter().map(|(_, d)| io::IoSlice::new(d)));
         }
-        let write = |file: &File| {
-            if from_place {
-                write_all_vectored_at(file, &mut slices.clone(), self.len)
-            } else {
-                file.write_all_at(out, self.len)
-            }
-        };
+        let write = |file: &File| write_all_vectored_at(file, &mut slices.clone(), self.len);
         match write(&self.file) {
             // The filesystem took O_DIRECT at open but refuses the write: go through the page
             // cache from now on (same layout), and write this batch again.
@@ -264,12 +264,14 @@ impl PackStore {
             return Ok(());
         };
         #[cfg(test)]
-        if self.fail_next_sync.swap(false, Ordering::Relaxed) {
-            *lane = None;
-            self.sync_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        if let Err(e) = w.file.sync_data() {
+        let synced = if self.fail_next_sync.swap(false, Ordering::Relaxed) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            w.file.sync_data()
+        };
+        #[cfg(not(test))]
+        let synced = w.file.sync_data();
+        if let Err(e) = synced {
             tracing::error!(pack = %w.path.display(), "fsync of a pack failed: {e}");
             *lane = None;
             self.sync_failures.fetch_add(1, Ordering::Relaxed);
@@ -625,8 +627,8 @@ mod tests {
     fn aligned_blocks_are_written_from_where_they_are() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = PackStore::open(dir.path(), 16 << 20).expect("open");
-        let mut raw = vec![0u8; 8 * 65536 + ALIGN as usize];
-        let at = raw.as_ptr().align_offset(ALIGN as usize);
+        let mut raw = vec![0u8; 8 * 65536 + MEMORY_ALIGN];
+        let at = aligned_start(&raw);
         for (i, b) in raw[at..at + 8 * 65536].iter_mut().enumerate() {
             *b = (i / 4096) as u8 ^ 0x5a;
         }

@@ -18,7 +18,7 @@ use kagami_images::{BLOCK_SIZE, BlockId, Manifest, SEGMENT_BLOCKS, SEGMENT_SIZE}
 use crate::catalog::tenancy::Caller;
 use crate::catalog::{Catalog, blocks, images};
 use crate::error::ApiError;
-use crate::store::{Location, PackStore};
+use crate::store::{self, Location, MEMORY_ALIGN, PackStore};
 
 pub mod iscsi;
 pub mod nbd;
@@ -180,9 +180,7 @@ pub fn body(
 
 /// Segment buffers of [`logical`] kept for reuse: those in the channel, the one being filled,
 /// the one being hashed and stored.
-const LOGICAL_SPARE: usize = 6 * (SEGMENT_SIZE + ALIGN);
-/// The alignment `O_DIRECT` wants of memory.
-const ALIGN: usize = 4096;
+const LOGICAL_SPARE: usize = 6 * (SEGMENT_SIZE + MEMORY_ALIGN);
 
 /// Streams an image's logical disk, 4 MiB at a time, from a blocking thread (import: a qcow2
 /// or other format read as the raw disk it describes). A segment the image's tables show
@@ -203,8 +201,8 @@ pub fn logical(
                 Ok(false) => {
                     // Read to a 4 KiB-aligned address: the store writes its blocks to the
                     // disk from there (O_DIRECT), without a copy.
-                    let mut buf = pool.take(len + ALIGN);
-                    let at = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+                    let mut buf = pool.take(len + MEMORY_ALIGN);
+                    let at = store::aligned_start(&buf);
                     disk.read_logical(&mut buf[at..at + len], offset)
                         .map(|()| pool.bytes(buf).slice(at..at + len))
                 }
