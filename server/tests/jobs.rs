@@ -560,6 +560,33 @@ fn upload_conn(s: &common::Server, id: &str, format: &str, len: usize) -> TcpStr
     conn
 }
 
+/// Sends `body[..sent]` on `conn` (an upload into image `id`), waits until the image's job,
+/// still running, satisfies `converted`, then sends the rest; returns the answer, the job once
+/// it ended, and the image.
+fn upload_in_two(
+    s: &common::Server,
+    conn: &mut TcpStream,
+    id: &str,
+    body: &[u8],
+    sent: usize,
+    converted: fn(&Value) -> bool,
+) -> (String, Value, Value) {
+    conn.write_all(&body[..sent]).expect("body");
+    let job = job_of_image(s, id, converted);
+    assert_eq!(job["state"], "running", "{id}: {job}");
+    conn.write_all(&body[sent..]).expect("body");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(conn, &mut answer).expect("answer");
+    let job = job_of_image(s, id, |j| j["state"] != "running" && j["state"] != "queued");
+    let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+    (answer, job, image)
+}
+
+/// A job that has converted its whole disk (and waits for its upload's verdict).
+fn converted_whole(job: &Value) -> bool {
+    job["bytes_total"].as_u64().is_some_and(|t| t > 0) && job["bytes_done"] == job["bytes_total"]
+}
+
 /// The image's one job, once `until` holds for it.
 fn job_of_image(s: &common::Server, image: &str, until: impl Fn(&Value) -> bool) -> Value {
     let find = || {
@@ -604,21 +631,9 @@ fn an_upload_converts_while_it_arrives_and_nothing_is_kept_if_its_end_is_refused
                 j["bytes_done"].as_u64().unwrap_or(0) > 0
             })
         } else {
-            (body.len() - 512, |j| {
-                j["bytes_total"].as_u64().is_some_and(|t| t > 0)
-                    && j["bytes_done"] == j["bytes_total"]
-            })
+            (body.len() - 512, converted_whole)
         };
-        conn.write_all(&body[..sent]).expect("body");
-        let job = job_of_image(&s, id, converted);
-        assert_eq!(job["state"], "running", "{name}: {job}");
-        conn.write_all(&body[sent..]).expect("body");
-        let mut answer = String::new();
-        std::io::Read::read_to_string(&mut conn, &mut answer).expect("answer");
-        let job = job_of_image(&s, id, |j| {
-            j["state"] != "running" && j["state"] != "queued"
-        });
-        let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+        let (answer, job, image) = upload_in_two(&s, &mut conn, id, &body, sent, converted);
         if tail.is_empty() {
             assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
             assert_eq!(job["state"], "succeeded", "{job}");
@@ -678,18 +693,8 @@ fn a_dynamic_vhd_converts_before_its_footer_arrives_and_the_footer_still_decides
         let id = img["id"].as_str().expect("id");
         let mut conn = upload_conn(&s, id, "vhd", body.len());
         // All but the footer: the job converts the whole disk, then waits for the verdict.
-        conn.write_all(&body[..body.len() - 512]).expect("body");
-        let job = job_of_image(&s, id, |j| {
-            j["bytes_total"].as_u64().is_some_and(|t| t > 0) && j["bytes_done"] == j["bytes_total"]
-        });
-        assert_eq!(job["state"], "running", "{name}: {job}");
-        conn.write_all(&body[body.len() - 512..]).expect("footer");
-        let mut answer = String::new();
-        std::io::Read::read_to_string(&mut conn, &mut answer).expect("answer");
-        let job = job_of_image(&s, id, |j| {
-            j["state"] != "running" && j["state"] != "queued"
-        });
-        let image = s.admin("GET", &format!("/v1/images/{id}"), &[]).json();
+        let sent = body.len() - 512;
+        let (answer, job, image) = upload_in_two(&s, &mut conn, id, &body, sent, converted_whole);
         if name == "whole" {
             assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
             assert_eq!(job["state"], "succeeded", "{job}");
